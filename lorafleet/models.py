@@ -1,0 +1,126 @@
+"""Base models: resolve a name to a local folder, fingerprint it, load it (NF4 or full precision)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from lorafleet.errors import LorafleetError
+from lorafleet.settings import cache_dir
+
+TINY_BASE_NAME = "tiny-llama"
+FINGERPRINT_FILES = ("config.json",)
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def resolve_base(name: str) -> Path:
+    """'tiny-llama' (built offline and cached), a local HF folder, or a hub id (needs network)."""
+    if name == TINY_BASE_NAME:
+        from lorafleet.tiny import tiny_base_path
+
+        return tiny_base_path()
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LorafleetError(f"{path}: not a Hugging Face model folder (no config.json)")
+        return path.resolve()
+    if "/" in name and not name.startswith((".", "/")):
+        return _download_from_hub(name)
+    raise LorafleetError(
+        f"base model '{name}' is neither '{TINY_BASE_NAME}', a local model folder, nor a hub id"
+    )
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                               "*.txt", "*.jinja"]))
+    except Exception as exc:  # offline, gated, or not found: all mean "give me a local folder"
+        raise LorafleetError(
+            f"cannot fetch base model '{repo_id}' from the hub ({type(exc).__name__}); "
+            "download it where a network exists and pass the local folder instead"
+        ) from exc
+
+
+def _weight_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+
+
+def _cache_file() -> Path:
+    return cache_dir() / "fingerprints.json"
+
+
+def fingerprint(path: str | Path) -> str:
+    """sha256 over config.json and every weight file: identifies the exact base weights.
+
+    Hashing gigabytes takes seconds, so the result is cached by (path, sizes, mtimes).
+    """
+    path = Path(path).resolve()
+    files = [path / f for f in FINGERPRINT_FILES] + _weight_files(path)
+    key = json.dumps([[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+    cache = _cache_file()
+    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    if key in known:
+        return known[key]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(chunk)
+    value = "sha256:" + digest.hexdigest()
+    known[key] = value
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(known))
+    tmp.replace(cache)
+    return value
+
+
+def compute_dtype(name: str, on_gpu: bool) -> Any:
+    """'auto' = bf16 on a GPU, fp32 on a CPU (bf16 matmuls are 10-50x slower without avx512_bf16)."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if on_gpu else torch.float32
+    return getattr(torch, name)
+
+
+def quantization_config(quant: Any, dtype: Any) -> Any:
+    """bitsandbytes config for a QuantizationSpec, or None for a full-precision base."""
+    from transformers import BitsAndBytesConfig
+
+    if not quant.load_in_4bit:
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype,  # lets DeepSpeed/FSDP shard the 4-bit weights as this dtype
+    )
+
+
+def load_base(path: Path, quant: Any, device: str) -> Any:
+    """The base causal LM, 4-bit or full precision, on `device` ('cpu' or 'cuda:N')."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = compute_dtype(quant.compute_dtype, device.startswith("cuda"))
+    return AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=quantization_config(quant, dtype), dtype=dtype,
+        device_map={"": device},
+    )
+
+
+def load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok

@@ -1,0 +1,236 @@
+"""The fleet file: one YAML naming a base model and its customers, validated by pydantic.
+
+Defaults apply to every job; each job may override any field of any section. Every error
+names the file and the dotted path of the bad field, e.g.
+``fleet.yaml: jobs[2].training.learning_rate: Input should be greater than 0 (got -0.0001)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lorafleet.errors import SpecError
+
+SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraSpec(_Strict):
+    rank: int = Field(16, gt=0, le=1024, description="LoRA rank r; higher learns more, costs memory")
+    alpha: float = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha/rank")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="'all-linear' or a list of module names, e.g. [q_proj, v_proj]"
+    )
+    use_dora: bool = Field(False, description="weight-decomposed LoRA (DoRA)")
+    use_rslora: bool = Field(False, description="rank-stabilised scaling alpha/sqrt(rank)")
+
+
+class QuantizationSpec(_Strict):
+    load_in_4bit: bool = Field(True, description="load the base in 4 bits (QLoRA); false = full")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type")
+    double_quant: bool = Field(True, description="quantise the quantisation constants too")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="'auto' = bfloat16 on a GPU, float32 on a CPU"
+    )
+
+
+class TrainingSpec(_Strict):
+    epochs: float = Field(1.0, gt=0, description="passes over the data (if no max_steps)")
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; wins over epochs")
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="peak learning rate")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="fraction of steps warming up")
+    batch_size: int = Field(8, gt=0, description="examples per device per step")
+    gradient_accumulation: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    max_length: int = Field(512, gt=8, description="tokens per example; longer ones truncated")
+    optimizer: str = Field("paged_adamw_8bit", description="a transformers optim name")
+    eval_fraction: float = Field(0.1, ge=0, lt=0.9, description="held-out share for eval loss")
+    seed: int = Field(0, ge=0)
+    save_steps: int = Field(50, gt=0, description="checkpoint every N steps (resume point)")
+    logging_steps: int = Field(5, gt=0)
+    gradient_checkpointing: bool = True
+    deepspeed: str | None = Field(None, description="DeepSpeed preset in configs/, e.g. zero2")
+
+
+class ResourcesSpec(_Strict):
+    workers: int = Field(1, gt=0, description="Ray Train workers (data parallel) for one job")
+    gpus_per_worker: float = Field(0, ge=0, description="fractions share a GPU, e.g. 0.25")
+    cpus_per_worker: float = Field(1, gt=0)
+    max_failures: int = Field(0, ge=0, description="restarts from the last checkpoint after a crash")
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _whole_or_fraction(cls, v: float) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError(f"above 1 GPU must be a whole number (got {v})")
+        return v
+
+
+class RegistrySpec(_Strict):
+    model_prefix: str = Field("", description="registered model name = prefix + customer")
+    auto_promote: Literal["never", "always", "if-better"] = Field(
+        "never", description="move the 'production' alias to each new version"
+    )
+
+
+class Defaults(_Strict):
+    lora: LoraSpec = LoraSpec()
+    quantization: QuantizationSpec = QuantizationSpec()
+    training: TrainingSpec = TrainingSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+
+
+class Overrides(_Strict):
+    """Per-job overrides: any subset of any section's fields."""
+
+    lora: dict[str, Any] = Field(default_factory=dict)
+    quantization: dict[str, Any] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict)
+    resources: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobEntry(Overrides):
+    customer: Annotated[str, Field(description="customer id: lower-case slug, unique")]
+    dataset: Annotated[str, Field(description="path (relative to the fleet file) or URI")]
+    format: Literal["auto", "chat", "prompt_completion", "text", "csv", "parquet"] = "auto"
+
+    @field_validator("customer")
+    @classmethod
+    def _slug(cls, v: str) -> str:
+        if not SLUG.match(v):
+            raise ValueError(f"'{v}' is not a slug: use a-z, 0-9 and '-', starting alphanumeric")
+        return v
+
+
+class FleetSpec(_Strict):
+    name: str = Field(description="fleet name (slug); names the MLflow experiment runs")
+    base_model: str = Field(description="'tiny-llama', a local HF model folder, or a hub id")
+    defaults: Defaults = Defaults()
+    registry: RegistrySpec = RegistrySpec()
+    jobs: list[JobEntry] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, v: str) -> str:
+        if not SLUG.match(v):
+            raise ValueError(f"'{v}' is not a slug: use a-z, 0-9 and '-'")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_customers(self) -> FleetSpec:
+        seen: set[str] = set()
+        for job in self.jobs:
+            if job.customer in seen:
+                raise ValueError(f"customer '{job.customer}' appears twice; ids must be unique")
+            seen.add(job.customer)
+        return self
+
+
+class JobSpec(_Strict):
+    """One job with defaults and overrides merged: everything a worker needs."""
+
+    fleet: str
+    customer: str
+    base_model: str
+    dataset: str
+    format: str
+    lora: LoraSpec
+    quantization: QuantizationSpec
+    training: TrainingSpec
+    resources: ResourcesSpec
+
+    def spec_hash(self) -> str:
+        """Hash of what determines the trained weights (not resources, which only place it)."""
+        payload = self.model_dump(include={"base_model", "lora", "quantization", "training"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
+def _format_error(err: dict[str, Any], prefix: str = "") -> str:
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{prefix}{path}: unknown field; check the spelling (see `lorafleet schema`)"
+    if kind == "missing":
+        return f"{prefix}{path}: required field is missing"
+    if kind in _BOUNDS:
+        limit = next(iter(err["ctx"].values()))
+        msg = f"must be {_BOUNDS[kind]} {limit}"
+    else:
+        msg = err["msg"].removeprefix("Value error, ")
+    return f"{prefix}{path}: {msg} (got {err.get('input')!r})"
+
+
+def format_validation_error(exc: ValidationError, source: str, prefix: str = "") -> SpecError:
+    lines = [f"{source}: {_format_error(e, prefix)}" for e in exc.errors()]
+    return SpecError("\n".join(lines))
+
+
+def load_fleet(path: str | Path) -> FleetSpec:
+    """Parse and validate a fleet file (jobs merged too); raises SpecError naming file and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such fleet file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: expected a mapping with name, base_model and jobs")
+    try:
+        fleet = FleetSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise format_validation_error(exc, str(path)) from None
+    resolve_jobs(fleet, path)  # overrides are checked only once merged
+    return fleet
+
+
+def resolve_jobs(fleet: FleetSpec, fleet_file: Path) -> list[JobSpec]:
+    """Every job with defaults merged; all bad overrides reported together."""
+    jobs, errors = [], []
+    for i in range(len(fleet.jobs)):
+        try:
+            jobs.append(resolve_job(fleet, i, fleet_file))
+        except SpecError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise SpecError("\n".join(errors))
+    return jobs
+
+
+def resolve_job(fleet: FleetSpec, index: int, fleet_file: Path | None = None) -> JobSpec:
+    """Merge a job's overrides onto the fleet defaults; errors name `jobs[i].section.field`."""
+    job = fleet.jobs[index]
+    sections: dict[str, Any] = {}
+    for section in ("lora", "quantization", "training", "resources"):
+        merged = getattr(fleet.defaults, section).model_dump(exclude_unset=True)
+        merged.update(getattr(job, section))
+        sections[section] = merged
+    dataset = job.dataset
+    if fleet_file is not None and "://" not in dataset and not Path(dataset).is_absolute():
+        dataset = str((Path(fleet_file).parent / dataset).resolve())
+    try:
+        return JobSpec(
+            fleet=fleet.name, customer=job.customer, base_model=fleet.base_model,
+            dataset=dataset, format=job.format, **sections,
+        )
+    except ValidationError as exc:
+        source = str(fleet_file) if fleet_file else "fleet"
+        raise format_validation_error(exc, source, prefix=f"jobs[{index}].") from None
+
+
+def json_schema() -> dict[str, Any]:
+    return FleetSpec.model_json_schema()

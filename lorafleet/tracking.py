@@ -1,0 +1,143 @@
+"""MLflow runs: a fleet is a parent run, each customer job a child run whose state tag follows it.
+
+Only the driver writes here (one writer keeps the embedded SQLite store free of lock fights);
+workers push progress to a Ray actor and the driver copies it over.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Run, RunStatus
+from mlflow.tracking import MlflowClient
+
+from lorafleet import settings
+from lorafleet.spec import JobSpec
+
+TERMINAL = {"succeeded": "FINISHED", "failed": "FAILED", "cancelled": "KILLED"}
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+T = "lorafleet."  # tag namespace
+
+
+def client() -> MlflowClient:
+    import mlflow
+
+    mlflow.set_tracking_uri(settings.tracking_uri())
+    return MlflowClient(settings.tracking_uri())
+
+
+def experiment_name(fleet: str) -> str:
+    return f"lorafleet-{fleet}"
+
+
+def ensure_experiment(c: MlflowClient, fleet: str) -> str:
+    exp = c.get_experiment_by_name(experiment_name(fleet))
+    if exp is not None:
+        return exp.experiment_id
+    return c.create_experiment(experiment_name(fleet), artifact_location=_artifact_location(fleet))
+
+
+def _artifact_location(fleet: str) -> str | None:
+    root = settings.artifact_root()
+    return f"{root}/{fleet}" if root else None
+
+
+def start_fleet_run(c: MlflowClient, exp_id: str, fleet: str, spec_file: Path, base_fp: str) -> str:
+    run = c.create_run(exp_id, run_name=fleet, tags={
+        T + "kind": "fleet", T + "fleet": fleet, T + "base_fingerprint": base_fp,
+    })
+    c.log_artifact(run.info.run_id, str(spec_file), "spec")
+    return run.info.run_id
+
+
+def _flat_params(job: JobSpec) -> dict[str, str]:
+    params = {"base_model": job.base_model, "dataset": job.dataset}
+    for section in ("lora", "quantization", "training", "resources"):
+        for key, value in getattr(job, section).model_dump().items():
+            params[f"{section}.{key}"] = json.dumps(value) if isinstance(value, list) else str(value)
+    return params
+
+
+def start_job_run(c: MlflowClient, exp_id: str, parent: str, job: JobSpec, tags: dict[str, str]) -> str:
+    run = c.create_run(exp_id, run_name=job.customer, tags={
+        "mlflow.parentRunId": parent, T + "kind": "job", T + "fleet": job.fleet,
+        T + "customer": job.customer, T + "state": "queued", **{T + k: v for k, v in tags.items()},
+    })
+    run_id = run.info.run_id
+    c.log_batch(run_id, params=[_param(k, v) for k, v in _flat_params(job).items()])
+    c.log_dict(run_id, job.model_dump(mode="json"), "job_spec.json")
+    return run_id
+
+
+def _param(key: str, value: str) -> Any:
+    from mlflow.entities import Param
+
+    return Param(key, value[:6000])
+
+
+def set_state(c: MlflowClient, run_id: str, state: str, reason: str | None = None) -> None:
+    c.set_tag(run_id, T + "state", state)
+    if reason:
+        c.set_tag(run_id, T + "failure_reason", reason[:5000])
+    if state in TERMINAL:
+        c.set_terminated(run_id, TERMINAL[state])
+
+
+def log_history(c: MlflowClient, run_id: str, points: list[dict[str, Any]]) -> None:
+    """Log the trainer's log events (each has 'step' and numeric metrics) as metric history."""
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(key, float(value), now, int(p["step"]))
+        for p in points for key, value in p.items()
+        if key != "step" and isinstance(value, int | float)
+    ]
+    for i in range(0, len(metrics), 900):  # log_batch takes at most 1000 metrics
+        c.log_batch(run_id, metrics=metrics[i:i + 900])
+
+
+def find_succeeded(c: MlflowClient, exp_id: str, customer: str, job_hash: str) -> Run | None:
+    """A finished run of this customer with the same spec, data and base: nothing to retrain."""
+    runs = c.search_runs(
+        [exp_id],
+        f"tags.`{T}customer` = '{customer}' AND tags.`{T}job_hash` = '{job_hash}' "
+        f"AND tags.`{T}state` = 'succeeded' AND tags.`{T}reused_from` IS NULL",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def latest_fleet_run(c: MlflowClient, fleet: str) -> Run | None:
+    exp = c.get_experiment_by_name(experiment_name(fleet))
+    if exp is None:
+        return None
+    runs = c.search_runs([exp.experiment_id], f"tags.`{T}kind` = 'fleet'",
+                         order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def job_runs(c: MlflowClient, fleet_run: Run) -> list[Run]:
+    return c.search_runs(
+        [fleet_run.info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{fleet_run.info.run_id}'",
+        order_by=["tags.`lorafleet.customer` ASC"],
+    )
+
+
+def job_row(run: Run) -> dict[str, Any]:
+    """One job's status as read back from MLflow (works with the Ray cluster gone)."""
+    tags, metrics = run.data.tags, run.data.metrics
+    return {
+        "customer": tags.get(T + "customer"),
+        "state": tags.get(T + "state"),
+        "step": int(metrics["step"]) if "step" in metrics else None,
+        "total_steps": int(metrics["total_steps"]) if "total_steps" in metrics else None,
+        "loss": metrics.get("loss"),
+        "eval_loss": metrics.get("eval_loss"),
+        "reason": tags.get(T + "failure_reason"),
+        "reused_from": tags.get(T + "reused_from"),
+        "run_id": run.info.run_id,
+        "status": RunStatus.to_string(RunStatus.from_string(run.info.status)),
+    }

@@ -1,0 +1,1 @@
+"""Fleet training: the per-worker QLoRA loop (`worker`) and the fleet runner (`runner`)."""

@@ -1,0 +1,196 @@
+"""The QLoRA loop one Ray Train worker runs: NF4 base, peft LoRA, trl SFT, paged 8-bit AdamW.
+
+`build_trainer` is shared by the Ray path (`train_loop_per_worker`) and the plain-process path
+(`train_plain`, used by the overhead benchmark), so both train exactly the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from lorafleet.errors import BaseMismatchError
+from lorafleet.spec import JobSpec
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+class JobPlan(BaseModel):
+    """Everything a worker needs, sent as the Ray Train loop config."""
+
+    job: JobSpec
+    base_fingerprint: str
+    job_hash: str = ""
+    fleet_board: str | None = None
+    fail_at_step: int | None = None
+
+
+def lora_config(job: JobSpec) -> Any:
+    from peft import LoraConfig
+
+    lora = job.lora
+    return LoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=lora.target_modules, use_dora=lora.use_dora, use_rslora=lora.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+
+
+def deepspeed_config(name: str | None) -> str | None:
+    """A preset name from configs/deepspeed (e.g. 'zero2') or a path to a DeepSpeed JSON."""
+    if name is None:
+        return None
+    path = Path(name)
+    if not path.is_file():
+        path = Path(__file__).resolve().parents[2] / "configs" / "deepspeed" / f"{name}.json"
+    return str(path)
+
+
+def sft_config(job: JobSpec, output_dir: str, on_gpu: bool, has_eval: bool) -> Any:
+    from trl import SFTConfig
+
+    from lorafleet.models import compute_dtype
+
+    t = job.training
+    bf16 = str(compute_dtype(job.quantization.compute_dtype, on_gpu)) == "torch.bfloat16"
+    return SFTConfig(
+        output_dir=output_dir, max_steps=t.max_steps or -1, num_train_epochs=t.epochs,
+        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio, per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation,
+        max_length=t.max_length, optim=t.optimizer, seed=t.seed, data_seed=t.seed,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        save_strategy="steps", save_steps=t.save_steps, save_total_limit=2,
+        eval_strategy="steps" if has_eval else "no", eval_steps=t.save_steps,
+        logging_steps=t.logging_steps, report_to=[], use_cpu=not on_gpu, bf16=bf16,
+        assistant_only_loss=False, dataset_num_proc=None, deepspeed=deepspeed_config(t.deepspeed),
+        disable_tqdm=True,
+    )
+
+
+def _datasets(job: JobSpec) -> tuple[Any, Any]:
+    from lorafleet.data import load_records, to_hf_dataset
+
+    ds = to_hf_dataset(load_records(job.dataset, job.format))
+    n_eval = int(len(ds) * job.training.eval_fraction)
+    if n_eval == 0:
+        return ds, None
+    split = ds.train_test_split(test_size=n_eval, seed=job.training.seed)
+    return split["train"], split["test"]
+
+
+def check_base(path: Path, expected: str) -> None:
+    from lorafleet.models import fingerprint
+
+    actual = fingerprint(path)
+    if actual != expected:
+        raise BaseMismatchError(
+            f"base model at {path} has fingerprint {actual}, but the fleet was validated against "
+            f"{expected}; every node must see the same base weights"
+        )
+
+
+def build_trainer(plan: JobPlan, output_dir: str, device: str, callbacks: list[Any]) -> Any:
+    """The trl SFTTrainer for one job, on `device`, with the base loaded NF4 (or full)."""
+    from trl import SFTTrainer
+
+    from lorafleet.models import load_base, load_tokenizer, resolve_base
+
+    job = plan.job
+    base_path = resolve_base(job.base_model)
+    check_base(base_path, plan.base_fingerprint)
+    tokenizer = load_tokenizer(base_path)
+    model = load_base(base_path, job.quantization, device)
+    train_ds, eval_ds = _datasets(job)
+    args = sft_config(job, output_dir, device.startswith("cuda"), eval_ds is not None)
+    if "messages" in train_ds.column_names:
+        # loss on assistant tokens only needs {% generation %} markers in the chat template
+        args.assistant_only_loss = "{% generation %}" in (tokenizer.chat_template or "")
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+        processing_class=tokenizer, peft_config=lora_config(job), callbacks=callbacks,
+    )
+    if not args.bf16:
+        _lora_to_fp32(trainer.model)
+    return trainer
+
+
+def _lora_to_fp32(model: Any) -> None:
+    """trl casts QLoRA adapter weights to bf16; on a CPU without bf16 units that is 10-50x
+    slower, so with fp32 compute the trainable weights go back to fp32 (before the optimizer
+    is created, at train())."""
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+def _resume_folder() -> str | None:
+    import ray.train
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    # Ray hands the checkpoint over as a local copy; the HF checkpoint sits in its subfolder
+    local = Path(tempfile.mkdtemp(prefix="lorafleet-resume-"))
+    ckpt.to_directory(str(local))
+    return str(local / RayTrainReportCallback.CHECKPOINT_NAME)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point: one worker of one job (several when data parallel)."""
+    import ray
+    import ray.train
+    import torch
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+
+    from lorafleet.train.progress import NAMESPACE, ProgressCallback
+
+    plan = JobPlan.model_validate(config)
+    ctx = ray.train.get_context()
+    on_gpu = plan.job.resources.gpus_per_worker > 0 and torch.cuda.is_available()
+    device = str(ray.train.torch.get_device()) if on_gpu else "cpu"
+    torch.set_num_threads(max(1, int(plan.job.resources.cpus_per_worker)))
+    board = ray.get_actor(plan.fleet_board, namespace=NAMESPACE) if plan.fleet_board else None
+    progress = ProgressCallback(board, plan.job.customer, ctx.get_world_rank(), plan.fail_at_step)
+    with tempfile.TemporaryDirectory(prefix="lorafleet-job-") as out:
+        trainer = build_trainer(plan, out, device, [progress, RayTrainReportCallback()])
+        resume = _resume_folder()
+        if board is not None and ctx.get_world_rank() == 0:
+            board.update.remote(plan.job.customer, resumed=resume is not None)
+        trainer.train(resume_from_checkpoint=resume)
+
+
+def train_plain(plan: JobPlan, output_dir: str) -> Path:
+    """The same training in the calling process, no Ray: the benchmark's baseline."""
+    import torch
+
+    device = "cuda" if plan.job.resources.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
+    trainer = build_trainer(plan, output_dir, device, [])
+    trainer.train()
+    adapter = Path(output_dir) / "adapter"
+    trainer.save_model(str(adapter))
+    return adapter
+
+
+def extract_adapter(hf_checkpoint: Path, dest: Path) -> Path:
+    """Copy just the adapter (safetensors + config) out of a trainer checkpoint folder."""
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ADAPTER_FILES:
+        src = hf_checkpoint / name
+        if not src.is_file():
+            raise FileNotFoundError(f"{hf_checkpoint} has no {name}; was the job a LoRA job?")
+        shutil.copy2(src, dest / name)
+    return dest
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
