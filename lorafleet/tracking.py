@@ -92,7 +92,7 @@ def log_history(c: MlflowClient, run_id: str, points: list[dict[str, Any]]) -> N
     metrics = [
         Metric(key, float(value), now, int(p["step"]))
         for p in points for key, value in p.items()
-        if key != "step" and isinstance(value, int | float)
+        if isinstance(value, int | float)  # 'step' too: status shows the last one
     ]
     for i in range(0, len(metrics), 900):  # log_batch takes at most 1000 metrics
         c.log_batch(run_id, metrics=metrics[i:i + 900])

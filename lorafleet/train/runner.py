@@ -15,12 +15,11 @@ from typing import Any
 import ray
 
 from lorafleet import settings, tracking
-from lorafleet.data import DatasetReport, inspect_dataset
 from lorafleet.errors import LorafleetError
-from lorafleet.models import fingerprint, load_tokenizer, resolve_base
-from lorafleet.spec import JobSpec, load_fleet, resolve_jobs
+from lorafleet.spec import JobSpec
 from lorafleet.train.progress import NAMESPACE, ProgressBoard, board_name
 from lorafleet.train.worker import JobPlan
+from lorafleet.validate import FleetCheck, check_fleet
 
 RAY_ENV = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TOKENIZERS_PARALLELISM": "false"}}
 
@@ -55,7 +54,6 @@ class Submission:
     exp_id: str
     plans: dict[str, tuple[JobPlan, str]] = field(default_factory=dict)  # customer -> (plan, run)
     done: dict[str, JobOutcome] = field(default_factory=dict)
-    reports: dict[str, DatasetReport] = field(default_factory=dict)
 
 
 def job_hash(job: JobSpec, data_sha: str, base_fp: str) -> str:
@@ -69,31 +67,28 @@ def ray_run_name(job: JobSpec, jhash: str) -> str:
 
 def prepare(fleet_file: Path, fail_at_step: dict[str, int] | None = None) -> Submission:
     """Validate spec and data, open the MLflow runs; bad jobs fail here, before any training."""
-    fleet = load_fleet(fleet_file)
-    jobs = resolve_jobs(fleet, fleet_file)
-    base_path = resolve_base(fleet.base_model)
-    base_fp = fingerprint(base_path)
-    tokenizer = load_tokenizer(base_path)
+    check = check_fleet(fleet_file)
+    fleet, base_fp = check.fleet, check.base_fingerprint
     c = tracking.client()
     exp_id = tracking.ensure_experiment(c, fleet.name)
     sub = Submission(fleet.name, tracking.start_fleet_run(c, exp_id, fleet.name, fleet_file, base_fp),
                      exp_id)
-    for job in jobs:
-        _prepare_job(c, sub, job, tokenizer, base_fp, (fail_at_step or {}).get(job.customer))
+    for job in check.jobs:
+        _prepare_job(c, sub, job, check, (fail_at_step or {}).get(job.customer))
     return sub
 
 
-def _prepare_job(c: Any, sub: Submission, job: JobSpec, tokenizer: Any, base_fp: str,
+def _prepare_job(c: Any, sub: Submission, job: JobSpec, check: FleetCheck,
                  fail_at_step: int | None) -> None:
+    base_fp = check.base_fingerprint
     tags = {"spec_hash": job.spec_hash(), "base_fingerprint": base_fp}
-    try:
-        report = inspect_dataset(job.dataset, job.format, tokenizer, job.training.max_length)
-    except LorafleetError as exc:
+    if job.customer in check.errors:
+        reason = f"invalid dataset: {check.errors[job.customer]}"
         run_id = tracking.start_job_run(c, sub.exp_id, sub.fleet_run_id, job, tags)
-        tracking.set_state(c, run_id, "failed", f"invalid dataset: {exc}")
-        sub.done[job.customer] = JobOutcome(job.customer, "failed", run_id, f"invalid dataset: {exc}")
+        tracking.set_state(c, run_id, "failed", reason)
+        sub.done[job.customer] = JobOutcome(job.customer, "failed", run_id, reason)
         return
-    sub.reports[job.customer] = report
+    report = check.reports[job.customer]
     tags |= {"dataset_sha256": report.sha256, "job_hash": job_hash(job, report.sha256, base_fp)}
     prior = tracking.find_succeeded(c, sub.exp_id, job.customer, tags["job_hash"])
     run_id = tracking.start_job_run(c, sub.exp_id, sub.fleet_run_id, job,

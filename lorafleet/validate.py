@@ -1,0 +1,42 @@
+"""Check a whole fleet before any GPU time: the spec, the base, and every job's dataset."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorafleet.data import DatasetReport, inspect_dataset
+from lorafleet.errors import LorafleetError
+from lorafleet.models import fingerprint, load_tokenizer, resolve_base
+from lorafleet.spec import FleetSpec, JobSpec, load_fleet, resolve_jobs
+
+
+@dataclass
+class FleetCheck:
+    fleet: FleetSpec
+    jobs: list[JobSpec]
+    base_path: Path
+    base_fingerprint: str
+    tokenizer: Any
+    reports: dict[str, DatasetReport] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)  # customer -> what is wrong with its data
+
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def check_fleet(fleet_file: str | Path) -> FleetCheck:
+    """Spec errors raise (nothing can run); data errors are collected per job (the rest can)."""
+    fleet_file = Path(fleet_file)
+    fleet = load_fleet(fleet_file)
+    jobs = resolve_jobs(fleet, fleet_file)
+    base_path = resolve_base(fleet.base_model)
+    check = FleetCheck(fleet, jobs, base_path, fingerprint(base_path), load_tokenizer(base_path))
+    for job in jobs:
+        try:
+            check.reports[job.customer] = inspect_dataset(
+                job.dataset, job.format, check.tokenizer, job.training.max_length)
+        except LorafleetError as exc:
+            check.errors[job.customer] = str(exc)
+    return check

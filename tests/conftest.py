@@ -1,0 +1,93 @@
+"""Shared fixtures: one local Ray per session, a fresh MLflow home per test, small bases."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+
+
+def has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if has_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session (starting Ray costs ~4 s and ~1 GB)."""
+    import ray
+
+    from lorafleet.train.runner import NAMESPACE, RAY_ENV
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, namespace=NAMESPACE, runtime_env=RAY_ENV, log_to_driver=False,
+                 include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def lf_home(tmp_path, monkeypatch):
+    """An empty embedded store (SQLite + artefacts + checkpoints) for one test."""
+    monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def build_micro_base(out: Path) -> Path:
+    """A random 2-layer Llama and BPE tokenizer with a chat template: fast fleet mechanics tests."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    texts = [f"user asks about item {i} and the assistant answers number {i * 7}" for i in range(300)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=500, special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    fast.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}<s>assistant\n{% generation %}"
+        "{{ m['content'] }}</s>{% endgeneration %}\n{% else %}<s>{{ m['role'] }}\n{{ m['content'] }}"
+        "</s>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+        bos_token_id=0, eos_token_id=1, pad_token_id=2))
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def micro_base(tmp_path_factory) -> Path:
+    return build_micro_base(tmp_path_factory.mktemp("micro-base"))
+
+
+def write_chat(path: Path, tag: str, n: int = 40) -> Path:
+    with open(path, "w") as fh:
+        for i in range(n):
+            msgs = [{"role": "user", "content": f"item {i}"},
+                    {"role": "assistant", "content": f"answer {tag} {i}"}]
+            fh.write(json.dumps({"messages": msgs}) + "\n")
+    return path

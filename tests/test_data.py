@@ -1,0 +1,91 @@
+"""Dataset validation: errors give file and line; reports count tokens and truncation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorafleet.data import dataset_hash, inspect_dataset, load_records, to_hf_dataset
+from lorafleet.errors import DataError
+
+
+def chat(*turns):
+    return {"messages": [{"role": r, "content": c} for r, c in turns]}
+
+
+def write_lines(path, lines):
+    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    (chat(("user", "hi"), ("asistant", "yo")),
+     "acme.jsonl:2: messages[1].role 'asistant' is not one of system, user, assistant"),
+    ("{not json", "acme.jsonl:2: malformed JSON"),
+    ({"messages": []}, "acme.jsonl:2: messages is empty"),
+    (chat(("system", "s"), ("user", "u")), "acme.jsonl:2: no assistant turn"),
+    ({"messages": [{"role": "user", "content": 3}]}, "acme.jsonl:2: messages[0].content must be a string"),
+    ({"foo": 1}, "acme.jsonl:2: unknown record with keys ['foo']"),
+    ([1, 2], "acme.jsonl:2: each line must be a JSON object"),
+])
+def test_chat_errors_name_file_and_line(tmp_path, line, expected):
+    path = write_lines(tmp_path / "acme.jsonl", [chat(("user", "a"), ("assistant", "b")), line])
+    with pytest.raises(DataError) as err:
+        load_records(path)
+    assert expected in str(err.value)
+
+
+def test_every_bad_line_reported(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", ["{x", "{y", chat(("user", "a"), ("assistant", "b"))])
+    with pytest.raises(DataError) as err:
+        load_records(path)
+    assert "d.jsonl:1:" in str(err.value) and "d.jsonl:2:" in str(err.value)
+
+
+def test_missing_empty_and_mixed_files(tmp_path):
+    with pytest.raises(DataError, match="dataset file not found"):
+        load_records(tmp_path / "missing.jsonl")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="is empty"):
+        load_records(tmp_path / "empty.jsonl")
+    mixed = write_lines(tmp_path / "mixed.jsonl", [chat(("user", "a"), ("assistant", "b")),
+                                                   {"prompt": "p", "completion": "c"}])
+    with pytest.raises(DataError, match="mixes record kinds"):
+        load_records(mixed)
+
+
+def test_prompt_completion_and_text(tmp_path):
+    pc = write_lines(tmp_path / "pc.jsonl", [{"prompt": "2+2=", "completion": " 4"}])
+    assert to_hf_dataset(load_records(pc)).column_names == ["prompt", "completion"]
+    bad = write_lines(tmp_path / "pc2.jsonl", [{"prompt": "2+2=", "completion": ""}])
+    with pytest.raises(DataError, match="pc2.jsonl:1: 'completion' must be a non-empty string"):
+        load_records(bad)
+    txt = tmp_path / "notes.txt"
+    txt.write_text("first block\nstill first\n\nsecond block\n")
+    assert [r["text"] for r in load_records(txt)] == ["first block\nstill first", "second block"]
+
+
+def test_csv_and_parquet_through_datasets(tmp_path):
+    import datasets
+
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(3)]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    assert load_records(tmp_path / "d.parquet") == rows
+    (tmp_path / "d.csv").write_text("prompt,completion\nq0,a0\nq1,\n")
+    with pytest.raises(DataError, match="d.csv: row 2: 'completion' must be a non-empty string"):
+        load_records(tmp_path / "d.csv")
+
+
+def test_report_counts_tokens_and_truncation(tmp_path, micro_base):
+    from lorafleet.models import load_tokenizer
+
+    tok = load_tokenizer(micro_base)
+    path = write_lines(tmp_path / "d.jsonl", [chat(("user", "hi"), ("assistant", "short")),
+                                              chat(("user", "item " * 40), ("assistant", "long"))])
+    report = inspect_dataset(path, "auto", tok, max_length=30)
+    assert (report.examples, report.format, report.over_max_length) == (2, "chat", 1)
+    assert report.tokens_max > 30 and report.tokens_total > report.tokens_max
+    assert report.sha256 == dataset_hash(path)
+    path.write_text(path.read_text() + "\n")
+    assert dataset_hash(path) != report.sha256

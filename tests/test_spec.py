@@ -1,0 +1,122 @@
+"""Fleet file validation: every error names the file and the path of the bad field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorafleet.cli import main
+from lorafleet.errors import SpecError
+from lorafleet.spec import load_fleet, resolve_jobs
+
+GOOD = {
+    "name": "acme-fleet",
+    "base_model": "tiny-llama",
+    "defaults": {"training": {"max_steps": 20, "learning_rate": 1e-3}, "lora": {"rank": 8}},
+    "jobs": [
+        {"customer": "acme", "dataset": "acme.jsonl"},
+        {"customer": "globex", "dataset": "globex.jsonl", "lora": {"rank": 4},
+         "resources": {"gpus_per_worker": 0.25}},
+    ],
+}
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def with_job(**fields) -> dict:
+    data = json.loads(json.dumps(GOOD))
+    data["jobs"].append({"customer": "initech", "dataset": "i.jsonl", **fields})
+    return data
+
+
+def test_overrides_merge_onto_defaults(tmp_path):
+    path = write(tmp_path, GOOD)
+    jobs = resolve_jobs(load_fleet(path), path)
+    acme, globex = jobs
+    assert (acme.lora.rank, globex.lora.rank) == (8, 4)
+    assert globex.training.learning_rate == 1e-3  # fleet default kept where not overridden
+    assert globex.resources.gpus_per_worker == 0.25
+    assert acme.lora.target_modules == "all-linear"
+    assert acme.training.optimizer == "paged_adamw_8bit"
+    assert acme.dataset == str(tmp_path / "acme.jsonl")  # relative to the fleet file
+
+
+def test_spec_hash_ignores_resources_but_not_training(tmp_path):
+    path = write(tmp_path, GOOD)
+    acme, _ = resolve_jobs(load_fleet(path), path)
+    moved = acme.model_copy(update={"resources": acme.resources.model_copy(update={"workers": 2})})
+    retuned = acme.model_copy(update={"training": acme.training.model_copy(update={"seed": 7})})
+    assert moved.spec_hash() == acme.spec_hash()
+    assert retuned.spec_hash() != acme.spec_hash()
+
+
+@pytest.mark.parametrize(("job_fields", "expected"), [
+    ({"training": {"learning_rate": -1e-4}},
+     "fleet.yaml: jobs[2].training.learning_rate: must be > 0.0 (got -0.0001)"),
+    ({"training": {"learnin_rate": 1e-4}}, "jobs[2].training.learnin_rate: unknown field"),
+    ({"lora": {"rank": 0}}, "jobs[2].lora.rank: must be > 0"),
+    ({"quantization": {"quant_type": "int3"}}, "jobs[2].quantization.quant_type: Input should be"),
+    ({"resources": {"gpus_per_worker": 1.5}}, "above 1 GPU must be a whole number"),
+    ({"epochs": 3}, "jobs[2].epochs: unknown field"),
+])
+def test_bad_override_names_file_and_field(tmp_path, job_fields, expected):
+    with pytest.raises(SpecError) as err:
+        load_fleet(write(tmp_path, with_job(**job_fields)))
+    assert expected in str(err.value)
+    assert str(tmp_path / "fleet.yaml") in str(err.value)
+
+
+@pytest.mark.parametrize(("mutate", "expected"), [
+    (lambda d: d["jobs"].append({"customer": "acme", "dataset": "x"}), "customer 'acme' appears twice"),
+    (lambda d: d["jobs"].append({"customer": "Bad_Id", "dataset": "x"}), "jobs[2].customer: 'Bad_Id' is not a slug"),
+    (lambda d: d.update(base_modle="x"), "base_modle: unknown field"),
+    (lambda d: d.pop("jobs"), "jobs: required field is missing"),
+    (lambda d: d.update(jobs=[]), "jobs: List should have at least 1 item"),
+    (lambda d: d["defaults"]["training"].update(batch_size="eight"), "defaults.training.batch_size"),
+])
+def test_bad_fleet_fields(tmp_path, mutate, expected):
+    data = json.loads(json.dumps(GOOD))
+    mutate(data)
+    with pytest.raises(SpecError, match=None) as err:
+        load_fleet(write(tmp_path, data))
+    assert expected in str(err.value)
+
+
+def test_all_errors_reported_at_once(tmp_path):
+    data = with_job(training={"learning_rate": -1}, lora={"alpha": -2})
+    with pytest.raises(SpecError) as err:
+        load_fleet(write(tmp_path, data))
+    assert "learning_rate" in str(err.value) and "alpha" in str(err.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(SpecError, match="no such fleet file"):
+        load_fleet(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_fleet(bad)
+
+
+def test_schema_command_prints_json_schema(capsys):
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema["title"] == "FleetSpec"
+    assert "jobs" in schema["required"]
+    assert schema["$defs"]["LoraSpec"]["properties"]["rank"]["description"]
+
+
+def test_shipped_fleet_files_validate():
+    root = Path(__file__).resolve().parents[1]
+    files = sorted((root / "jobs").glob("*.yaml"))
+    assert files, "jobs/ ships at least the demo fleet"
+    for path in files:
+        assert path.read_text().startswith("#"), f"{path} opens with the command that uses it"
+        resolve_jobs(load_fleet(path), path)
