@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -99,6 +100,135 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _age(seconds: int | None) -> str:
+    if seconds is None:
+        return ""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+@command("adapters")
+def cmd_adapters(args: argparse.Namespace) -> int:
+    from lorafleet import tracking
+
+    c = tracking.client()
+    return ADAPTER_ACTIONS[args.action](c, args)
+
+
+def adapters_list(c, args) -> int:
+    from lorafleet import registry
+    from lorafleet.ui import console, print_json, table
+
+    rows = registry.list_rows(c)
+    if args.json:
+        print_json(rows)
+        return 0
+    console.print(table("adapters", ["adapter", "latest", "production", "eval loss", "base", "age"],
+                        [(r["adapter"], r["latest"], r["production"], r["eval_loss"], r["base"],
+                          _age(r["age_s"])) for r in rows]))
+    return 0
+
+
+def adapters_show(c, args) -> int:
+    from lorafleet import registry
+    from lorafleet.ui import console, print_json, table
+
+    info = registry.show(c, args.name, args.prefix)
+    if args.json:
+        print_json(info)
+        return 0
+    console.print(f"[bold]{info['adapter']}[/bold]: {info['description']}")
+    keys = ("eval_loss", "base_model", "base_fingerprint", "dataset_sha256", "spec_hash", "fleet")
+    console.print(table("versions", ["version", "aliases", *keys, "run"], [
+        (v["version"], ",".join(v["aliases"]), *[str(v["tags"].get(k, ""))[:24] for k in keys],
+         v["run_id"][:8]) for v in info["versions"]]))
+    return 0
+
+
+def adapters_promote(c, args) -> int:
+    from lorafleet import registry
+    from lorafleet.ui import print_json
+
+    result = registry.promote(c, args.prefix + args.customer, args.version, args.if_better)
+    if args.json:
+        print_json(result)
+    elif result["promoted"]:
+        was = f"v{result['previous']}" if result["previous"] else "unset"
+        print(f"{result['model']}@production -> v{result['version']} (was {was})")
+    else:
+        print(f"not promoted: {result['reason']}")
+    return 0
+
+
+def adapters_pull(c, args) -> int:
+    from lorafleet import registry
+
+    adapter = registry.pull(c, args.name, Path(args.output), args.prefix)
+    print(f"{adapter.name} -> {args.output}")
+    return 0
+
+
+def adapters_merge(c, args) -> int:
+    from lorafleet import registry
+    from lorafleet.models import fingerprint, merge_adapter, resolve_base
+
+    adapter = registry.fetch(c, args.name, args.prefix)
+    base_name = args.base or adapter.version.tags["base_model"]
+    base_path = resolve_base(base_name)
+    registry.check_base(adapter, fingerprint(base_path), base_name)
+    merge_adapter(base_path, adapter.path, Path(args.output))
+    print(f"{adapter.name} merged into {base_name} -> {args.output}")
+    return 0
+
+
+ADAPTER_ACTIONS = {"list": adapters_list, "show": adapters_show, "promote": adapters_promote,
+                   "pull": adapters_pull, "merge": adapters_merge}
+
+
+@command("ui")
+def cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from lorafleet import settings
+
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", settings.tracking_uri(),
+           "--host", args.host, "--port", str(args.port)]
+    if settings.artifact_root():
+        cmd += ["--default-artifact-root", settings.artifact_root()]
+    print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C stops it)")
+    return subprocess.call(cmd)
+
+
+def _adapter_parsers(sub: argparse._SubParsersAction) -> None:
+    a = sub.add_parser("adapters", help="browse, promote, pull and merge registered adapters")
+    acts = a.add_subparsers(dest="action", required=True)
+    parsers = {
+        "list": acts.add_parser("list", help="one row per customer"),
+        "show": acts.add_parser("show", help="every version of one adapter with its lineage"),
+        "promote": acts.add_parser("promote", help="move 'production' to the candidate or a version"),
+        "pull": acts.add_parser("pull", help="download an adapter folder usable with plain peft"),
+        "merge": acts.add_parser("merge", help="a standalone model: adapter merged into the base"),
+    }
+    parsers["show"].add_argument("name", help="customer, e.g. acme")
+    for name in ("pull", "merge"):
+        parsers[name].add_argument("name", help="acme | acme@alias | acme/3")
+    parsers["promote"].add_argument("customer")
+    parsers["promote"].add_argument("--version", type=int, default=None)
+    parsers["promote"].add_argument("--if-better", action="store_true",
+                                    help="only if its eval loss beats production's")
+    for name in ("pull", "merge"):
+        parsers[name].add_argument("-o", "--output", required=True)
+    parsers["merge"].add_argument("--base", default=None, help="base to merge into (default: its own)")
+    for p in parsers.values():
+        p.add_argument("--json", action="store_true")
+        p.add_argument("--prefix", default="", help="registered model name prefix")
+    u = sub.add_parser("ui", help="open the MLflow UI on the same store")
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=5000)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lorafleet", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -122,10 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-EXTENSIONS: list[Callable[[argparse._SubParsersAction], None]] = []
+EXTENSIONS: list[Callable[[argparse._SubParsersAction], None]] = [_adapter_parsers]
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -124,3 +124,17 @@ def load_tokenizer(path: Path) -> Any:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def merge_adapter(base_path: Path, adapter_path: Path, out: Path) -> Path:
+    """A standalone model: the adapter merged into the full-precision base (never the 4-bit
+    weights, whose rounding would change the result), saved as safetensors."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, adapter_path).merge_and_unload()
+    merged.save_pretrained(out, safe_serialization=True)
+    load_tokenizer(base_path).save_pretrained(out)
+    return out

@@ -16,7 +16,7 @@ import ray
 
 from lorafleet import settings, tracking
 from lorafleet.errors import LorafleetError
-from lorafleet.spec import JobSpec
+from lorafleet.spec import JobSpec, RegistrySpec
 from lorafleet.train.progress import NAMESPACE, ProgressBoard, board_name
 from lorafleet.train.worker import JobPlan
 from lorafleet.validate import FleetCheck, check_fleet
@@ -33,6 +33,7 @@ class JobOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     adapter_dir: Path | None = None
     reused_from: str | None = None
+    registered: str | None = None  # '<model>/<version>'
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Submission:
     fleet: str
     fleet_run_id: str
     exp_id: str
+    registry: RegistrySpec | None  # None: train only, register nothing
     plans: dict[str, tuple[JobPlan, str]] = field(default_factory=dict)  # customer -> (plan, run)
     done: dict[str, JobOutcome] = field(default_factory=dict)
 
@@ -65,14 +67,15 @@ def ray_run_name(job: JobSpec, jhash: str) -> str:
     return f"{job.fleet}-{job.customer}-{jhash[:8]}"
 
 
-def prepare(fleet_file: Path, fail_at_step: dict[str, int] | None = None) -> Submission:
+def prepare(fleet_file: Path, fail_at_step: dict[str, int] | None = None,
+            register: bool = True) -> Submission:
     """Validate spec and data, open the MLflow runs; bad jobs fail here, before any training."""
     check = check_fleet(fleet_file)
     fleet, base_fp = check.fleet, check.base_fingerprint
     c = tracking.client()
     exp_id = tracking.ensure_experiment(c, fleet.name)
     sub = Submission(fleet.name, tracking.start_fleet_run(c, exp_id, fleet.name, fleet_file, base_fp),
-                     exp_id)
+                     exp_id, fleet.registry if register else None)
     for job in check.jobs:
         _prepare_job(c, sub, job, check, (fail_at_step or {}).get(job.customer))
     return sub
@@ -91,18 +94,28 @@ def _prepare_job(c: Any, sub: Submission, job: JobSpec, check: FleetCheck,
     report = check.reports[job.customer]
     tags |= {"dataset_sha256": report.sha256, "job_hash": job_hash(job, report.sha256, base_fp)}
     prior = tracking.find_succeeded(c, sub.exp_id, job.customer, tags["job_hash"])
-    run_id = tracking.start_job_run(c, sub.exp_id, sub.fleet_run_id, job,
-                                    tags | ({"reused_from": prior.info.run_id} if prior else {}))
+    run_id = tracking.start_job_run(c, sub.exp_id, sub.fleet_run_id, job, tags)
     c.log_dict(run_id, report.as_dict(), "dataset_report.json")
-    if prior:
-        tracking.set_state(c, run_id, "succeeded")
-        sub.done[job.customer] = JobOutcome(job.customer, "succeeded", run_id,
-                                            metrics=dict(prior.data.metrics),
-                                            reused_from=prior.info.run_id)
-        return
     plan = JobPlan(job=job, base_fingerprint=base_fp, job_hash=tags["job_hash"],
                    fleet_board=board_name(sub.fleet), fail_at_step=fail_at_step)
+    if prior:
+        tracking.set_state(c, run_id, "succeeded")
+        sub.done[job.customer] = _reuse(c, sub, plan, run_id, prior)
+        return
     sub.plans[job.customer] = (plan, run_id)
+
+
+def _reuse(c: Any, sub: Submission, plan: JobPlan, run_id: str, prior: Any) -> JobOutcome:
+    """Same spec, data and base already trained: point at that run; register it if it never was."""
+    outcome = JobOutcome(plan.job.customer, "succeeded", run_id,
+                         metrics=dict(prior.data.metrics), reused_from=prior.info.run_id,
+                         registered=prior.data.tags.get("lorafleet.registered_version"))
+    c.set_tag(run_id, "lorafleet.reused_from", prior.info.run_id)
+    if outcome.registered is None and sub.registry is not None:
+        folder = c.download_artifacts(prior.info.run_id, "adapter", tempfile.mkdtemp())
+        outcome.adapter_dir = Path(folder)
+        _register(c, sub, plan, outcome)
+    return outcome
 
 
 @ray.remote(num_cpus=0, max_retries=0)
@@ -180,8 +193,28 @@ def finish_job(c: Any, sub: Submission, customer: str, ref: Any, cancelled: bool
     for name, data in out["files"].items():
         (adapter / name).write_bytes(data)
     c.log_artifacts(run_id, str(adapter), "adapter")
+    tracking.log_history(c, run_id, [{"step": out["metrics"].get("step", 0), **_final(out["metrics"])}])
     tracking.set_state(c, run_id, "succeeded")
-    return JobOutcome(customer, "succeeded", run_id, metrics=out["metrics"], adapter_dir=adapter)
+    outcome = JobOutcome(customer, "succeeded", run_id, metrics=out["metrics"], adapter_dir=adapter)
+    if sub.registry is not None:
+        _register(c, sub, sub.plans[customer][0], outcome)
+    return outcome
+
+
+def _final(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if k in ("eval_loss", "train_loss")}
+
+
+def _register(c: Any, sub: Submission, plan: JobPlan, outcome: JobOutcome) -> None:
+    """A registry failure is recorded on the run; the trained adapter stays in its artefacts."""
+    from lorafleet import registry
+
+    try:
+        source_run = outcome.reused_from or outcome.run_id  # the run holding the adapter
+        mv = registry.register_job(c, plan.job, source_run, outcome.adapter_dir, sub.registry)
+        outcome.registered = f"{mv.name}/{mv.version}"
+    except Exception as exc:  # MLflow errors vary by store; the job itself did succeed
+        c.set_tag(outcome.run_id, "lorafleet.registration_error", str(exc)[:5000])
 
 
 def init_ray(address: str | None) -> None:
@@ -246,9 +279,9 @@ def _rows(sub: Submission, states: dict[str, str], snapshot: dict, outcomes: dic
 def submit(fleet_file: str | Path, *, ray_address: str | None = None, storage: str | None = None,
            on_tick: Callable[[dict], None] | None = None,
            on_finished: Callable[[JobOutcome], None] | None = None,
-           fail_at_step: dict[str, int] | None = None) -> FleetResult:
-    """Validate, then train every job of a fleet file; returns each job's outcome."""
-    sub = prepare(Path(fleet_file), fail_at_step)
+           fail_at_step: dict[str, int] | None = None, register: bool = True) -> FleetResult:
+    """Validate, train every job of a fleet file, register each new adapter; returns outcomes."""
+    sub = prepare(Path(fleet_file), fail_at_step, register)
     if not sub.plans:
         return close_fleet(tracking.client(), sub, dict(sub.done))
     init_ray(ray_address)

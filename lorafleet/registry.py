@@ -1,0 +1,273 @@
+"""The adapter registry: each customer a registered model, each trained adapter a version.
+
+Names: `acme` (its production alias), `acme@candidate` (any alias), `acme/3` (a version).
+Versions carry lineage tags (base fingerprint, dataset hash, spec hash, file checksums) and are
+fetched into a local cache keyed by version, checksums verified. Only safetensors and JSON move.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from lorafleet import __version__, settings
+from lorafleet.errors import BaseMismatchError, ChecksumError, RegistryError
+from lorafleet.spec import JobSpec, RegistrySpec
+
+T = "lorafleet."
+CANDIDATE, PRODUCTION = "candidate", "production"
+ALLOWED_FILES = ("adapter_config.json", "adapter_model.safetensors")
+REF = re.compile(r"^(?P<customer>[a-z0-9][a-z0-9-]*)(?:@(?P<alias>[a-z0-9_-]+)|/(?P<version>\d+))?$")
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    model: str  # registered model name (prefix + customer)
+    alias: str | None = None
+    version: int | None = None
+
+    def __str__(self) -> str:
+        return self.model + (f"@{self.alias}" if self.alias else f"/{self.version}" if self.version else "")
+
+
+def parse_ref(name: str, prefix: str = "") -> AdapterRef:
+    m = REF.match(name)
+    if not m:
+        raise RegistryError(f"'{name}' is not an adapter name; use 'acme', 'acme@candidate' or 'acme/3'")
+    version = int(m["version"]) if m["version"] else None
+    alias = m["alias"] or (None if version else PRODUCTION)
+    return AdapterRef(prefix + m["customer"], alias, version)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---- registering -------------------------------------------------------------------------
+
+
+def _ensure_model(c: MlflowClient, name: str, customer: str) -> None:
+    try:
+        c.get_registered_model(name)
+    except MlflowException:
+        c.create_registered_model(
+            name, tags={T + "kind": "adapter", T + "customer": customer},
+            description=f"LoRA adapters of customer '{customer}', one version per training run.")
+
+
+def version_tags(job: JobSpec, run: Any, adapter_dir: Path) -> dict[str, str]:
+    t = run.data.tags
+    tags = {
+        "base_model": job.base_model, "base_fingerprint": t[T + "base_fingerprint"],
+        "dataset_sha256": t[T + "dataset_sha256"], "spec_hash": t[T + "spec_hash"],
+        "fleet": job.fleet, "lorafleet_version": __version__,
+        "lora.rank": str(job.lora.rank), "lora.alpha": str(job.lora.alpha),
+        "lora.target_modules": str(job.lora.target_modules), "lora.use_dora": str(job.lora.use_dora),
+        "lora.use_rslora": str(job.lora.use_rslora),
+    }
+    if "eval_loss" in run.data.metrics:
+        tags["eval_loss"] = repr(run.data.metrics["eval_loss"])
+    for name in ALLOWED_FILES:
+        tags[f"sha256.{name}"] = _sha256(adapter_dir / name)
+    return tags
+
+
+def register_job(c: MlflowClient, job: JobSpec, run_id: str, adapter_dir: Path,
+                 spec: RegistrySpec) -> ModelVersion:
+    """A new version from a succeeded job run; its source is the run's adapter artefacts."""
+    name = spec.model_prefix + job.customer
+    run = c.get_run(run_id)
+    tags = version_tags(job, run, adapter_dir)
+    _ensure_model(c, name, job.customer)
+    description = (f"Adapter for '{job.customer}' from fleet '{job.fleet}', LoRA r={job.lora.rank} "
+                   f"on {job.base_model} ({tags['base_fingerprint'][:19]}), dataset "
+                   f"{tags['dataset_sha256'][:12]}, eval loss {tags.get('eval_loss', 'n/a')}.")
+    mv = c.create_model_version(name, f"{run.info.artifact_uri}/adapter", run_id=run_id,
+                                tags=tags, description=description)
+    mv = _wait_ready(c, name, mv.version)
+    c.set_registered_model_alias(name, CANDIDATE, mv.version)
+    c.set_tag(run_id, T + "registered_version", f"{name}/{mv.version}")
+    if spec.auto_promote != "never":
+        promote(c, name, int(mv.version), if_better=spec.auto_promote == "if-better")
+    return mv
+
+
+def _wait_ready(c: MlflowClient, name: str, version: str, timeout_s: float = 30) -> ModelVersion:
+    deadline = time.time() + timeout_s
+    while True:
+        mv = c.get_model_version(name, version)
+        if mv.status == "READY" or time.time() > deadline:
+            return mv
+        time.sleep(0.2)
+
+
+# ---- resolving ---------------------------------------------------------------------------
+
+
+def _get_model(c: MlflowClient, name: str) -> Any:
+    try:
+        return c.get_registered_model(name)
+    except MlflowException:
+        known = ", ".join(sorted(m.name for m in adapter_models(c))) or "none yet"
+        raise RegistryError(f"unknown adapter '{name}'; registered adapters: {known}") from None
+
+
+def resolve_version(c: MlflowClient, ref: AdapterRef) -> ModelVersion:
+    """The model version a name points at, or an error saying which names exist."""
+    model = _get_model(c, ref.model)
+    if ref.version is not None:
+        try:
+            return c.get_model_version(ref.model, str(ref.version))
+        except MlflowException:
+            versions = sorted(int(v.version) for v in c.search_model_versions(f"name='{ref.model}'"))
+            raise RegistryError(f"'{ref.model}' has no version {ref.version}; versions: "
+                                f"{', '.join(map(str, versions))}") from None
+    aliases = dict(model.aliases or {})
+    if ref.alias not in aliases:
+        known = ", ".join(f"@{a} -> v{v}" for a, v in sorted(aliases.items())) or "none"
+        hint = " (promote a version with `lorafleet adapters promote`)" if ref.alias == PRODUCTION else ""
+        raise RegistryError(f"'{ref.model}' has no alias '{ref.alias}'{hint}; aliases: {known}")
+    return c.get_model_version(ref.model, str(aliases[ref.alias]))
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    name: str  # canonical '<model>/<version>'
+    path: Path
+    version: ModelVersion
+
+    @property
+    def base_fingerprint(self) -> str:
+        return self.version.tags["base_fingerprint"]
+
+
+def fetch(c: MlflowClient, name: str, prefix: str = "", cache: Path | None = None) -> ResolvedAdapter:
+    """Resolve a name and return its local folder, downloading once per version."""
+    mv = resolve_version(c, parse_ref(name, prefix))
+    folder = (cache or settings.cache_dir() / "adapters") / mv.name / str(mv.version)
+    if not folder.is_dir():
+        _download(mv, folder)
+    return ResolvedAdapter(f"{mv.name}/{mv.version}", folder, mv)
+
+
+def _download(mv: ModelVersion, dest: Path) -> None:
+    import mlflow.artifacts
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".download-"))
+    try:
+        for file in ALLOWED_FILES:  # fetched one by one: nothing else (no pickles) comes down
+            mlflow.artifacts.download_artifacts(f"{mv.source}/{file}", dst_path=str(tmp),
+                                                tracking_uri=settings.tracking_uri())
+            verify_checksum(mv, tmp / file)
+        tmp.rename(dest)  # atomic: a cached folder is always complete and verified
+    except OSError:
+        if not dest.is_dir():  # lost a race with another process: theirs is as good
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def verify_checksum(mv: ModelVersion, path: Path) -> None:
+    expected = mv.tags.get(f"sha256.{path.name}")
+    actual = _sha256(path)
+    if expected != actual:
+        raise ChecksumError(f"{mv.name}/{mv.version}: {path.name} has sha256 {actual[:16]}..., "
+                            f"registered as {str(expected)[:16]}...; refusing to load it")
+
+
+def check_base(adapter: ResolvedAdapter, base_fingerprint: str, base_name: str = "this base") -> None:
+    """Refuse an adapter trained on another base: it would load silently and produce garbage."""
+    if adapter.base_fingerprint != base_fingerprint:
+        trained_on = adapter.version.tags.get("base_model", "?")
+        raise BaseMismatchError(
+            f"adapter {adapter.name} was trained on base '{trained_on}' ({adapter.base_fingerprint}) "
+            f"but is asked to run on '{base_name}' ({base_fingerprint})")
+
+
+# ---- promotion ---------------------------------------------------------------------------
+
+
+def promote(c: MlflowClient, model: str, version: int | None = None, if_better: bool = False) -> dict:
+    """Move 'production' to `version` (default: the candidate); with if_better, only when its
+    eval loss beats production's. Rollback is promoting an older version."""
+    target = resolve_version(c, AdapterRef(model, version=version) if version else
+                             AdapterRef(model, alias=CANDIDATE))
+    current = _production(c, model)
+    if if_better and current is not None and not _better(target, current):
+        return {"promoted": False, "model": model, "version": int(target.version),
+                "reason": f"eval loss {target.tags.get('eval_loss')} does not beat production "
+                          f"v{current.version}'s {current.tags.get('eval_loss')}"}
+    c.set_registered_model_alias(model, PRODUCTION, target.version)
+    return {"promoted": True, "model": model, "version": int(target.version),
+            "previous": int(current.version) if current else None}
+
+
+def _production(c: MlflowClient, model: str) -> ModelVersion | None:
+    aliases = dict(c.get_registered_model(model).aliases or {})
+    return c.get_model_version(model, str(aliases[PRODUCTION])) if PRODUCTION in aliases else None
+
+
+def _better(new: ModelVersion, old: ModelVersion) -> bool:
+    new_loss, old_loss = new.tags.get("eval_loss"), old.tags.get("eval_loss")
+    if new_loss is None:
+        return False
+    return old_loss is None or float(new_loss) < float(old_loss)
+
+
+# ---- browsing ----------------------------------------------------------------------------
+
+
+def adapter_models(c: MlflowClient) -> list[Any]:
+    return list(c.search_registered_models(f"tags.`{T}kind` = 'adapter'"))
+
+
+def versions(c: MlflowClient, model: str) -> list[ModelVersion]:
+    """Every version, newest first, with aliases (search results lack them)."""
+    found = c.search_model_versions(f"name='{model}'")
+    return [c.get_model_version(model, v.version) for v in
+            sorted(found, key=lambda v: int(v.version), reverse=True)]
+
+
+def list_rows(c: MlflowClient) -> list[dict[str, Any]]:
+    rows = []
+    for model in sorted(adapter_models(c), key=lambda m: m.name):
+        vs = versions(c, model.name)
+        aliases = dict(model.aliases or {})
+        prod = next((v for v in vs if str(v.version) == str(aliases.get(PRODUCTION))), None)
+        latest = vs[0] if vs else None
+        rows.append({
+            "adapter": model.name, "latest": int(latest.version) if latest else None,
+            "production": int(prod.version) if prod else None,
+            "eval_loss": (prod or latest).tags.get("eval_loss") if vs else None,
+            "base": latest.tags.get("base_model") if latest else None,
+            "age_s": int(time.time() - latest.creation_timestamp / 1000) if latest else None,
+        })
+    return rows
+
+
+def show(c: MlflowClient, name: str, prefix: str = "") -> dict[str, Any]:
+    model = _get_model(c, parse_ref(name, prefix).model)
+    return {"adapter": model.name, "description": model.description, "versions": [
+        {"version": int(v.version), "aliases": list(v.aliases), "run_id": v.run_id,
+         "source": v.source, "created": v.creation_timestamp, "description": v.description,
+         "tags": dict(v.tags)} for v in versions(c, model.name)]}
+
+
+def pull(c: MlflowClient, name: str, out: Path, prefix: str = "") -> ResolvedAdapter:
+    """Copy an adapter folder (plain peft layout) to `out`."""
+    adapter = fetch(c, name, prefix)
+    out.mkdir(parents=True, exist_ok=True)
+    for file in ALLOWED_FILES:
+        shutil.copy2(adapter.path / file, out / file)
+    return adapter
