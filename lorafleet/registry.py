@@ -99,7 +99,7 @@ def register_job(c: MlflowClient, job: JobSpec, run_id: str, adapter_dir: Path,
     c.set_tag(run_id, T + "registered_version", f"{name}/{mv.version}")
     if spec.auto_promote != "never":
         promote(c, name, int(mv.version), if_better=spec.auto_promote == "if-better")
-    return mv
+    return c.get_model_version(name, mv.version)  # with its aliases
 
 
 def _wait_ready(c: MlflowClient, name: str, version: str, timeout_s: float = 30) -> ModelVersion:

@@ -1,0 +1,216 @@
+"""The adapter registry against real MLflow: the embedded SQLite store and a real server process
+with proxied artefacts (as on a cluster)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from lorafleet import registry, tracking
+from lorafleet.cli import main
+from lorafleet.errors import BaseMismatchError, ChecksumError, RegistryError
+from lorafleet.models import fingerprint, merge_adapter
+from lorafleet.spec import JobSpec, LoraSpec, QuantizationSpec, RegistrySpec, ResourcesSpec, TrainingSpec
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` serving artefacts itself: clients never see its disk."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/db.sqlite",
+         "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not answer /health in 90 s")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+@pytest.fixture(params=["sqlite", "server"])
+def store(request, lf_home, monkeypatch):
+    if request.param == "server":
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", request.getfixturevalue("mlflow_server"))
+    monkeypatch.setenv("LORAFLEET_CACHE", str(lf_home / "cache"))
+    return tracking.client()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:6]}-"  # the server store is shared by tests: names stay apart
+
+
+def make_adapter(base: Path, out: Path, seed: int) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(out)
+    return out
+
+
+def trained_run(c, base, tmp, fleet, customer, eval_loss, seed=0):
+    """A job run as the runner leaves it (adapter artefacts, lineage tags, eval loss)."""
+    job = JobSpec(fleet=fleet, customer=customer, base_model=str(base), dataset="d.jsonl",
+                  format="auto", lora=LoraSpec(rank=4), quantization=QuantizationSpec(),
+                  training=TrainingSpec(), resources=ResourcesSpec())
+    exp = tracking.ensure_experiment(c, fleet)
+    spec_file = tmp / "fleet.yaml"
+    spec_file.write_text(f"name: {fleet}\n")
+    parent = tracking.start_fleet_run(c, exp, fleet, spec_file, fingerprint(base))
+    run_id = tracking.start_job_run(c, exp, parent, job, {
+        "base_fingerprint": fingerprint(base), "dataset_sha256": "ab" * 32,
+        "spec_hash": job.spec_hash()})
+    adapter = make_adapter(base, tmp / f"{customer}-{seed}", seed)
+    c.log_artifacts(run_id, str(adapter), "adapter")
+    c.log_metric(run_id, "eval_loss", eval_loss)
+    tracking.set_state(c, run_id, "succeeded")
+    return job, run_id, adapter, parent
+
+
+def register(c, base, tmp, prefix, eval_loss, seed=0, customer="acme"):
+    job, run_id, adapter, parent = trained_run(c, base, tmp, f"{prefix}fleet", customer, eval_loss, seed)
+    mv = registry.register_job(c, job, run_id, adapter, RegistrySpec(model_prefix=prefix))
+    return mv, run_id, parent
+
+
+def test_version_records_lineage(store, micro_base, tmp_path, prefix):
+    mv, run_id, parent = register(store, micro_base, tmp_path, prefix, eval_loss=1.5)
+    assert (mv.name, int(mv.version), mv.run_id) == (f"{prefix}acme", 1, run_id)
+    assert mv.aliases == ["candidate"]
+    tags = mv.tags
+    assert tags["base_fingerprint"] == fingerprint(micro_base)
+    assert tags["dataset_sha256"] == "ab" * 32 and tags["spec_hash"] and tags["lora.rank"] == "4"
+    assert float(tags["eval_loss"]) == 1.5 and tags["fleet"] == f"{prefix}fleet"
+    assert len(tags["sha256.adapter_model.safetensors"]) == 64
+    assert "acme" in mv.description and "eval loss 1.5" in mv.description
+    run = store.get_run(run_id)  # version -> job run -> fleet run
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.tags["lorafleet.registered_version"] == f"{prefix}acme/1"
+
+
+def test_name_forms_and_errors(store, micro_base, tmp_path, prefix):
+    register(store, micro_base, tmp_path, prefix, eval_loss=1.0)
+    with pytest.raises(RegistryError, match=r"has no alias 'production' \(promote .*aliases: @candidate -> v1"):
+        registry.fetch(store, "acme", prefix)
+    registry.promote(store, f"{prefix}acme")
+    for name in ("acme", "acme@production", "acme@candidate", "acme/1"):
+        assert registry.fetch(store, name, prefix).name == f"{prefix}acme/1"
+    with pytest.raises(RegistryError, match=f"unknown adapter '{prefix}nobody'; registered adapters: .*{prefix}acme"):
+        registry.fetch(store, "nobody", prefix)
+    with pytest.raises(RegistryError, match="has no alias 'staging'.*@candidate -> v1.*@production -> v1"):
+        registry.fetch(store, "acme@staging", prefix)
+    with pytest.raises(RegistryError, match="has no version 7; versions: 1"):
+        registry.fetch(store, "acme/7", prefix)
+    with pytest.raises(RegistryError, match="is not an adapter name"):
+        registry.fetch(store, "Acme!!", prefix)
+
+
+def test_promote_if_better_and_rollback(store, micro_base, tmp_path, prefix):
+    name = f"{prefix}acme"
+    register(store, micro_base, tmp_path, prefix, eval_loss=1.0, seed=1)
+    assert registry.promote(store, name)["version"] == 1
+    register(store, micro_base, tmp_path, prefix, eval_loss=2.0, seed=2)  # worse
+    refused = registry.promote(store, name, if_better=True)
+    assert not refused["promoted"] and "does not beat production v1" in refused["reason"]
+    assert registry.fetch(store, "acme", prefix).name == f"{name}/1"
+    register(store, micro_base, tmp_path, prefix, eval_loss=0.5, seed=3)  # better
+    assert registry.promote(store, name, if_better=True) == {
+        "promoted": True, "model": name, "version": 3, "previous": 1}
+    assert registry.promote(store, name, version=1)["previous"] == 3  # rollback
+    assert registry.fetch(store, "acme", prefix).name == f"{name}/1"
+    assert registry.fetch(store, "acme@candidate", prefix).name == f"{name}/3"
+
+
+def test_auto_promotion_from_fleet_setting(store, micro_base, tmp_path, prefix):
+    job, run_id, adapter, _ = trained_run(store, micro_base, tmp_path, f"{prefix}f", "acme", 1.0)
+    registry.register_job(store, job, run_id, adapter, RegistrySpec(model_prefix=prefix,
+                                                                    auto_promote="if-better"))
+    assert registry.fetch(store, "acme", prefix).name == f"{prefix}acme/1"
+
+
+def test_pull_gives_plain_peft_folder_and_checksums_are_enforced(store, micro_base, tmp_path, prefix):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    register(store, micro_base, tmp_path, prefix, eval_loss=1.0)
+    out = tmp_path / "pulled"
+    registry.pull(store, "acme/1", out, prefix)
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(micro_base), out)
+    store.set_model_version_tag(f"{prefix}acme", "1", "sha256.adapter_model.safetensors", "0" * 64)
+    with pytest.raises(ChecksumError, match="adapter_model.safetensors has sha256 .* refusing"):
+        registry.fetch(store, "acme/1", prefix, cache=tmp_path / "fresh-cache")
+
+
+def test_base_mismatch_is_refused(store, micro_base, tmp_path, prefix):
+    register(store, micro_base, tmp_path, prefix, eval_loss=1.0)
+    adapter = registry.fetch(store, "acme@candidate", prefix)
+    registry.check_base(adapter, fingerprint(micro_base))
+    with pytest.raises(BaseMismatchError, match=f"trained on base '{micro_base}'.*asked to run on 'other'"):
+        registry.check_base(adapter, "sha256:" + "1" * 64, "other")
+
+
+def test_merge_matches_base_plus_adapter(micro_base, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = make_adapter(micro_base, tmp_path / "a", seed=5)
+    merged = merge_adapter(micro_base, adapter, tmp_path / "merged")
+    assert (merged / "model.safetensors").is_file()
+    ids = torch.tensor([[0, 5, 9, 30, 41, 7]])
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(micro_base), adapter)
+    with torch.no_grad():
+        expected = ref(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(merged)(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(micro_base)(ids).logits
+    assert torch.allclose(got, expected, atol=1e-4)  # stated tolerance: 1e-4 on fp32 logits
+    assert not torch.allclose(plain, expected, atol=1e-3)  # the adapter does change the output
+
+
+def test_cli_browsing(store, micro_base, tmp_path, prefix, capsys):
+    register(store, micro_base, tmp_path, prefix, eval_loss=1.0, seed=1)
+    register(store, micro_base, tmp_path, prefix, eval_loss=0.8, seed=2)
+    assert main(["adapters", "promote", "acme", "--prefix", prefix, "--version", "1"]) == 0
+    capsys.readouterr()
+    assert main(["adapters", "list", "--json"]) == 0
+    rows = {r["adapter"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows[f"{prefix}acme"]["latest"] == 2 and rows[f"{prefix}acme"]["production"] == 1
+    assert main(["adapters", "show", "acme", "--prefix", prefix, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert [(v["version"], sorted(v["aliases"])) for v in shown["versions"]] == [
+        (2, ["candidate"]), (1, ["production"])]
+    assert main(["adapters", "pull", "acme@candidate", "--prefix", prefix, "-o", str(tmp_path / "o")]) == 0
+    assert main(["adapters", "pull", "ghost", "--prefix", prefix, "-o", str(tmp_path / "o")]) == 2
+    assert "unknown adapter" in capsys.readouterr().err
