@@ -229,6 +229,48 @@ def _adapter_parsers(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--port", type=int, default=5000)
 
 
+@command("serve")
+def cmd_serve(args: argparse.Namespace) -> int:
+    import yaml
+
+    from lorafleet.serve.run import app_args_from, serve_forever
+
+    overrides = {}
+    if args.config:  # a Serve config file: take the args of its lorafleet application
+        apps = yaml.safe_load(Path(args.config).read_text())["applications"]
+        overrides = next(a.get("args", {}) for a in apps if "lorafleet.serve" in a["import_path"])
+    overrides |= {"base_model": args.base_model, "adapter_prefix": args.prefix,
+                  "api_keys_file": args.api_keys}
+    serve_forever(app_args_from(overrides), args.host, args.port, args.ray_address)
+    return 0
+
+
+@command("keys")
+def cmd_keys(args: argparse.Namespace) -> int:
+    from lorafleet.serve.keys import add_key
+
+    key = add_key(args.file, args.tenant, args.adapters.split(","), base=not args.no_base)
+    print(f"API key for tenant {args.tenant} (shown once; only its hash is stored in {args.file}):")
+    print(key)
+    return 0
+
+
+def _serve_parsers(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("serve", help="run the OpenAI-compatible endpoint in the foreground")
+    s.add_argument("--config", default=None, help="a serve_apps/*.yaml file to take args from")
+    s.add_argument("--base-model", default=None)
+    s.add_argument("--prefix", default=None, help="registered model name prefix")
+    s.add_argument("--api-keys", default=None, help="tenant keys file (see `lorafleet keys`)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--ray-address", default=None)
+    k = sub.add_parser("keys", help="create a tenant API key limited to some adapters")
+    k.add_argument("tenant")
+    k.add_argument("--adapters", required=True, help="comma-separated customers, or '*'")
+    k.add_argument("--file", default="api-keys.json")
+    k.add_argument("--no-base", action="store_true", help="deny the bare base model")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lorafleet", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -252,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-EXTENSIONS: list[Callable[[argparse._SubParsersAction], None]] = [_adapter_parsers]
+EXTENSIONS: list[Callable[[argparse._SubParsersAction], None]] = [_adapter_parsers, _serve_parsers]
 
 
 def main(argv: list[str] | None = None) -> int:

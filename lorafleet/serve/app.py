@@ -1,0 +1,43 @@
+"""`build_app`: the Serve application (replicas + ingress) from validated arguments.
+
+Used by `lorafleet serve`, by `serve run lorafleet.serve.app:build_app base_model=...`, and by
+Serve config files (`import_path: lorafleet.serve.app:build_app` with an `args:` block).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+from ray import serve
+from ray.serve import Application
+
+from lorafleet.errors import SpecError
+from lorafleet.serve.config import AppArgs
+from lorafleet.serve.ingress import Ingress
+from lorafleet.serve.replica import BaseReplica
+from lorafleet.spec import format_validation_error
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    try:
+        cfg = AppArgs.model_validate(args)
+    except ValidationError as exc:
+        raise format_validation_error(exc, "serve app args") from None
+    if cfg.min_replicas > cfg.max_replicas:
+        raise SpecError(f"serve app args: min_replicas {cfg.min_replicas} > max_replicas {cfg.max_replicas}")
+    plain = cfg.model_dump()
+    replica = serve.deployment(BaseReplica, name="BaseReplica").options(
+        autoscaling_config={
+            "min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
+            "initial_replicas": max(cfg.min_replicas, 1),
+            "target_ongoing_requests": cfg.target_ongoing_requests,
+            "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s,
+        },
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        ray_actor_options={"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus},
+    ).bind(plain)
+    ingress = serve.deployment(Ingress, name="Ingress").options(
+        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4 * cfg.max_ongoing_requests,
+    ).bind(replica, plain)
+    return ingress
