@@ -83,12 +83,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         print_json({"fleet_run": fleet_run.info.run_id, "jobs": rows})
         return 0
     console.print(table(f"fleet {args.fleet} (run {fleet_run.info.run_id})",
-                        ["customer", "state", "steps", "loss", "eval loss", "run", "reason"],
+                        ["customer", "state", "steps", "loss", "eval loss", "run", "note"],
                         [(r["customer"], r["state"], f"{r['step'] or 0}/{r['total_steps'] or '?'}",
-                          fmt(r["loss"]), fmt(r["eval_loss"]), r["run_id"][:8],
-                          (r["reason"] or (f"reused {r['reused_from'][:8]}" if r["reused_from"] else ""))[:70])
+                          fmt(r["loss"]), fmt(r["eval_loss"]), r["run_id"][:8], _note(r))
                          for r in rows]))
     return 0
+
+
+def _note(row: dict) -> str:
+    if row["reason"]:
+        return row["reason"][:70]
+    return f"reused run {row['reused_from'][:8]}" if row["reused_from"] else ""
 
 
 @command("cancel")
@@ -271,6 +276,53 @@ def _serve_parsers(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--no-base", action="store_true", help="deny the bare base model")
 
 
+@command("demo")
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lorafleet.demo import run_demo
+
+    run_demo(port=args.port)
+    return 0
+
+
+@command("bench")
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+    import tempfile
+
+    from lorafleet.ui import print_json
+
+    if args.what == "train":
+        from lorafleet.bench.train_bench import run_train_bench
+        from lorafleet.demo_data import write_demo_datasets
+
+        dataset = Path(args.dataset) if args.dataset else \
+            write_demo_datasets(Path(tempfile.mkdtemp()))["acme"]
+        results = run_train_bench(args.base_model, dataset, args.steps, args.jobs)
+    else:
+        from lorafleet.bench.serve_bench import run_serve_bench
+
+        results = run_serve_bench(args)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+    print_json(results)
+    return 0
+
+
+def _bench_parsers(sub: argparse._SubParsersAction) -> None:
+    d = sub.add_parser("demo", help="train, register, serve and query the demo fleet")
+    d.add_argument("--port", type=int, default=8000)
+    b = sub.add_parser("bench", help="benchmarks, JSON out: train | serve")
+    b.add_argument("what", choices=["train", "serve"])
+    b.add_argument("--base-model", default="tiny-llama")
+    b.add_argument("--dataset", default=None, help="train: dataset (default: a demo dataset)")
+    b.add_argument("--steps", type=int, default=30, help="train: steps per job")
+    b.add_argument("--jobs", type=int, default=4, help="train: jobs in the makespan fleet")
+    b.add_argument("--adapters", type=int, default=16, help="serve: distinct adapters")
+    b.add_argument("--requests", type=int, default=128, help="serve: HTTP requests per mix")
+    b.add_argument("--large", action="store_true", help="serve: also a ~100M-parameter base")
+    b.add_argument("--out", default=None, help="also write the JSON here")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lorafleet", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -294,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-EXTENSIONS: list[Callable[[argparse._SubParsersAction], None]] = [_adapter_parsers, _serve_parsers]
+EXTENSIONS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _adapter_parsers, _serve_parsers, _bench_parsers]
 
 
 def main(argv: list[str] | None = None) -> int:

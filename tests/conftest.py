@@ -91,3 +91,38 @@ def write_chat(path: Path, tag: str, n: int = 40) -> Path:
                     {"role": "assistant", "content": f"answer {tag} {i}"}]
             fh.write(json.dumps({"messages": msgs}) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_home(tmp_path_factory, ray_session):
+    """The demo fleet trained once per session (real Ray Train + NF4 + trl) into its own store."""
+    import shutil
+
+    from lorafleet.demo import DEMO_FLEET
+    from lorafleet.train.runner import submit
+
+    home = tmp_path_factory.mktemp("demo-home")
+    saved = {k: os.environ.get(k) for k in ("LORAFLEET_HOME", "MLFLOW_TRACKING_URI")}
+    os.environ["LORAFLEET_HOME"] = str(home)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        fleet = home / "jobs"
+        shutil.copytree(DEMO_FLEET.parent, fleet)
+        result = submit(fleet / DEMO_FLEET.name)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert all(o.state == "succeeded" for o in result.jobs.values()), result.jobs
+    return home, result
+
+
+@pytest.fixture
+def in_demo_home(demo_home, monkeypatch):
+    home, result = demo_home
+    monkeypatch.setenv("LORAFLEET_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(home)
+    return home, result

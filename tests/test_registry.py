@@ -9,17 +9,17 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
 from lorafleet import registry, tracking
+from lorafleet.bench.synthetic import make_adapter, trained_run
 from lorafleet.cli import main
 from lorafleet.errors import BaseMismatchError, ChecksumError, RegistryError
 from lorafleet.models import fingerprint, merge_adapter
-from lorafleet.spec import JobSpec, LoraSpec, QuantizationSpec, RegistrySpec, ResourcesSpec, TrainingSpec
+from lorafleet.spec import RegistrySpec
 
 pytestmark = pytest.mark.integration
 
@@ -67,36 +67,6 @@ def store(request, lf_home, monkeypatch):
 @pytest.fixture
 def prefix() -> str:
     return f"t{uuid.uuid4().hex[:6]}-"  # the server store is shared by tests: names stay apart
-
-
-def make_adapter(base: Path, out: Path, seed: int) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    model.save_pretrained(out)
-    return out
-
-
-def trained_run(c, base, tmp, fleet, customer, eval_loss, seed=0):
-    """A job run as the runner leaves it (adapter artefacts, lineage tags, eval loss)."""
-    job = JobSpec(fleet=fleet, customer=customer, base_model=str(base), dataset="d.jsonl",
-                  format="auto", lora=LoraSpec(rank=4), quantization=QuantizationSpec(),
-                  training=TrainingSpec(), resources=ResourcesSpec())
-    exp = tracking.ensure_experiment(c, fleet)
-    spec_file = tmp / "fleet.yaml"
-    spec_file.write_text(f"name: {fleet}\n")
-    parent = tracking.start_fleet_run(c, exp, fleet, spec_file, fingerprint(base))
-    run_id = tracking.start_job_run(c, exp, parent, job, {
-        "base_fingerprint": fingerprint(base), "dataset_sha256": "ab" * 32,
-        "spec_hash": job.spec_hash()})
-    adapter = make_adapter(base, tmp / f"{customer}-{seed}", seed)
-    c.log_artifacts(run_id, str(adapter), "adapter")
-    c.log_metric(run_id, "eval_loss", eval_loss)
-    tracking.set_state(c, run_id, "succeeded")
-    return job, run_id, adapter, parent
 
 
 def register(c, base, tmp, prefix, eval_loss, seed=0, customer="acme"):

@@ -1,0 +1,168 @@
+"""`lorafleet bench train`: orchestration overhead, fleet makespan, NF4 base memory; on a GPU
+also tokens/s and peak memory of one job and of a fleet sharing the GPU. Ratios against a
+baseline measured in the same run, never absolute thresholds."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _fleet_file(folder: Path, base: str, datasets: dict[str, Path], training: dict, name: str,
+                resources: dict | None = None) -> Path:
+    spec = {"name": name, "base_model": base,
+            "defaults": {"training": training, "resources": resources or {}},
+            "jobs": [{"customer": c, "dataset": str(p)} for c, p in datasets.items()]}
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _plain_seconds(fleet_file: Path) -> float:
+    """The same job trained in this process with no Ray: the baseline."""
+    from lorafleet.models import fingerprint, resolve_base
+    from lorafleet.spec import load_fleet, resolve_jobs
+    from lorafleet.train.worker import JobPlan, train_plain
+
+    job = resolve_jobs(load_fleet(fleet_file), fleet_file)[0]
+    plan = JobPlan(job=job, base_fingerprint=fingerprint(resolve_base(job.base_model)))
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        train_plain(plan, out)
+    return time.perf_counter() - start
+
+
+def _runner_seconds(fleet_file: Path) -> tuple[float, dict[str, float]]:
+    from lorafleet.train.runner import submit
+
+    start = time.perf_counter()
+    result = submit(fleet_file, register=False)
+    wall = time.perf_counter() - start
+    bad = {c: o.reason for c, o in result.jobs.items() if o.state != "succeeded"}
+    if bad:
+        raise RuntimeError(f"benchmark jobs failed: {bad}")
+    return wall, {c: o.metrics.get("train_runtime", 0.0) for c, o in result.jobs.items()}
+
+
+def overhead(folder: Path, base: str, dataset: Path, training: dict) -> dict[str, Any]:
+    import ray
+
+    from lorafleet.train.runner import init_ray
+
+    start = time.perf_counter()
+    init_ray(None)
+    ray_init_s = time.perf_counter() - start
+    plain = _plain_seconds(_fleet_file(folder, base, {"solo": dataset}, training, "bench-plain"))
+    runner, _ = _runner_seconds(_fleet_file(folder, base, {"solo": dataset}, training, "bench-solo"))
+    slots = int(ray.cluster_resources().get("CPU", 1))
+    return {"plain_s": plain, "runner_s": runner, "ray_init_s": ray_init_s, "cpu_slots": slots,
+            "overhead_ratio": runner / plain}
+
+
+def makespan(folder: Path, base: str, dataset: Path, training: dict, n_jobs: int) -> dict[str, Any]:
+    import ray
+
+    datasets = {f"job-{i}": dataset for i in range(n_jobs)}
+    wall, per_job = _runner_seconds(_fleet_file(folder, base, datasets, training, "bench-fleet"))
+    slots = int(ray.cluster_resources().get("CPU", 1))
+    ideal = sum(per_job.values()) / min(slots, n_jobs)
+    return {"jobs": n_jobs, "slots": slots, "makespan_s": wall, "job_train_s": per_job,
+            "ideal_s": ideal, "makespan_vs_ideal": wall / ideal}
+
+
+def base_memory(hidden: int = 768, layers: int = 12, vocab: int = 32000) -> dict[str, Any]:
+    """A synthetic Llama of ~110M parameters loaded bf16 against NF4 + double quantisation."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from lorafleet.models import quantization_config
+    from lorafleet.spec import QuantizationSpec
+
+    with tempfile.TemporaryDirectory() as folder:
+        config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
+                             num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                             num_key_value_heads=hidden // 64)
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        params = sum(p.numel() for p in model.parameters())
+        model.save_pretrained(folder)
+        del model
+        bf16 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).get_memory_footprint()
+        q = quantization_config(QuantizationSpec(), torch.bfloat16)
+        nf4 = AutoModelForCausalLM.from_pretrained(folder, quantization_config=q, dtype=torch.bfloat16,
+                                                   device_map={"": _device()}).get_memory_footprint()
+    return {"parameters": params, "bf16_bytes": bf16, "nf4_dq_bytes": nf4, "nf4_vs_bf16": nf4 / bf16}
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+class GpuMemoryPeak:
+    """Peak GPU memory in use while a block runs, from nvidia-smi: the jobs run in Ray worker
+    processes, so this process's torch counters would not see them."""
+
+    def __enter__(self) -> GpuMemoryPeak:
+        import threading
+
+        self.peak_mib, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        import subprocess
+
+        while not self._stop.is_set():
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True).stdout.split()
+            self.peak_mib = max([self.peak_mib, *map(int, out[:1])])
+            self._stop.wait(0.2)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def gpu_throughput(folder: Path, base: str, dataset: Path, training: dict, n_jobs: int) -> dict:
+    """One job alone on the GPU, then n jobs sharing it through fractional GPU requests."""
+    from lorafleet.data import inspect_dataset
+    from lorafleet.models import load_tokenizer, resolve_base
+
+    report = inspect_dataset(dataset, "auto", load_tokenizer(resolve_base(base)), training["max_length"])
+    tokens_per_job = training["max_steps"] * training["batch_size"] * min(
+        report.tokens_total / report.examples, training["max_length"])
+    out = {}
+    for n in (1, n_jobs):
+        res = {"gpus_per_worker": round(1 / n, 3), "cpus_per_worker": 1}
+        jobs = {f"g{i}": dataset for i in range(n)}
+        fleet = _fleet_file(folder, base, jobs, training, f"bench-gpu{n}", res)
+        with GpuMemoryPeak() as mem:
+            wall, per_job = _runner_seconds(fleet)
+        out[f"jobs_{n}"] = {"wall_s": wall, "job_train_s": per_job, "peak_gpu_mib": mem.peak_mib,
+                            "tokens_per_s": n * tokens_per_job / wall,
+                            "tokens_per_s_in_training": n * tokens_per_job / max(per_job.values())}
+    return out
+
+
+def run_train_bench(base: str, dataset: Path, max_steps: int = 30, n_jobs: int = 4,
+                    with_memory: bool = True) -> dict[str, Any]:
+    import torch
+
+    training = {"max_steps": max_steps, "batch_size": 8, "max_length": 256, "save_steps": 1000,
+                "logging_steps": 10, "eval_fraction": 0.0}
+    results: dict[str, Any] = {"base": base, "max_steps": max_steps}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        results["overhead"] = overhead(folder, base, dataset, training)
+        results["makespan"] = makespan(folder, base, dataset, training, n_jobs)
+        if torch.cuda.is_available():
+            results["gpu"] = gpu_throughput(folder, base, dataset, training, n_jobs)
+    if with_memory:
+        results["base_memory"] = base_memory()
+    return results
