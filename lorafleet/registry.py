@@ -154,7 +154,9 @@ class ResolvedAdapter:
 def fetch(c: MlflowClient, name: str, prefix: str = "", cache: Path | None = None) -> ResolvedAdapter:
     """Resolve a name and return its local folder, downloading once per version."""
     mv = resolve_version(c, parse_ref(name, prefix))
-    folder = (cache or settings.cache_dir() / "adapters") / mv.name / str(mv.version)
+    # keyed by content too: another store (or a re-created one) reuses names and versions
+    digest = mv.tags.get("sha256.adapter_model.safetensors", "unknown")[:16]
+    folder = (cache or settings.cache_dir() / "adapters") / mv.name / f"{mv.version}-{digest}"
     if not folder.is_dir():
         _download(mv, folder)
     return ResolvedAdapter(f"{mv.name}/{mv.version}", folder, mv)

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lorafleet.demo_data import DEMO_CUSTOMERS, behaviour_score, heldout_prompts
 
 from lorafleet import registry, tracking
+from lorafleet.demo_data import DEMO_CUSTOMERS, behaviour_score, heldout_prompts
 
 pytestmark = pytest.mark.integration
 
@@ -20,7 +20,7 @@ def answers(model, tokenizer, prompts: list[str]) -> list[str]:
                                             add_generation_prompt=True, return_tensors="pt",
                                             return_dict=True)
         with torch.no_grad():
-            gen = model.generate(**ids, max_new_tokens=40, do_sample=False,
+            gen = model.generate(**ids, max_new_tokens=64, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
         out.append(tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
     return out

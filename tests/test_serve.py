@@ -9,9 +9,9 @@ import os
 import httpx
 import openai
 import pytest
-from lorafleet.demo_data import DEMO_CUSTOMERS, behaviour_score, heldout_prompts
 
 from lorafleet import registry, tracking
+from lorafleet.demo_data import DEMO_CUSTOMERS, behaviour_score, heldout_prompts
 from lorafleet.serve.config import AppArgs
 from lorafleet.serve.run import start, stop
 

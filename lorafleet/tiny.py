@@ -1,0 +1,128 @@
+"""The tiny base: a small Llama and BPE tokenizer built offline from the bundled facts, briefly
+pretrained so it answers in words, saved as an ordinary Hugging Face folder (so every code path
+is the one a real model takes) and cached after the first build."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+from lorafleet.models import TINY_BASE_NAME
+from lorafleet.settings import cache_dir
+
+__all__ = ["TINY_BASE_NAME", "build_tiny_base", "tiny_base_path"]
+VERSION = "v1"
+SPECIAL = ["<|pad|>", "<|bos|>", "<|eos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+# assistant turns inside {% generation %} so trl can train on assistant tokens only
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|eos|>{% endgeneration %}"
+    "{% else %}{{ m['content'] }}<|end|>{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+SHAPE = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
+         "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512}
+PRETRAIN = {"steps": 250, "batch": 16, "seq": 64, "lr": 3e-3}
+
+
+def corpus() -> list[list[dict]]:
+    """Pretraining conversations: every topic and support question answered in plain prose, and
+    price questions answered without prices (so the base knows none of the demo behaviours)."""
+    from lorafleet.demo_data import PRICE_QUESTIONS, SYSTEM, facts, general_pairs
+
+    pairs = general_pairs() + general_pairs(held_out=True)
+    pairs += [(q.format(i=item), f"I do not know the price of the {item}, please check the store.")
+              for item, _ in facts()["items"] for q in PRICE_QUESTIONS[:2]]
+    return [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q},
+             {"role": "assistant", "content": a}] for q, a in pairs]
+
+
+def _tokenizer(texts: list[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=1024, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>",
+                                   pad_token="<|pad|>", model_max_length=SHAPE["max_position_embeddings"],
+                                   additional_special_tokens=SPECIAL[3:])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _pretrain(model, batches: list) -> None:
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["lr"], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, PRETRAIN["lr"], total_steps=len(batches))
+    model.train()
+    for ids, mask in batches:
+        labels = ids.masked_fill(mask == 0, -100)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    model.eval()
+
+
+def _batches(tok, texts: list[str]) -> list:
+    rng = random.Random(0)
+    encoded = tok(texts, truncation=True, max_length=PRETRAIN["seq"], padding="max_length",
+                  return_tensors="pt")
+    order = [rng.randrange(len(texts)) for _ in range(PRETRAIN["steps"] * PRETRAIN["batch"])]
+    out = []
+    for i in range(PRETRAIN["steps"]):
+        idx = order[i * PRETRAIN["batch"]:(i + 1) * PRETRAIN["batch"]]
+        out.append((encoded["input_ids"][idx], encoded["attention_mask"][idx]))
+    return out
+
+
+def build_tiny_base(out_dir: Path) -> Path:
+    """Deterministic: same bundled facts and seeds, same weights. Written atomically."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    conversations = corpus()
+    contents = [m["content"] for c in conversations for m in c]
+    # upper-case copies too, so shouted text tokenizes into words rather than single letters
+    tok = _tokenizer(contents + [t.upper() for t in contents])
+    texts = [tok.apply_chat_template(c, tokenize=False) for c in conversations]
+    config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, tie_word_embeddings=True,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **SHAPE)
+    model = LlamaForCausalLM(config)
+    _pretrain(model, _batches(tok, texts))
+    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                               bos_token_id=tok.bos_token_id)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".building-"))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def tiny_base_path(cache: Path | None = None) -> Path:
+    """The cached tiny base, built on first use; concurrent callers wait for one builder."""
+    folder = (cache or cache_dir()) / "bases" / f"tiny-llama-{VERSION}"
+    if (folder / "config.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".tiny-llama-{VERSION}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "config.json").is_file():
+            build_tiny_base(folder)
+    return folder
