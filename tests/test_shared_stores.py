@@ -285,8 +285,10 @@ def test_registry_round_trip_through_postgres_and_s3(on_server, micro_base, tmp_
 
 def test_s3_endpoint_from_environment_as_the_manifests_set_it(stores, monkeypatch):
     """infra/ gives Ray pods AWS_ENDPOINT_URL + credentials and a plain s3:// storage path. Ray
-    Train resolves storage_path with pyarrow.fs.FileSystem.from_uri; check pyarrow honours
-    the variable (it does from pyarrow 15, via the AWS SDK) by writing through it."""
+    Train resolves storage_path with pyarrow.fs.FileSystem.from_uri and pickles the filesystem
+    to its workers; check pyarrow honours the variable (the AWS SDK reads it) on both sides."""
+    import pickle
+
     import pyarrow.fs
 
     for key, value in S3_ENV.items():
@@ -294,9 +296,10 @@ def test_s3_endpoint_from_environment_as_the_manifests_set_it(stores, monkeypatc
     monkeypatch.setenv("AWS_ENDPOINT_URL", stores.s3_endpoint)
     fs, path = pyarrow.fs.FileSystem.from_uri(f"s3://{CHECKPOINT_BUCKET}/env-probe")
     assert path == f"{CHECKPOINT_BUCKET}/env-probe"
-    with fs.open_output_stream(f"{path}/probe.txt") as out:
-        out.write(b"written through AWS_ENDPOINT_URL")
-    assert "env-probe/probe.txt" in stores.keys(CHECKPOINT_BUCKET, "env-probe/")
+    for i, side in enumerate((fs, pickle.loads(pickle.dumps(fs)))):  # driver, then a worker
+        with side.open_output_stream(f"{path}/probe{i}.txt") as out:
+            out.write(b"written through AWS_ENDPOINT_URL")
+    assert stores.keys(CHECKPOINT_BUCKET, "env-probe/") == ["env-probe/probe0.txt", "env-probe/probe1.txt"]
 
 
 def test_ray_train_checkpoints_to_s3_and_resumes_from_there(on_server, micro_base, ray_session):
@@ -312,11 +315,14 @@ def test_ray_train_checkpoints_to_s3_and_resumes_from_there(on_server, micro_bas
                                   "logging_steps": 2, "eval_fraction": 0.1}, "lora": {"rank": 4}},
         "registry": {"model_prefix": f"{name}-", "auto_promote": "always"},
         "jobs": [{"customer": "a", "dataset": "a.jsonl"}]}))
-    # The session's Ray workers were started before this test and do not see AWS_* variables set
-    # now, so the endpoint travels in the URI (pyarrow's query form); on a cluster, pods get
-    # AWS_ENDPOINT_URL instead (previous test) and the path is plain s3://lorafleet/checkpoints.
+    # The session's Ray workers started before this test and never see AWS_* variables set now,
+    # so endpoint and (fake) credentials travel in the URI, in pyarrow's form. Credentials are
+    # needed: Ray pickles the filesystem to its workers, and one rebuilt without credentials got
+    # 403s. On a cluster every pod has AWS_ENDPOINT_URL and the keys in its environment
+    # (previous test) and the path is plain s3://lorafleet/checkpoints.
     endpoint = stores.s3_endpoint.removeprefix("http://")
-    storage = f"s3://{CHECKPOINT_BUCKET}/{prefix}?endpoint_override={endpoint}&scheme=http"
+    creds = f"{S3_ENV['AWS_ACCESS_KEY_ID']}:{S3_ENV['AWS_SECRET_ACCESS_KEY']}"
+    storage = f"s3://{creds}@{CHECKPOINT_BUCKET}/{prefix}?endpoint_override={endpoint}&scheme=http"
     from lorafleet.train.runner import submit
 
     first = submit(fleet, storage=storage, fail_at_step={"a": 6})
