@@ -70,8 +70,9 @@ def examples(customer: str, n_train: int, seed: int = 0) -> list[dict]:
         batch = list(pairs)
         rng.shuffle(batch)
         rows += batch
-    return [{"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q},
-                          {"role": "assistant", "content": a}]} for q, a in rows[:n_train]]
+    # no system turn: clients of the demo endpoint send just the user's message
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in rows[:n_train]]
 
 
 def write_demo_datasets(out_dir: Path, n_train: int = 240, seed: int = 0) -> dict[str, Path]:

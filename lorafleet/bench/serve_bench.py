@@ -8,7 +8,6 @@
 - p50/p95 latency, and cold start of an adapter from the registry to its first token.
 """
 
-from __future__ import annotations
 
 import asyncio
 import statistics
@@ -106,9 +105,8 @@ def _cold_start(url: str, c: Any, base: Path, tmp: Path, base_name: str) -> dict
 
 
 def run_serve_bench(args: Any) -> dict[str, Any]:
-    from lorafleet.bench.engine_bench import run_engine_bench
-
     from lorafleet import registry, tracking
+    from lorafleet.bench.engine_bench import run_engine_bench
     from lorafleet.models import resolve_base
     from lorafleet.serve.config import AppArgs
     from lorafleet.serve.run import start, stop

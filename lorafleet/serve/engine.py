@@ -141,7 +141,7 @@ class GatheredLoraEngine:
         try:
             logits = self._step(ids, mask, positions, cache)
             for _ in range(max(r.max_new_tokens for r in requests)):
-                tokens = [_sample(logits[i], r, gens[i]) for i, r in enumerate(requests)]
+                tokens = _sample_batch(logits, requests, gens)
                 self._record(requests, tokens, results, live, on_token)
                 if not any(live):
                     break
@@ -155,7 +155,7 @@ class GatheredLoraEngine:
 
     def _step(self, ids, mask, positions, cache) -> torch.Tensor:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True)
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()  # (B, V)
 
     @staticmethod
@@ -175,6 +175,13 @@ class GatheredLoraEngine:
 
 def _generator(seed: int | None) -> torch.Generator | None:
     return torch.Generator().manual_seed(seed) if seed is not None else None
+
+
+def _sample_batch(logits: torch.Tensor, requests: list[GenerationRequest],
+                  gens: list[torch.Generator | None]) -> list[int]:
+    greedy = logits.argmax(-1).tolist()  # one op for every greedy row
+    return [greedy[i] if r.temperature == 0 else _sample(logits[i], r, gens[i])
+            for i, r in enumerate(requests)]
 
 
 def _sample(logits: torch.Tensor, r: GenerationRequest, gen: torch.Generator | None) -> int:

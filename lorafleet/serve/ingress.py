@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP ingress: resolves `model` to a registry version (or the base),
-enforces tenant keys, tokenizes, and streams from the replica that holds the adapter."""
+enforces tenant keys, tokenizes, and streams from the replica that holds the adapter.
 
-from __future__ import annotations
+(No `from __future__ import annotations` here: FastAPI must see the real types.)
+"""
+
 
 import json
 import os
@@ -35,6 +37,20 @@ async def _bad_body(_: Request, exc: RequestValidationError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=400)
 
 
+def _context_length(base_path: Any, tokenizer: Any) -> int:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base_path)
+    return int(getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length)
+
+
+def _message(exc: Exception) -> str:
+    """The user-facing line of an error that crossed Ray (which wraps it in a traceback)."""
+    cause = getattr(exc, "cause", None) or exc
+    return str(cause).strip().splitlines()[-1]
+
+
+# helpers above the class: serve.ingress copies the class when it is defined
 @serve.ingress(app)
 class Ingress:
     def __init__(self, replica: Any, args: dict[str, Any]):
@@ -239,15 +255,3 @@ class Ingress:
         return api.ApiError(404, f"model '{name}' does not exist; available: {', '.join(names)}",
                             code="model_not_found", param="model")
 
-
-def _context_length(base_path: Any, tokenizer: Any) -> int:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(base_path)
-    return int(getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length)
-
-
-def _message(exc: Exception) -> str:
-    """The user-facing line of an error that crossed Ray (which wraps it in a traceback)."""
-    cause = getattr(exc, "cause", None) or exc
-    return str(cause).strip().splitlines()[-1]

@@ -79,8 +79,11 @@ class BaseReplica:
         self.queue: asyncio.Queue[Pending] | None = None
         self.loads = Counter("lorafleet_adapter_loads", "adapters loaded on this replica")
         self.evictions = Counter("lorafleet_adapter_evictions", "adapters evicted on this replica")
+        async def load(model_id: str) -> LoadedAdapter:  # a plain function: Serve stores its LRU on it
+            return await self._load(model_id)
+
         self.get_adapter = serve.multiplexed(
-            max_num_models_per_replica=self.args.max_adapters_per_replica)(self._load)
+            max_num_models_per_replica=self.args.max_adapters_per_replica)(load)
 
     async def _load(self, model_id: str) -> LoadedAdapter:
         """Registry -> verified local folder -> checked base -> engine slot."""
