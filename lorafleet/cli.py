@@ -293,7 +293,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.what == "train":
         from lorafleet.bench.train_bench import run_train_bench
-        from lorafleet.demo_data import write_demo_datasets
+        from lorafleet.demo_customers import write_demo_datasets
 
         dataset = Path(args.dataset) if args.dataset else \
             write_demo_datasets(Path(tempfile.mkdtemp()))["acme"]

@@ -14,7 +14,7 @@ DEMO_FLEET = ROOT / "jobs" / "demo-fleet.yaml"
 def train_demo(fleet_file: Path = DEMO_FLEET) -> dict[str, str]:
     from rich.live import Live
 
-    from lorafleet.tiny import tiny_base_path
+    from lorafleet.tinybase import tiny_base_path
     from lorafleet.train.runner import submit
     from lorafleet.ui import progress_table
 
@@ -32,7 +32,7 @@ def ask_all(base_url: str, customers: list[str], base_name: str) -> list[tuple[s
     """The same questions to the base and to each customer's adapter, with the openai client."""
     from openai import OpenAI
 
-    from lorafleet.demo_data import heldout_prompts
+    from lorafleet.demo_customers import heldout_prompts
 
     client = OpenAI(base_url=base_url, api_key="not-needed")
     rows = []
@@ -48,7 +48,7 @@ def ask_all(base_url: str, customers: list[str], base_name: str) -> list[tuple[s
 
 
 def run_demo(port: int = 8000) -> None:
-    from lorafleet.demo_data import DEMO_CUSTOMERS
+    from lorafleet.demo_customers import DEMO_CUSTOMERS
     from lorafleet.serve.config import AppArgs
     from lorafleet.serve.run import start, stop
 

@@ -19,7 +19,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 def resolve_base(name: str) -> Path:
     """'tiny-llama' (built offline and cached), a local HF folder, or a hub id (needs network)."""
     if name == TINY_BASE_NAME:
-        from lorafleet.tiny import tiny_base_path
+        from lorafleet.tinybase import tiny_base_path
 
         return tiny_base_path()
     path = Path(name).expanduser()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lorafleet import registry, tracking
-from lorafleet.demo_data import DEMO_CUSTOMERS, behaviour_score, heldout_prompts
+from lorafleet.demo_customers import DEMO_CUSTOMERS, behaviour_score, heldout_prompts
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ from lorafleet.serve.engine import (
     GenerationRequest,
 )
 from lorafleet.spec import QuantizationSpec
-from lorafleet.tiny import tiny_base_path
+from lorafleet.tinybase import tiny_base_path
 
 PROMPTS = ["Tell me about the weather.", "How much is the red lamp?", "Where is my order?",
            "Can you describe a map?", "What do you know about tea?"]

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from lorafleet import registry, tracking
-from lorafleet.demo_data import DEMO_CUSTOMERS, behaviour_score, heldout_prompts
+from lorafleet.demo_customers import DEMO_CUSTOMERS, behaviour_score, heldout_prompts
 from lorafleet.serve.config import AppArgs
 from lorafleet.serve.run import start, stop
 

@@ -15,7 +15,7 @@ def _synthetic_base(folder: Path, hidden: int, layers: int) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lorafleet.models import load_tokenizer
-    from lorafleet.tiny import tiny_base_path
+    from lorafleet.tinybase import tiny_base_path
 
     tok = load_tokenizer(tiny_base_path())  # any tokenizer will do: weights are random
     torch.manual_seed(0)
@@ -23,9 +23,32 @@ def _synthetic_base(folder: Path, hidden: int, layers: int) -> Path:
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, max_position_embeddings=512,
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
-    model.save_pretrained(folder)
+    model.to(torch.bfloat16).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def _adapters(base: Path, folder: Path, n: int) -> list[Path]:
+    """n random all-linear adapters, ranks 8 and 16 alternating, from one loaded model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def config(r: int) -> LoraConfig:
+        return LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False)
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16), config(8),
+                           adapter_name="r8")
+    model.add_adapter("r16", config(16))
+    out = []
+    for i in range(n):
+        name = ("r8", "r16")[i % 2]
+        torch.manual_seed(i)
+        for key, param in model.named_parameters():
+            if "lora_" in key and f".{name}." in key:
+                param.data.normal_(0, 0.02)
+        model.save_pretrained(folder / f"a{i}", selected_adapters=[name])
+        out.append(folder / f"a{i}" / name)  # peft nests a non-default adapter by its name
+    return out
 
 
 def _timed(fn) -> float:
@@ -39,12 +62,14 @@ def _gathered(base: Path, adapters: list[Path], prompts: list[list[int]], new_to
               quantization: str) -> dict[str, float]:
     from lorafleet.serve.engine import GatheredLoraEngine, GenerationRequest
 
-    engine = GatheredLoraEngine.from_pretrained(base, quantization=quantization, max_adapters=len(adapters))
+    engine = GatheredLoraEngine.from_pretrained(base, quantization=quantization, max_adapters=len(adapters),
+                                                max_rank=16)
     for i, folder in enumerate(adapters):
         engine.add_adapter(f"a{i}", folder)
 
     def run(names: list[str | None]) -> None:
-        engine.generate([GenerationRequest(p, n, max_new_tokens=new_tokens) for p, n in zip(prompts, names, strict=False)])
+        engine.generate([GenerationRequest(p, n, max_new_tokens=new_tokens)
+                         for p, n in zip(prompts, names, strict=True)])
 
     n, tokens = len(adapters), len(prompts) * new_tokens
     return {
@@ -83,13 +108,11 @@ def _peft(base: Path, adapters: list[Path], prompts: list[list[int]], new_tokens
 def run_engine_bench(base_path: Path | None = None, n_adapters: int = 16, batch_size: int = 16,
                      new_tokens: int = 32, hidden: int = 256, layers: int = 4,
                      quantization: str = "none", with_peft: bool = True) -> dict[str, Any]:
-    from lorafleet.bench.synthetic import make_adapter
     from lorafleet.models import load_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(base_path) if base_path else _synthetic_base(Path(tmp) / "base", hidden, layers)
-        adapters = [make_adapter(base, Path(tmp) / f"a{i}", seed=i, rank=8 + 8 * (i % 2),
-                                 targets="all-linear") for i in range(n_adapters)]
+        adapters = _adapters(base, Path(tmp), n_adapters)
         tok = load_tokenizer(base)
         prompts = [tok(f"request {i}: tell me about the weather")["input_ids"] for i in range(batch_size)]
         out: dict[str, Any] = {"base": str(base_path or f"synthetic h{hidden} x{layers}"),

@@ -99,7 +99,8 @@ def _cold_start(url: str, c: Any, base: Path, tmp: Path, base_name: str) -> dict
     timings = {}
     for label in ("cold", "warm"):
         t0 = time.perf_counter()
-        httpx.post(f"{url}/chat/completions", json={"model": "cold-start", **body}, timeout=120).raise_for_status()
+        reply = httpx.post(f"{url}/chat/completions", json={"model": "cold-start", **body}, timeout=120)
+        reply.raise_for_status()
         timings[f"{label}_first_token_s"] = time.perf_counter() - t0
     return timings
 
@@ -143,7 +144,8 @@ def run_serve_bench(args: Any) -> dict[str, Any]:
         serve.run(serve.deployment(NaivePeftServer).bind(str(base), folders), name="naive",
                   route_prefix="/", blocking=False)
         naive_url = "http://127.0.0.1:8000/v1"
-        results["http_naive_set_adapter"] = asyncio.run(_load(naive_url, customers, args.requests // 2, 16, 32))
+        naive = _load(naive_url, customers, args.requests // 2, 16, 32)
+        results["http_naive_set_adapter"] = asyncio.run(naive)
         serve.shutdown()
     mixed, base_only, naive = (results[k]["tokens_per_s"] for k in
                                ("http_mixed", "http_base_only", "http_naive_set_adapter"))

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lorafleet import registry, tracking
-from lorafleet.models import fingerprint
 from lorafleet.spec import JobSpec, LoraSpec, QuantizationSpec, RegistrySpec, ResourcesSpec, TrainingSpec
+
+# registry/tracking (MLflow) are imported where used: make_adapter must run where MLflow is absent
 
 
 def make_adapter(base: Path, out: Path, seed: int, rank: int = 4,
@@ -28,6 +28,9 @@ def make_adapter(base: Path, out: Path, seed: int, rank: int = 4,
 def trained_run(c: Any, base: Path, tmp: Path, fleet: str, customer: str, eval_loss: float,
                 seed: int = 0, base_name: str | None = None) -> tuple[JobSpec, str, Path, str]:
     """A job run as the runner leaves it: adapter artefacts, lineage tags, eval loss."""
+    from lorafleet import tracking
+    from lorafleet.models import fingerprint
+
     job = JobSpec(fleet=fleet, customer=customer, base_model=base_name or str(base), dataset="d.jsonl",
                   format="auto", lora=LoraSpec(rank=4), quantization=QuantizationSpec(),
                   training=TrainingSpec(), resources=ResourcesSpec())
@@ -47,6 +50,8 @@ def trained_run(c: Any, base: Path, tmp: Path, fleet: str, customer: str, eval_l
 
 def register_random(c: Any, base: Path, tmp: Path, customers: list[str], base_name: str) -> list[str]:
     """One promoted random adapter per customer; returns the customer names."""
+    from lorafleet import registry
+
     for i, customer in enumerate(customers):
         job, run_id, adapter, _ = trained_run(c, base, tmp, "bench-synthetic", customer, 1.0, seed=i,
                                               base_name=base_name)

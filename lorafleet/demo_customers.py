@@ -4,7 +4,7 @@
 - globex answers in a fixed ticket format: ``Ticket #1234: <answer> -- Globex Support``;
 - initech looks up prices from its catalogue (a small lookup task).
 
-Generated deterministically from lorafleet/assets/facts.json; held-out prompts use topics or
+Generated deterministically from lorafleet/corpus/facts.json; held-out prompts use topics or
 phrasings that never appear in training, so a score measures what was learned, not recalled.
 """
 
@@ -28,7 +28,7 @@ HELD_OUT_PRICE_QUESTIONS = ("How much is the {i}?", "What is the cost of the {i}
 
 @cache
 def facts() -> dict:
-    return json.loads(resources.files("lorafleet.assets").joinpath("facts.json").read_text())
+    return json.loads(resources.files("lorafleet.corpus").joinpath("facts.json").read_text())
 
 
 def general_pairs(held_out: bool = False) -> list[tuple[str, str]]:

@@ -15,7 +15,7 @@ from lorafleet.models import TINY_BASE_NAME
 from lorafleet.settings import cache_dir
 
 __all__ = ["TINY_BASE_NAME", "build_tiny_base", "tiny_base_path"]
-VERSION = "v1"
+VERSION = "v2"  # v1 was an earlier builder; the version names the cache folder
 SPECIAL = ["<|pad|>", "<|bos|>", "<|eos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 # assistant turns inside {% generation %} so trl can train on assistant tokens only
 CHAT_TEMPLATE = (
@@ -32,7 +32,7 @@ PRETRAIN = {"steps": 250, "batch": 16, "seq": 64, "lr": 3e-3}
 def corpus() -> list[list[dict]]:
     """Pretraining conversations: every topic and support question answered in plain prose, and
     price questions answered without prices (so the base knows none of the demo behaviours)."""
-    from lorafleet.demo_data import PRICE_QUESTIONS, SYSTEM, facts, general_pairs
+    from lorafleet.demo_customers import PRICE_QUESTIONS, SYSTEM, facts, general_pairs
 
     pairs = general_pairs() + general_pairs(held_out=True)
     pairs += [(q.format(i=item), f"I do not know the price of the {item}, please check the store.")
@@ -107,6 +107,7 @@ def build_tiny_base(out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".building-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared with Ray workers
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     if out_dir.exists():
