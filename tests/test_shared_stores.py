@@ -38,6 +38,7 @@ from tests.conftest import write_chat
 
 pytestmark = pytest.mark.integration
 
+ROOT = Path(__file__).resolve().parents[1]
 # moto accepts any credentials; they are set anyway so no client wanders off to a real AWS chain
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
           "AWS_DEFAULT_REGION": "us-east-1"}
@@ -197,8 +198,8 @@ def stores(tmp_path_factory) -> Iterator[Stores]:
         conn.close()
 
         s3_port = free_port()
-        moto_server = str(Path(sys.executable).parent / "moto_server")
-        procs.append(_spawn([moto_server, "-H", "127.0.0.1", "-p", str(s3_port)], logs / "s3.log", env))
+        procs.append(_spawn([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
+                            logs / "s3.log", env))
         endpoint = f"http://127.0.0.1:{s3_port}"
         s3 = boto3.client("s3", endpoint_url=endpoint, **_boto_creds())
         _wait(lambda: s3.list_buckets() is not None, "moto S3 server", 60, logs / "s3.log", procs[-1])
@@ -211,7 +212,8 @@ def stores(tmp_path_factory) -> Iterator[Stores]:
         procs.append(_spawn(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", pg.url("mlflow"),
              "--artifacts-destination", f"s3://{ARTIFACT_BUCKET}/artifacts", "--serve-artifacts",
-             "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"],
+             "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
+             "--allowed-hosts", manifest_allowed_hosts()],
             logs / "mlflow.log", env | {"MLFLOW_S3_ENDPOINT_URL": endpoint}))
         url = f"http://127.0.0.1:{mlflow_port}"
         _wait(lambda: httpx.get(f"{url}/health", timeout=2).status_code == 200,
@@ -221,6 +223,16 @@ def stores(tmp_path_factory) -> Iterator[Stores]:
         for proc in reversed(procs):
             _stop(proc)
         stop_postgres(pg)
+
+
+def manifest_allowed_hosts() -> str:
+    """--allowed-hosts of the MLflow Deployment in infra/mlflow/k8s.yaml: the server here runs
+    with the manifest's value, so a value that locks clients out fails here."""
+    for doc in yaml.safe_load_all((ROOT / "infra/mlflow/k8s.yaml").read_text()):
+        if doc and doc["kind"] == "Deployment" and doc["metadata"]["name"] == "mlflow":
+            args = doc["spec"]["template"]["spec"]["containers"][0]["args"]
+            return next(a.split("=", 1)[1] for a in args if a.startswith("--allowed-hosts="))
+    raise AssertionError("infra/mlflow/k8s.yaml has no mlflow Deployment")
 
 
 def _missing(module: str) -> bool:
@@ -281,6 +293,14 @@ def test_registry_round_trip_through_postgres_and_s3(on_server, micro_base, tmp_
     stores.s3.put_object(Bucket=ARTIFACT_BUCKET, Key=weights_key, Body=body[:-8] + b"\0" * 8)
     with pytest.raises(ChecksumError, match="adapter_model.safetensors has sha256 .* refusing"):
         registry.fetch(c, "acme", prefix, cache=tmp_path / "fresh-cache")
+
+
+def test_server_answers_the_host_name_pods_use(stores):
+    """Ray pods call http://mlflow:5000: MLflow's Host-header guard must let that name in (and
+    still keep others out)."""
+    api = f"{stores.tracking_uri}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert httpx.get(api, headers={"Host": "mlflow:5000"}, timeout=10).status_code == 200
+    assert httpx.get(api, headers={"Host": "attacker.example:5000"}, timeout=10).status_code == 403
 
 
 def test_s3_endpoint_from_environment_as_the_manifests_set_it(stores, monkeypatch):

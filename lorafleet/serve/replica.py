@@ -13,45 +13,48 @@ import asyncio
 import os
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from ray import serve
-from ray.serve.metrics import Counter
+from ray.serve import metrics
 
 from lorafleet.serve.config import AppArgs
 
 
-class LoadedAdapter:
-    """What the multiplex LRU holds. Serve calls __del__ on eviction; the engine slot is freed
-    once no queued or running request still uses it."""
+class Residency:
+    """Which adapters may leave the engine. Serve's LRU says what is resident (a live
+    LoadedAdapter); requests say what is in use. An adapter is removed, on the engine thread,
+    only when it is neither: eviction never pulls weights from under a queued request, and a
+    reload of the same name never loses its slot to an older eviction."""
 
-    def __init__(self, replica: BaseReplica, name: str):
-        self.replica, self.name = replica, name
-        self.users = 0
-        self.evicted = False
+    def __init__(self) -> None:
         self.lock = threading.Lock()
+        self.resident: Counter[str] = Counter()
+        self.in_use: Counter[str] = Counter()
 
-    def acquire(self) -> None:
+    def change(self, counter: Counter[str], name: str, delta: int) -> None:
         with self.lock:
-            self.users += 1
+            counter[name] += delta
 
-    def release(self) -> None:
+    def removable(self, loaded: list[str]) -> list[str]:
         with self.lock:
-            self.users -= 1
-            free = self.evicted and self.users == 0
-        if free:
-            self.replica.remove_adapter(self.name)
+            return [n for n in loaded if self.resident[n] <= 0 and self.in_use[n] <= 0]
 
-    def __del__(self) -> None:  # called by Serve's LRU, and again by the GC: act once
-        with self.lock:
-            if self.evicted:
-                return
+
+class LoadedAdapter:
+    """What the multiplex LRU holds; Serve calls __del__ on eviction (and the GC again later)."""
+
+    def __init__(self, residency: Residency, name: str):
+        self.residency, self.name, self.evicted = residency, name, False
+        residency.change(residency.resident, name, +1)
+
+    def __del__(self) -> None:
+        if not self.evicted:
             self.evicted = True
-            free = self.users == 0
-        if free:
-            self.replica.remove_adapter(self.name)
+            self.residency.change(self.residency.resident, self.name, -1)
 
 
 @dataclass
@@ -76,9 +79,10 @@ class BaseReplica:
             base_path, quantization=self.args.quantization,
             max_adapters=2 * self.args.max_adapters_per_replica)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self.residency = Residency()
         self.queue: asyncio.Queue[Pending] | None = None
-        self.loads = Counter("lorafleet_adapter_loads", "adapters loaded on this replica")
-        self.evictions = Counter("lorafleet_adapter_evictions", "adapters evicted on this replica")
+        self.loads = metrics.Counter("lorafleet_adapter_loads", "adapters loaded on this replica")
+        self.evictions = metrics.Counter("lorafleet_adapter_evictions", "adapters evicted on this replica")
         async def load(model_id: str) -> LoadedAdapter:  # a plain function: Serve stores its LRU on it
             return await self._load(model_id)
 
@@ -92,14 +96,19 @@ class BaseReplica:
         c = tracking.client()
         adapter = await asyncio.to_thread(registry.fetch, c, model_id)
         registry.check_base(adapter, self.base_fingerprint, self.args.display_base_name())
-        await asyncio.get_running_loop().run_in_executor(
-            self.worker, self.engine.add_adapter, model_id, adapter.path)
+        await asyncio.get_running_loop().run_in_executor(self.worker, self._add, model_id, adapter.path)
         self.loads.inc()
-        return LoadedAdapter(self, model_id)
+        return LoadedAdapter(self.residency, model_id)
 
-    def remove_adapter(self, name: str) -> None:
-        self.evictions.inc()
-        self.worker.submit(self.engine.remove_adapter, name)
+    def _add(self, name: str, folder: Any) -> None:
+        """On the engine thread: free what may go, then fill a slot."""
+        self._collect()
+        self.engine.add_adapter(name, folder)
+
+    def _collect(self) -> None:
+        for name in self.residency.removable(self.engine.adapters()):
+            self.engine.remove_adapter(name)
+            self.evictions.inc()
 
     def loaded_adapters(self) -> list[str]:
         return self.engine.adapters()
@@ -110,10 +119,11 @@ class BaseReplica:
         """Stream one request's token ids, then a dict with finish_reason. The adapter is the
         call's multiplexed id ('' = the base)."""
         model_id = serve.get_multiplexed_model_id()
-        adapter = await self.get_adapter(model_id) if model_id else None
+        if model_id:
+            await self.get_adapter(model_id)
+            # no await between the load and this mark: the adapter cannot be collected in between
+            self.residency.change(self.residency.in_use, model_id, +1)
         request.adapter = model_id or None
-        if adapter is not None:
-            adapter.acquire()
         try:
             pending = Pending(request, asyncio.get_running_loop())
             await self._enqueue(pending)
@@ -123,8 +133,8 @@ class BaseReplica:
                 if isinstance(item, dict):
                     return
         finally:
-            if adapter is not None:
-                adapter.release()
+            if model_id:
+                self.residency.change(self.residency.in_use, model_id, -1)
 
     async def _enqueue(self, pending: Pending) -> None:
         if self.queue is None:
@@ -154,6 +164,7 @@ class BaseReplica:
             p.loop.call_soon_threadsafe(p.tokens.put_nowait, token)
 
         try:
+            self._collect()
             results = self.engine.generate([p.request for p in batch], on_token=on_token)
             finals = [{"finish_reason": r.finish_reason} for r in results]
         except Exception as exc:  # a broken batch fails its requests, not the replica
