@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 
-def train_job(base: str, dataset: str, steps: int) -> dict:
+def train_job(base: str, dataset: str, steps: int, device: str = "cuda:0") -> dict:
     from lorafleet.models import fingerprint
     from lorafleet.spec import JobSpec, LoraSpec, QuantizationSpec, ResourcesSpec, TrainingSpec
     from lorafleet.train.worker import JobPlan, build_trainer
@@ -26,14 +26,15 @@ def train_job(base: str, dataset: str, steps: int) -> dict:
                                         save_steps=10_000, logging_steps=10),
                   resources=ResourcesSpec(gpus_per_worker=1))
     with tempfile.TemporaryDirectory() as out:
-        trainer = build_trainer(JobPlan(job=job, base_fingerprint=fingerprint(base)), out, "cuda:0", [])
+        trainer = build_trainer(JobPlan(job=job, base_fingerprint=fingerprint(base)), out, device, [])
         tokens = sum(min(len(x), 256) for x in trainer.train_dataset["input_ids"][: steps * 8])
-        torch.cuda.reset_peak_memory_stats()
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - start
     return {"train_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
-            "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20}
+            "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else 0}
 
 
 def fleet_sharing_gpu(base: str, dataset: str, steps: int, n: int) -> dict:
