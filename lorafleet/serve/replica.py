@@ -47,9 +47,8 @@ class Residency:
 class LoadedAdapter:
     """What the multiplex LRU holds; Serve calls __del__ on eviction (and the GC again later)."""
 
-    def __init__(self, residency: Residency, name: str):
+    def __init__(self, residency: Residency, name: str):  # counted resident by BaseReplica._add
         self.residency, self.name, self.evicted = residency, name, False
-        residency.change(residency.resident, name, +1)
 
     def __del__(self) -> None:
         if not self.evicted:
@@ -101,9 +100,15 @@ class BaseReplica:
         return LoadedAdapter(self.residency, model_id)
 
     def _add(self, name: str, folder: Any) -> None:
-        """On the engine thread: free what may go, then fill a slot."""
+        """On the engine thread: free what may go, then fill a slot. Resident from here on, so
+        a batch collecting between this and the LoadedAdapter's creation cannot remove it."""
         self._collect()
-        self.engine.add_adapter(name, folder)
+        self.residency.change(self.residency.resident, name, +1)
+        try:
+            self.engine.add_adapter(name, folder)
+        except Exception:
+            self.residency.change(self.residency.resident, name, -1)
+            raise
 
     def _collect(self) -> None:
         for name in self.residency.removable(self.engine.adapters()):
