@@ -155,7 +155,8 @@ def fetch(c: MlflowClient, name: str, prefix: str = "", cache: Path | None = Non
     """Resolve a name and return its local folder, downloading once per version."""
     mv = resolve_version(c, parse_ref(name, prefix))
     # keyed by content too: another store (or a re-created one) reuses names and versions
-    digest = mv.tags.get("sha256.adapter_model.safetensors", "unknown")[:16]
+    digest = hashlib.sha256("".join(mv.tags.get(f"sha256.{f}", "?") for f in ALLOWED_FILES).encode())
+    digest = digest.hexdigest()[:16]
     folder = (cache or settings.cache_dir() / "adapters") / mv.name / f"{mv.version}-{digest}"
     if not folder.is_dir():
         _download(mv, folder)
