@@ -23,9 +23,8 @@ T = "lorafleet."  # tag namespace
 
 
 def client() -> MlflowClient:
-    import mlflow
-
-    mlflow.set_tracking_uri(settings.tracking_uri())
+    # not mlflow.set_tracking_uri(): it also sets MLFLOW_TRACKING_URI in os.environ, which would
+    # pin every later call (and every child process) to the first store this process touched
     return MlflowClient(settings.tracking_uri())
 
 

@@ -509,7 +509,7 @@ def test_readme_walks_from_empty_cluster_to_served_fleet():
     referenced = set(re.findall(r"-f (infra/\S+)", commands))
     assert referenced >= set(K8S_FILES) | {COMPOSE}, set(K8S_FILES) - referenced
     assert all((ROOT / r).is_file() for r in referenced), referenced
-    assert "## Cost of a 1,000-customer fleet" in text and "<!-- COST_TABLE -->" in text
+    assert "## Cost of a 1,000-customer fleet" in text and "H100-hours per retraining" in text
 
 
 def test_readme_lorafleet_commands_parse():

@@ -149,7 +149,7 @@ def test_adapter_of_another_base_is_refused_409(endpoint, micro_base, tmp_path, 
     registry.register_job(c, job, run_id, adapter, registry.RegistrySpec(auto_promote="always"))
     r = httpx.post(f"{endpoint[0]}/chat/completions",
                    json={"model": "alien", "messages": [{"role": "user", "content": "hi"}]})
-    assert r.status_code == 409
+    assert r.status_code == 409, r.text
     assert "trained on base" in error_of(r)["message"] and "tiny-llama" in error_of(r)["message"]
 
 
