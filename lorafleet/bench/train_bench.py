@@ -45,7 +45,7 @@ def _runner_seconds(fleet_file: Path) -> tuple[float, dict[str, float]]:
     bad = {c: o.reason for c, o in result.jobs.items() if o.state != "succeeded"}
     if bad:
         raise RuntimeError(f"benchmark jobs failed: {bad}")
-    return wall, {c: o.metrics.get("train_runtime", 0.0) for c, o in result.jobs.items()}
+    return wall, {c: o.metrics["job_wall_s"] for c, o in result.jobs.items()}
 
 
 def overhead(folder: Path, base: str, dataset: Path, training: dict) -> dict[str, Any]:

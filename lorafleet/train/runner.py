@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -139,12 +140,14 @@ def run_job(plan_json: dict[str, Any], run_name: str, storage: str) -> dict[str,
                              failure_config=FailureConfig(max_failures=res.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
+    start = time.perf_counter()
     result = trainer.fit()
+    fit_s = time.perf_counter() - start
     with result.checkpoint.as_directory() as folder:
         hf = Path(folder) / RayTrainReportCallback.CHECKPOINT_NAME
         files = {name: (hf / name).read_bytes() for name in ADAPTER_FILES}
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
-    return {"files": files, "metrics": metrics}
+    return {"files": files, "metrics": metrics | {"job_wall_s": fit_s}}
 
 
 class FleetMonitor:
