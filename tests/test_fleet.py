@@ -56,7 +56,8 @@ def test_bad_job_fails_alone_and_good_ones_train(lf_home, micro_base, ray_sessio
         weights = load_file(result.jobs[customer].adapter_dir / "adapter_model.safetensors")
         assert any("lora_B" in k and w.abs().sum() > 0 for k, w in weights.items())  # trained
     failed = client.get_run(result.jobs["c"].run_id)
-    assert failed.info.status == "FAILED" and "no assistant turn" in failed.data.tags["lorafleet.failure_reason"]
+    assert failed.info.status == "FAILED"
+    assert "no assistant turn" in failed.data.tags["lorafleet.failure_reason"]
 
 
 def test_resume_continues_from_checkpoint_and_skips_succeeded(lf_home, micro_base, ray_session,

@@ -193,7 +193,8 @@ def test_tenant_keys(endpoint, tmp_path, monkeypatch):
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     auth = {"authorization": f"Bearer {key}"}
     assert httpx.post(f"{url}/chat/completions", json={"model": "acme", **body}).status_code == 401
-    assert httpx.post(f"{url}/chat/completions", json={"model": "acme", **body}, headers=auth).status_code == 200
+    ok = httpx.post(f"{url}/chat/completions", json={"model": "acme", **body}, headers=auth)
+    assert ok.status_code == 200
     r = httpx.post(f"{url}/chat/completions", json={"model": "globex", **body}, headers=auth)
     assert r.status_code == 404 and "does not exist" in error_of(r)["message"]
     listed = [m["id"] for m in httpx.get(f"{url}/models", headers=auth).json()["data"]]

@@ -75,7 +75,8 @@ def test_bad_override_names_file_and_field(tmp_path, job_fields, expected):
 
 @pytest.mark.parametrize(("mutate", "expected"), [
     (lambda d: d["jobs"].append({"customer": "acme", "dataset": "x"}), "customer 'acme' appears twice"),
-    (lambda d: d["jobs"].append({"customer": "Bad_Id", "dataset": "x"}), "jobs[2].customer: 'Bad_Id' is not a slug"),
+    (lambda d: d["jobs"].append({"customer": "Bad_Id", "dataset": "x"}),
+     "jobs[2].customer: 'Bad_Id' is not a slug"),
     (lambda d: d.update(base_modle="x"), "base_modle: unknown field"),
     (lambda d: d.pop("jobs"), "jobs: required field is missing"),
     (lambda d: d.update(jobs=[]), "jobs: List should have at least 1 item"),
