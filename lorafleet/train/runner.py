@@ -186,7 +186,7 @@ def finish_job(c: Any, sub: Submission, customer: str, ref: Any, cancelled: bool
     _, run_id = sub.plans[customer]
     try:
         out = ray.get(ref)
-    except (ray.exceptions.RayError, Exception) as exc:  # any job error is that job's alone
+    except Exception as exc:  # any job error (Ray wraps the worker's) is that job's alone
         state = "cancelled" if cancelled else "failed"
         reason = "cancelled by user" if cancelled else _root_cause(exc)
         tracking.set_state(c, run_id, state, reason)
