@@ -46,6 +46,9 @@ class ProgressBoard:
     def cancel(self, customer: str | None = None) -> None:
         self.cancelled.add(customer or "*")
 
+    def cancelled_names(self) -> set[str]:
+        return set(self.cancelled)
+
     def is_cancelled(self, customer: str) -> bool:
         return customer in self.cancelled or "*" in self.cancelled
 

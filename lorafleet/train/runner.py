@@ -263,8 +263,11 @@ def close_fleet(c: Any, sub: Submission, outcomes: dict[str, JobOutcome]) -> Fle
 
 def _cancel_queued(board: Any, refs: dict[Any, str], monitor: FleetMonitor) -> None:
     """A job cancelled before it started is cancelled as a task; a running one stops itself."""
+    cancelled = ray.get(board.cancelled_names.remote())  # one actor call a tick, not one per job
+    if not cancelled:
+        return
     for ref, cust in refs.items():
-        if monitor.states[cust] == "queued" and ray.get(board.is_cancelled.remote(cust)):
+        if monitor.states[cust] == "queued" and (cust in cancelled or "*" in cancelled):
             ray.cancel(ref)
 
 
