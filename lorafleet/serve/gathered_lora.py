@@ -1,114 +1,306 @@
 """Gathered LoRA: every adapter's A and B stacked per layer in fixed slots; each row of a batch
 picks its adapter by index, and the LoRA term is two batched matmuls whatever the number of
-distinct adapters in the batch (the idea behind Punica's BGMV and S-LoRA).
+distinct adapters in the batch (the idea behind Punica's BGMV and S-LoRA):
 
-    y = base(x) + bmm(bmm(x, A[idx]), B[idx])      scaling folded into B; slot 0 is all zeros
+    y = base(x) + bmm(bmm(x, A[idx]^T), B[idx])      scaling folded into B; slot 0 is all zeros
+
+Ranks are padded with zeros to the layer's rank capacity (which grows to the largest rank loaded,
+up to `max_rank`), and each forward uses only the columns up to the largest rank among the
+batch's slots: a batch of rank-8 adapters does rank-8 work even when a rank-64 adapter is loaded,
+and a layer that none of the batch's adapters targets does no LoRA work at all.
+
+DoRA is served in the same batched path. peft's DoRA output for a linear layer (eval, no dropout)
+is `base(x) + (g - 1) * (W x) + g * s * B A x` with `g = magnitude / ||W + s B A||` per output
+row, a constant at inference. So a DoRA slot stores `g * s * B` as its B and `g - 1` in a per-slot
+vector `G`; the layer adds `G[idx] * (base(x) - bias)`, one elementwise product per row, computed
+only when the batch holds a DoRA row. (peft itself refuses DoRA in `adapter_names=` batches.)
 """
 
 from __future__ import annotations
 
 import json
-import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
+PREFIX = "base_model.model."
+# LoraConfig fields whose variants change the forward beyond LoRA (+ DoRA): refused, not guessed at
+UNSUPPORTED = {
+    "lora_bias": "a bias on lora_B", "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "use_qalora": "QA-LoRA", "layer_replication": "layer replication",
+    "target_parameters": "LoRA on nn.Parameter targets", "arrow_config": "Arrow routing",
+    "use_bdlora": "block-diagonal LoRA", "velora_config": "VeLoRA", "kasa_config": "KaSA",
+    "monteclora_config": "MonteCLoRA", "trainable_token_indices": "trainable tokens",
+    "modules_to_save": "modules_to_save (full copies of base modules)",
+    "megatron_config": "Megatron parallel layers",
+}
+
 
 class AdapterNotSupportedError(ValueError):
-    """An adapter this engine cannot put into a mixed batch (DoRA, embedding LoRA, rank > slots)."""
+    """An adapter the gathered path cannot serve exactly (a LoRA variant it does not implement,
+    embedding LoRA, a rank above max_rank, a module the base lacks or the engine did not wrap)."""
 
 
-class RowAdapters:
-    """The adapter slot of each batch row, shared by every wrapped layer for one forward."""
+@dataclass
+class ModuleWeights:
+    a: torch.Tensor  # (r, in) as peft stores lora_A
+    b: torch.Tensor  # (out, r) lora_B with the scaling folded in
+    magnitude: torch.Tensor | None = None  # (out,) DoRA magnitude; None for plain LoRA
+
+
+@dataclass
+class AdapterWeights:
+    modules: dict[str, ModuleWeights]  # module name in the base model -> weights
+    dora: bool
+
+    @property
+    def rank(self) -> int:
+        return max((w.a.shape[0] for w in self.modules.values()), default=0)
+
+
+class BatchRows:
+    """The slot of each row of the running batch, shared by every wrapped layer.
+
+    Wrapped layers read it during the forward; the engine sets it for a batch and clears it after.
+    `banks` caches each layer's gathered A/B/G for the batch (the slots are fixed for a whole
+    generate), so decode steps do not gather again; the engine turns it off when too big."""
 
     def __init__(self) -> None:
-        self.idx: torch.Tensor | None = None  # (B,) slot per row; None = base only
+        self.idx: torch.Tensor | None = None  # (B,) slot per row; None = every row on the base
+        self.slots: frozenset[int] = frozenset()
+        self.cache_banks = True
+        self.banks: dict[int, Any] = {}
+
+    def set(self, idx: list[int], device: torch.device, cache_banks: bool = True) -> None:
+        self.slots = frozenset(idx) - {0}
+        self.idx = torch.tensor(idx, device=device) if self.slots else None
+        self.cache_banks, self.banks = cache_banks, {}
+
+    def select(self, keep: list[int]) -> None:
+        """Keep only these rows (finished rows leave the batch)."""
+        if self.idx is not None:
+            self.set([int(s) for s in self.idx[keep].tolist()], self.idx.device, self.cache_banks)
+
+    def clear(self) -> None:
+        self.idx, self.slots, self.banks = None, frozenset(), {}
+
+
+def _grow(t: torch.Tensor, rank: int) -> torch.Tensor:
+    """t (S+1, R, n) -> (S+1, rank, n), zero-padded."""
+    out = t.new_zeros((t.shape[0], rank, t.shape[2]))
+    out[:, : t.shape[1]] = t
+    return out
 
 
 class GatheredLoraLinear(nn.Module):
-    def __init__(self, base: nn.Module, rows: RowAdapters, slots: int, max_rank: int,
+    """A base Linear / Linear4bit, called as is, plus the gathered LoRA term of every row."""
+
+    def __init__(self, base: nn.Module, rows: BatchRows, slots: int, max_rank: int,
                  dtype: torch.dtype, device: torch.device):
         super().__init__()
-        self.base, self.rows = base, rows
+        self.base, self.rows, self.max_rank = base, rows, max_rank
         in_f, out_f = base.in_features, base.out_features
-        self.A = nn.Parameter(torch.zeros(slots + 1, in_f, max_rank, dtype=dtype, device=device),
-                              requires_grad=False)  # (S+1, in, r)
-        self.B = nn.Parameter(torch.zeros(slots + 1, max_rank, out_f, dtype=dtype, device=device),
-                              requires_grad=False)  # (S+1, r, out)
+        # (slot, rank, features): one slot's first r rows are contiguous, so A[:, :r][idx] is cheap
+        zeros: dict[str, Any] = {"dtype": dtype, "device": device}
+        self.register_buffer("A", torch.zeros(slots + 1, 0, in_f, **zeros), persistent=False)  # (S+1,R,in)
+        self.register_buffer("B", torch.zeros(slots + 1, 0, out_f, **zeros), persistent=False)  # (S+1,R,out)
+        self.register_buffer("G", torch.zeros(slots + 1, out_f, **zeros), persistent=False)  # (S+1, out)
+        self.ranks = [0] * (slots + 1)  # rank of each slot in this layer (0 = not targeted)
+        self.dora = [False] * (slots + 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # (B, T, out)
-        idx = self.rows.idx
-        if idx is None:
+        bank = self._bank() if self.rows.idx is not None else None
+        if bank is None:
             return y
-        a, b = self.A[idx], self.B[idx]  # (B, in, r), (B, r, out)
-        return y + torch.bmm(torch.bmm(x.to(a.dtype), a), b).to(y.dtype)
+        a, b, g = bank  # (B, r, in), (B, r, out), (B, out) or None
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)  # (B, T, in)
+        y3 = y.reshape(x3.shape[0], x3.shape[1], -1)  # (B, T, out)
+        xa = torch.bmm(x3, a.transpose(1, 2))  # (B, T, r)
+        if g is None and y3.dtype == b.dtype:
+            return torch.baddbmm(y3, xa, b).reshape(y.shape)  # y + xa @ b, the add fused in
+        delta = torch.bmm(xa, b)  # (B, T, out)
+        if g is not None:  # DoRA rows: (g - 1) * W x, W x being the base output less its bias
+            delta = delta + g[:, None, :] * self._without_bias(y3).to(g.dtype)
+        return (y3 + delta.to(y.dtype)).reshape(y.shape)
 
-    def fill(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
-        """a: (r, in) and b: (out, r) as peft stores them, scaling already in b; None = zero."""
-        self.A.data[slot].zero_()
-        self.B.data[slot].zero_()
-        if a is not None:
-            r = a.shape[0]
-            self.A.data[slot, :, :r] = a.t().to(self.A.dtype)
-            self.B.data[slot, :r, :] = b.t().to(self.B.dtype)
+    def _without_bias(self, y: torch.Tensor) -> torch.Tensor:
+        bias = getattr(self.base, "bias", None)
+        return y if bias is None else y - bias
+
+    def _bank(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """This batch's rows of A, B (and G): gathered once per batch when caching is on."""
+        rows = self.rows
+        if id(self) in rows.banks:
+            return rows.banks[id(self)]
+        r = max((self.ranks[s] for s in rows.slots), default=0)
+        dora = any(self.dora[s] for s in rows.slots)
+        bank = None
+        if r or dora:
+            idx = rows.idx
+            bank = (self.A[:, :r][idx], self.B[:, :r][idx], self.G[idx] if dora else None)
+        if rows.cache_banks:
+            rows.banks[id(self)] = bank
+        return bank
+
+    def bank_bytes(self, rows: int, slots: frozenset[int]) -> int:
+        """Bytes the gathered bank takes for `rows` rows using `slots`."""
+        r = max((self.ranks[s] for s in slots), default=0)
+        return rows * r * (self.A.shape[2] + self.B.shape[2]) * self.A.element_size()
+
+    def fill(self, slot: int, w: ModuleWeights | None) -> None:
+        """Write one adapter's weights into `slot` (None = zero: the adapter lacks this module)."""
+        self.A[slot].zero_()
+        self.B[slot].zero_()
+        self.G[slot].zero_()
+        self.ranks[slot], self.dora[slot] = 0, False
+        if w is None:
+            return
+        dev = self.A.device  # adapter tensors come from safetensors on the CPU
+        a, b = w.a.to(dev, torch.float32), w.b.to(dev, torch.float32)  # (r, in), (out, r)
+        r = a.shape[0]
+        self._ensure_rank(r)
+        if w.magnitude is not None:
+            g = w.magnitude.to(dev, torch.float32) / self._dora_norm(a, b)  # (out,)
+            b = b * g[:, None]
+            self.G[slot] = (g - 1).to(self.G.dtype)
+            self.dora[slot] = True
+        self.A[slot, :r] = a.to(self.A.dtype)
+        self.B[slot, :r] = b.t().to(self.B.dtype)
+        self.ranks[slot] = r
+
+    def _ensure_rank(self, r: int) -> None:
+        """Grow the rank capacity (next power of two, at most max_rank) when a bigger adapter comes."""
+        if r <= self.A.shape[1]:
+            return
+        cap = min(self.max_rank, 1 << (r - 1).bit_length())
+        self.A, self.B = _grow(self.A, cap), _grow(self.B, cap)
+
+    def _dora_norm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """||W + s B A|| per output row, as peft computes it (b already holds the scaling)."""
+        w = dense_weight(self.base, self.G.dtype).to(a.device)  # (out, in)
+        return torch.linalg.norm(w + b @ a, dim=1)  # (out,)
+
+
+@torch.no_grad()
+def dense_weight(module: nn.Module, dtype: torch.dtype, chunk: int = 1024) -> torch.Tensor:
+    """The weight (out, in) a layer really applies, read back through its own forward as
+    base(I) - bias: exact for fp32/bf16 and for NF4/int8 in whatever layout bitsandbytes keeps
+    them (its CPU kernel repacks 4-bit weights on the first forward, after which
+    dequantize_4bit, and so peft's DoRA on a CPU, reads garbage)."""
+    in_f = module.in_features
+    device = next(module.parameters()).device
+    cols = []
+    for start in range(0, in_f, chunk):
+        n = min(chunk, in_f - start)
+        eye = torch.zeros(n, in_f, dtype=dtype, device=device)  # rows start..start+n of I
+        eye[torch.arange(n), torch.arange(start, start + n)] = 1
+        cols.append(module(eye).float())  # (n, out)
+    w_t = torch.cat(cols)  # (in, out)
+    bias = getattr(module, "bias", None)
+    return (w_t if bias is None else w_t - bias.float()).t()  # (out, in)
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+    return isinstance(module, nn.Linear)  # bitsandbytes' Linear4bit / Linear8bitLt subclass it
 
 
-def wrap_linears(model: nn.Module, rows: RowAdapters, slots: int, max_rank: int, dtype: torch.dtype,
+def _targeted(name: str, targets: str | list[str]) -> bool:
+    """peft's matching: 'all-linear', a regex for the full name, or names matching a suffix."""
+    if targets == "all-linear":
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def wrap_linears(model: nn.Module, rows: BatchRows, slots: int, max_rank: int, dtype: torch.dtype,
                  targets: str | list[str] = "all-linear") -> dict[str, GatheredLoraLinear]:
-    """Replace every targeted linear (never the output head) by a gathered wrapper."""
-    device = next(model.parameters()).device
+    """Replace every targeted linear (never the output head) by a gathered wrapper, in place."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     wrapped = {}
     for name, module in list(model.named_modules()):
-        leaf = name.rsplit(".", 1)[-1]
-        if not is_linear(module) or leaf == "lm_head":
+        if not is_linear(module) or module is head or not _targeted(name, targets):
             continue
-        if targets != "all-linear" and leaf not in targets:
-            continue
-        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        device = next(module.parameters()).device
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
         layer = GatheredLoraLinear(module, rows, slots, max_rank, dtype, device)
         setattr(parent, leaf, layer)
         wrapped[name] = layer
     return wrapped
 
 
-def _scaling(config: dict, module: str, rank: int) -> float:
-    leaf_alpha = _pattern(config.get("alpha_pattern") or {}, module)
-    alpha = leaf_alpha if leaf_alpha is not None else config["lora_alpha"]
-    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+# ---- reading peft adapter folders ------------------------------------------------------------
 
-
-def _pattern(patterns: dict, module: str) -> float | None:
+def _pattern_value(patterns: dict[str, Any], module: str) -> Any:
+    """peft's get_pattern_key: a key matches when the module name ends with it (regex allowed)."""
     for key, value in patterns.items():
-        if module == key or module.endswith("." + key):
+        if re.match(rf"(.*\.)?({key})$", module):
             return value
     return None
 
 
-def read_adapter(folder: Path, max_rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{module name: (A (r, in), B*scaling (out, r))} from a peft folder, safetensors only."""
+def _scaling(config: dict, module: str, rank: int) -> float:
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, module)
+    alpha = config["lora_alpha"] if alpha is None else alpha
+    return alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
+
+
+def check_config(name: str, config: dict) -> None:
+    """Refuse what the gathered path would serve wrongly, naming it."""
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterNotSupportedError(f"{name}: peft_type {config.get('peft_type')} is not LoRA")
+    used = [what for key, what in UNSUPPORTED.items() if config.get(key)]
+    if config.get("init_lora_weights") == "mica":
+        used.append("MiCA")
+    if config.get("bias", "none") != "none":
+        used.append(f"bias={config['bias']!r} (trained base biases)")
+    if used:
+        raise AdapterNotSupportedError(f"{name}: {', '.join(used)} cannot be served by the gathered "
+                                       "LoRA engine; retrain as plain LoRA or DoRA, or merge it")
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """'base_model.model.X.lora_A.weight' -> ('X', 'lora_A.weight')."""
+    body = key.removeprefix(PREFIX)
+    for part in (".lora_A.", ".lora_B.", ".lora_magnitude_vector"):
+        if part in body:
+            module, _, rest = body.partition(part)
+            return module, part.strip(".") + ("." + rest if rest else "")
+    return body, ""
+
+
+def read_adapter(folder: Path, max_rank: int) -> AdapterWeights:
+    """{module: A, B*scaling, magnitude} from a peft folder (adapter_config.json +
+    adapter_model.safetensors; pickled .bin files are never read)."""
+    folder = Path(folder)
     config = json.loads((folder / "adapter_config.json").read_text())
-    if config.get("use_dora"):
-        raise AdapterNotSupportedError(
-            f"{folder.name}: DoRA adapters cannot join a mixed-adapter batch (their magnitude "
-            "rescales the merged weight per adapter); merge it with `lorafleet adapters merge` "
-            "and serve the merged model as its own base, or train it with use_dora: false")
+    check_config(folder.name, config)
     tensors = load_file(folder / "adapter_model.safetensors")
-    out = {}
-    for key, a in tensors.items():
-        if ".lora_A." not in key:
-            if ".lora_B." not in key:
-                raise AdapterNotSupportedError(f"{folder.name}: unsupported adapter tensor '{key}'")
-            continue
-        module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
-        b = tensors[key.replace(".lora_A.", ".lora_B.")]
-        if a.shape[0] > max_rank:
-            raise AdapterNotSupportedError(f"{folder.name}: rank {a.shape[0]} > engine max_rank {max_rank}")
-        out[module] = (a.float(), b.float() * _scaling(config, module, a.shape[0]))
-    return out
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        module, kind = _split_key(key)
+        if kind not in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector"):
+            raise AdapterNotSupportedError(f"{folder.name}: unsupported adapter tensor '{key}' "
+                                           "(embedding LoRA or saved base modules)")
+        parts.setdefault(module, {})[kind] = tensor
+    modules = {m: _module_weights(folder.name, config, m, p, max_rank) for m, p in parts.items()}
+    return AdapterWeights(modules, dora=bool(config.get("use_dora")))
+
+
+def _module_weights(name: str, config: dict, module: str, p: dict[str, torch.Tensor],
+                    max_rank: int) -> ModuleWeights:
+    if "lora_A.weight" not in p or "lora_B.weight" not in p:
+        raise AdapterNotSupportedError(f"{name}: {module} lacks lora_A or lora_B")
+    a, b = p["lora_A.weight"].float(), p["lora_B.weight"].float()  # (r, in), (out, r)
+    r = a.shape[0]
+    if r > max_rank:
+        raise AdapterNotSupportedError(f"{name}: rank {r} at {module} > the engine's max_rank {max_rank}")
+    mag = p.get("lora_magnitude_vector")
+    return ModuleWeights(a, b * _scaling(config, module, r), None if mag is None else mag.float())
