@@ -21,6 +21,48 @@ from lorafleet.errors import SpecError
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
+# DeepSpeed presets ship inside the package so a wheel install resolves them too. The files are copies
+# of configs/deepspeed (the source of truth a reader looks at); tests/test_deepspeed.py fails when
+# the two differ (fix: cp configs/deepspeed/*.json lorafleet/presets/deepspeed/).
+def deepspeed_presets() -> dict[str, Path]:
+    """Preset name -> its JSON file in the installed package."""
+    from importlib.resources import files
+
+    folder = files("lorafleet") / "presets" / "deepspeed"
+    return {f.name.removesuffix(".json"): Path(str(f))
+            for f in sorted(folder.iterdir(), key=lambda f: f.name) if f.name.endswith(".json")}
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.endswith(".json") or "/" in ref
+
+
+def deepspeed_file(ref: str, relative_to: Path | None = None) -> Path:
+    """A preset name or a JSON path (relative paths against `relative_to`) -> the file."""
+    if not _looks_like_path(ref):
+        return deepspeed_presets()[ref]
+    path = Path(ref).expanduser()
+    if not path.is_absolute() and relative_to is not None:
+        path = relative_to / path
+    return path.resolve()
+
+
+def load_deepspeed(ref: str) -> dict[str, Any]:
+    """The DeepSpeed config a job names; a SpecError says which file is missing or malformed."""
+    path = deepspeed_file(ref)
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SpecError(f"DeepSpeed config {path}: {exc}") from None
+    if not isinstance(config, dict):
+        raise SpecError(f"DeepSpeed config {path}: expected a JSON object")
+    return config
+
+
+def zero_stage(config: dict[str, Any]) -> int:
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -60,7 +102,17 @@ class TrainingSpec(_Strict):
     save_steps: int = Field(50, gt=0, description="checkpoint every N steps (resume point)")
     logging_steps: int = Field(5, gt=0)
     gradient_checkpointing: bool = True
-    deepspeed: str | None = Field(None, description="DeepSpeed preset in configs/, e.g. zero2")
+    deepspeed: str | None = Field(
+        None, description="DeepSpeed preset (zero2, zero3; see configs/deepspeed) or a path to a DeepSpeed "
+        "JSON file, relative to the fleet file")
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _known_preset(cls, v: str | None) -> str | None:
+        if v is not None and not _looks_like_path(v) and v not in deepspeed_presets():
+            raise ValueError(f"unknown DeepSpeed preset '{v}'; presets: {', '.join(deepspeed_presets())}, "
+                             "or give a path to a DeepSpeed JSON file")
+        return v
 
 
 class ResourcesSpec(_Strict):
@@ -222,14 +274,33 @@ def resolve_job(fleet: FleetSpec, index: int, fleet_file: Path | None = None) ->
     dataset = job.dataset
     if fleet_file is not None and "://" not in dataset and not Path(dataset).is_absolute():
         dataset = str((Path(fleet_file).parent / dataset).resolve())
+    source = str(fleet_file) if fleet_file else "fleet"
+    ds = sections["training"].get("deepspeed")
+    if ds and fleet_file is not None and _looks_like_path(ds):
+        sections["training"]["deepspeed"] = str(deepspeed_file(ds, Path(fleet_file).parent))
     try:
-        return JobSpec(
+        spec = JobSpec(
             fleet=fleet.name, customer=job.customer, base_model=fleet.base_model,
             dataset=dataset, format=job.format, **sections,
         )
     except ValidationError as exc:
-        source = str(fleet_file) if fleet_file else "fleet"
         raise format_validation_error(exc, source, prefix=f"jobs[{index}].") from None
+    problem = deepspeed_problem(spec)
+    if problem:
+        raise SpecError(f"{source}: jobs[{index}].training.deepspeed: {problem}")
+    return spec
+
+
+def deepspeed_problem(job: JobSpec) -> str | None:
+    """Why a job's DeepSpeed setting cannot run (None if it can), decided before any training."""
+    if job.training.deepspeed is None:
+        return None
+    try:
+        config = load_deepspeed(job.training.deepspeed)
+    except SpecError as exc:
+        return str(exc)
+    del config
+    return None
 
 
 def json_schema() -> dict[str, Any]:

@@ -11,10 +11,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, model_validator
 
 from lorafleet.errors import BaseMismatchError
-from lorafleet.spec import JobSpec
+from lorafleet.spec import JobSpec, load_deepspeed, zero_stage
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -27,6 +27,15 @@ class JobPlan(BaseModel):
     job_hash: str = ""
     fleet_board: str | None = None
     fail_at_step: int | None = None
+    # the job's DeepSpeed config itself, read where the plan is made (the driver): workers on other
+    # nodes then need neither the preset files nor a custom JSON's path
+    deepspeed: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _read_deepspeed(self) -> JobPlan:
+        if self.deepspeed is None and self.job.training.deepspeed is not None:
+            self.deepspeed = load_deepspeed(self.job.training.deepspeed)
+        return self
 
 
 def lora_config(job: JobSpec) -> Any:
@@ -40,17 +49,8 @@ def lora_config(job: JobSpec) -> Any:
     )
 
 
-def deepspeed_config(name: str | None) -> str | None:
-    """A preset name from configs/deepspeed (e.g. 'zero2') or a path to a DeepSpeed JSON."""
-    if name is None:
-        return None
-    path = Path(name)
-    if not path.is_file():
-        path = Path(__file__).resolve().parents[2] / "configs" / "deepspeed" / f"{name}.json"
-    return str(path)
-
-
-def sft_config(job: JobSpec, output_dir: str, on_gpu: bool, has_eval: bool) -> Any:
+def sft_config(job: JobSpec, output_dir: str, on_gpu: bool, has_eval: bool,
+               deepspeed: dict[str, Any] | None = None) -> Any:
     from trl import SFTConfig
 
     from lorafleet.models import compute_dtype
@@ -68,7 +68,7 @@ def sft_config(job: JobSpec, output_dir: str, on_gpu: bool, has_eval: bool) -> A
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=2,
         eval_strategy="steps" if has_eval else "no", eval_steps=t.save_steps,
         logging_steps=t.logging_steps, report_to=[], use_cpu=not on_gpu, bf16=bf16,
-        assistant_only_loss=False, dataset_num_proc=None, deepspeed=deepspeed_config(t.deepspeed),
+        assistant_only_loss=False, dataset_num_proc=None, deepspeed=deepspeed,
         disable_tqdm=True,
     )
 
@@ -105,9 +105,13 @@ def build_trainer(plan: JobPlan, output_dir: str, device: str, callbacks: list[A
     base_path = resolve_base(job.base_model)
     check_base(base_path, plan.base_fingerprint)
     tokenizer = load_tokenizer(base_path)
+    if plan.deepspeed is not None and device == "cpu":
+        _deepspeed_on_cpu()
     model = load_base(base_path, job.quantization, device)
+    if plan.deepspeed is not None and zero_stage(plan.deepspeed) == 3 and device == "cpu":
+        _keep_4bit_layout(model)
     train_ds, eval_ds = _datasets(job)
-    args = sft_config(job, output_dir, device.startswith("cuda"), eval_ds is not None)
+    args = sft_config(job, output_dir, device.startswith("cuda"), eval_ds is not None, plan.deepspeed)
     if "messages" in train_ds.column_names:
         # loss on assistant tokens only needs {% generation %} markers in the chat template
         args.assistant_only_loss = "{% generation %}" in (tokenizer.chat_template or "")
@@ -118,6 +122,42 @@ def build_trainer(plan: JobPlan, output_dir: str, device: str, callbacks: list[A
     if not args.bf16:
         _lora_to_fp32(trainer.model)
     return trainer
+
+
+def _deepspeed_on_cpu() -> None:
+    """Make DeepSpeed run a CPU job on the CPU, without building a C++ extension first.
+
+    - DS_ACCELERATOR=cpu: on a node that has a GPU, DeepSpeed would pick CUDA for a CPU job. It is
+      read when deepspeed is first imported; if something imported it already, set it directly.
+      The CPU accelerator's collectives go through torch.distributed on the gloo group Ray Train
+      made (oneccl is used only if oneccl_bindings_for_pytorch is installed).
+    - DeepSpeed's TorchBackend JIT-builds its shared-memory comm op on a CPU (g++ and ninja on every
+      worker; ~60 s on 2 cores the first time), yet only inference_all_reduce uses it: training
+      goes through torch.distributed. Marked incompatible, the op is skipped.
+    """
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        set_accelerator(CPU_Accelerator())
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def _keep_4bit_layout(model: Any) -> None:
+    """ZeRO-3 on a CPU: stop bitsandbytes repacking 4-bit weights for its AVX512-BF16 kernel.
+
+    On a CPU with avx512_bf16, an eval forward of a Linear4bit replaces weight.data with a
+    repacked uint8 layout. Under ZeRO-3 weight.data is DeepSpeed's gathered/partitioned buffer, so
+    the repack is lost at the next partition while the quant state still says 'packed'; the
+    checkpoint save then fails in bitsandbytes (`assert packed_weight.dtype == torch.uint8`).
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _lora_to_fp32(model: Any) -> None:
