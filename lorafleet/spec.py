@@ -128,6 +128,17 @@ class ResourcesSpec(_Strict):
             raise ValueError(f"above 1 GPU must be a whole number (got {v})")
         return v
 
+    @model_validator(mode="after")
+    def _one_gpu_per_rank(self) -> ResourcesSpec:
+        # Ray packs fractional GPUs onto the same device, and NCCL refuses two ranks of one process
+        # group on one GPU ("Duplicate GPU detected"): a data-parallel job needs whole GPUs.
+        if self.workers > 1 and 0 < self.gpus_per_worker < 1:
+            raise ValueError(
+                f"{self.workers} workers with gpus_per_worker {self.gpus_per_worker}: NCCL cannot run two "
+                "ranks of one job on one GPU; use gpus_per_worker: 1 (or more), or workers: 1 to share a "
+                "GPU between jobs")
+        return self
+
 
 class RegistrySpec(_Strict):
     model_prefix: str = Field("", description="registered model name = prefix + customer")
