@@ -35,9 +35,8 @@ def ray_session():
     from lorafleet.train.runner import NAMESPACE, RAY_ENV
 
     if not ray.is_initialized():
-        # address="local": always a fresh cluster, never one a `ray start` or another test left
-        ray.init(address="local", num_cpus=2, namespace=NAMESPACE, runtime_env=RAY_ENV,
-                 log_to_driver=False, include_dashboard=False)
+        ray.init(num_cpus=2, namespace=NAMESPACE, runtime_env=RAY_ENV, log_to_driver=False,
+                 include_dashboard=False)
     yield ray
     ray.shutdown()
 
