@@ -241,3 +241,49 @@ def test_edge_requests(base, tok, adapters):
     assert engine.generate([]) == []
     with pytest.raises(ValueError, match="empty prompt"):
         engine.generate([GenerationRequest([], None)])
+
+
+def run_staggered(engine, plan: list[tuple[int, GenerationRequest]]) -> dict[int, list[int]]:
+    """Continuous batching: request i joins the running batch after plan[i][0] decode steps."""
+    streamed: dict[int, list[int]] = {}
+    decoder = engine.decoder(lambda key, tok: streamed.setdefault(key, []).append(tok))
+    finished, step = {}, 0
+    waiting = sorted(enumerate(plan), key=lambda item: item[1][0])
+    while waiting or decoder:
+        joining = [(i, r) for i, (at, r) in waiting if at <= step]
+        waiting = [(i, p) for i, p in waiting if p[0] > step]
+        rows = decoder.admit(joining) + decoder.step()
+        finished |= {row.key: row.result.token_ids for row in rows}
+        step += 1
+    assert streamed == {k: v for k, v in finished.items() if v}
+    return finished
+
+
+@pytest.mark.parametrize("names", [("a", "d", None, "b", "c"), ("b", "b", "b", "b", "b")])
+def test_requests_joining_a_running_batch_get_the_tokens_they_get_alone(base, adapters, names):
+    """Rows join between decode steps (KV caches left-padded and stacked) and leave when done
+    (all-padding columns trimmed): each row's tokens, greedy or seeded, are those it gets alone."""
+    engine = engine_with(base, adapters, "abcd", max_adapters=4)
+    requests = [GenerationRequest(PROMPTS[i], name, max_new_tokens=4 + 3 * i,
+                                  temperature=0.8 if i % 2 else 0.0, seed=i)
+                for i, name in enumerate(names)]
+    alone = [engine.generate([r])[0].token_ids for r in requests]
+    joins = [0, 2, 3, 9, 9]  # the first rows finish before the last join: trim, then pad again
+    got = run_staggered(engine, list(zip(joins, requests, strict=True)))
+    assert [got[i] for i in range(len(requests))] == alone
+
+
+def test_a_bad_newcomer_leaves_the_running_batch_intact(base, adapters):
+    engine = engine_with(base, adapters, "ab")
+    good = GenerationRequest(PROMPTS[2], "a", max_new_tokens=6)
+    alone = engine.generate([good])[0].token_ids
+    decoder = engine.decoder()
+    assert decoder.admit([("good", good)]) == []
+    with pytest.raises(UnknownAdapterError, match="'zz' is not loaded"):
+        decoder.admit([("bad", GenerationRequest(PROMPTS[0], "zz"))])
+    with pytest.raises(UnknownAdapterError):
+        engine.check(GenerationRequest(PROMPTS[0], "zz"))
+    finished = []
+    while decoder:
+        finished += decoder.step()
+    assert [(row.key, row.result.token_ids) for row in finished] == [("good", alone)]

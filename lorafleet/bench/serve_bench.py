@@ -5,6 +5,7 @@
 - end to end: a uniform mix over N adapters against the same requests to the base alone, and
   against a hand-written server holding every adapter in one peft model, calling
   `set_adapter` before each request;
+- continuous against batch-synchronous decoding on the same requests (bench.batching_bench);
 - p50/p95 latency, and cold start of an adapter from the registry to its first token.
 """
 
@@ -107,6 +108,7 @@ def _cold_start(url: str, c: Any, base: Path, tmp: Path, base_name: str) -> dict
 
 def run_serve_bench(args: Any) -> dict[str, Any]:
     from lorafleet import registry, tracking
+    from lorafleet.bench.batching_bench import run_batching_bench
     from lorafleet.bench.engine_bench import run_engine_bench
     from lorafleet.models import resolve_base
     from lorafleet.serve.config import AppArgs
@@ -115,6 +117,7 @@ def run_serve_bench(args: Any) -> dict[str, Any]:
     n, results = args.adapters, {}
     base = resolve_base(args.base_model)
     results["engine_tiny"] = run_engine_bench(base_path=base, n_adapters=n)
+    results["engine_batching_tiny"] = run_batching_bench(base_path=base, n_adapters=min(n, 8))
     if args.large:
         results["engine_100m"] = run_engine_bench(None, n_adapters=n, hidden=768, layers=12)
     with tempfile.TemporaryDirectory() as tmp:

@@ -33,6 +33,7 @@ def build_app(args: dict[str, Any]) -> Application:
             "initial_replicas": max(cfg.min_replicas, 1),
             "target_ongoing_requests": cfg.target_ongoing_requests,
             "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s,
+            "look_back_period_s": cfg.autoscale_look_back_s,
         },
         max_ongoing_requests=cfg.max_ongoing_requests,
         ray_actor_options={"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus},

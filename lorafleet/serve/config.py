@@ -28,6 +28,7 @@ class AppArgs(BaseModel):
     target_ongoing_requests: float = Field(8, gt=0, description="autoscaling target per replica")
     upscale_delay_s: float = Field(5, ge=0)
     downscale_delay_s: float = Field(30, ge=0)
+    autoscale_look_back_s: float = Field(30, gt=0, description="window the load is averaged over")
     replica_cpus: float = Field(1, ge=0)
     replica_gpus: float = Field(0, ge=0)
     max_ongoing_requests: int = Field(64, gt=0, description="per replica; more queue at the proxy")

@@ -13,21 +13,22 @@ peft. `PeftEngine` cannot mix DoRA rows: peft refuses `adapter_names=` with DoRA
 Adapter variants that change the forward otherwise (aLoRA, lora_bias, trainable tokens, ...)
 raise `AdapterNotSupportedError` naming the variant.
 
-Both engines run their own decode loop: a left-padded prefill with the attention mask, then one
-token per step on the KV cache; rows that finish (a stop token or their max_new_tokens) leave the
-batch, KV cache included; each seeded row samples with its own `torch.Generator`. Engines are not
+Both engines decode through `decoder.Decoder`: a left-padded prefill with the attention mask, then
+one token per step on the KV cache; finished rows (a stop token or their max_new_tokens) leave the
+batch and new requests join it between steps (continuous batching); each seeded row samples with
+its own `torch.Generator`. `generate()` is a Decoder run to the end. Engines are not
 thread-safe: call them from one thread (the replica's engine worker).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
 
+from lorafleet.serve.decoder import Decoder, GenerationRequest, GenerationResult, KVBatch, validate
 from lorafleet.serve.gathered_lora import AdapterNotSupportedError, BatchRows, read_adapter, wrap_linears
 
 __all__ = ["AdapterNotSupportedError", "AdapterSlotsFullError", "GatheredLoraEngine", "GenerationRequest",
@@ -46,23 +47,6 @@ class UnknownAdapterError(KeyError):
         return str(self.args[0])
 
 
-@dataclass
-class GenerationRequest:
-    prompt_ids: list[int]
-    adapter: str | None  # name given to add_adapter; None = the base
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int | None = None  # per request: a row's sample does not depend on its batch mates
-    stop_token_ids: list[int] = field(default_factory=list)  # not included in the result
-
-
-@dataclass
-class GenerationResult:
-    token_ids: list[int]
-    finish_reason: str  # "stop" | "length"
-
-
 class MultiLoraEngine(Protocol):
     max_adapters: int
 
@@ -71,146 +55,50 @@ class MultiLoraEngine(Protocol):
     def adapters(self) -> list[str]: ...
     def generate(self, requests: list[GenerationRequest],
                  on_token: Callable[[int, int], None] | None = None) -> list[GenerationResult]: ...
+    def decoder(self, on_token: Callable[[Any, int], None] | None = None) -> Decoder: ...
+    def check(self, request: GenerationRequest) -> None: ...
 
 
 # ---- the decode loop both engines share ----------------------------------------------------------
 
-@dataclass
-class _Batch:
-    rows: list[int]  # request index of each live row
-    mask: torch.Tensor  # (B, T) 1 = a real token
-    positions: torch.Tensor  # (B, T) at prefill, then (B, 1)
-    cache: Any  # transformers DynamicCache
-
-    def select(self, keep: list[int]) -> None:
-        """Drop finished rows everywhere, their KV cache included."""
-        sel = torch.tensor(keep, device=self.mask.device)
-        self.cache.batch_select_indices(sel)
-        self.rows = [self.rows[k] for k in keep]
-        self.mask, self.positions = self.mask[sel], self.positions[sel]
-
-    def advance(self) -> None:
-        """Grow the mask and positions by the token about to be fed."""
-        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)  # (B, T+1)
-        self.positions = self.positions[:, -1:] + 1  # (B, 1)
-
-
 class _DecodingEngine:
-    """generate() for any engine that can bind per-row adapters and run one forward."""
+    """generate() and a continuous-batching Decoder for any engine that can bind per-row adapters
+    and run one forward on a KV cache."""
 
     model: Any
     tokenizer: Any
     device: torch.device
 
     def _bind(self, requests: list[GenerationRequest]) -> None: ...
-    def _select_rows(self, keep: list[int]) -> None: ...
     def _unbind(self) -> None: ...
 
     def _forward_kwargs(self) -> dict[str, Any]:
         return {}
 
-    @torch.inference_mode()
-    def generate(self, requests: list[GenerationRequest],
-                 on_token: Callable[[int, int], None] | None = None) -> list[GenerationResult]:
-        """Generate for a mixed-adapter batch; on_token(request_index, token_id) streams."""
-        _validate(requests)
-        results = [GenerationResult([], "length") for _ in requests]
-        rows = [i for i, r in enumerate(requests) if r.max_new_tokens > 0]
-        if not rows:
-            return results
-        self._bind([requests[i] for i in rows])  # unknown adapters raise before any work
-        try:
-            self._decode(requests, rows, results, on_token)
-        finally:
-            self._unbind()
-        return results
-
-    def _decode(self, requests: list[GenerationRequest], rows: list[int], results: list[GenerationResult],
-                on_token: Callable[[int, int], None] | None) -> None:
-        gens = [_generator(r.seed) for r in requests]
-        batch = self._prefill_batch(requests, rows)
-        logits = self._forward(self._prefill_ids(requests, rows), batch)  # (B, V)
-        while True:
-            live = [requests[i] for i in batch.rows]
-            tokens = _sample_rows(logits, live, [gens[i] for i in batch.rows])
-            keep = [k for k, (i, tok) in enumerate(zip(batch.rows, tokens, strict=True))
-                    if _emit(i, requests[i], tok, results[i], on_token)]
-            if not keep:
-                return
-            if len(keep) < len(batch.rows):
-                batch.select(keep)
-                self._select_rows(keep)
-            batch.advance()
-            ids = torch.tensor([tokens[k] for k in keep], device=self.device)[:, None]  # (B, 1)
-            logits = self._forward(ids, batch)
-
-    def _prefill_batch(self, requests: list[GenerationRequest], rows: list[int]) -> _Batch:
-        from transformers import DynamicCache
-
-        width = max(len(requests[i].prompt_ids) for i in rows)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T), left padded
-        for k, i in enumerate(rows):
-            mask[k, width - len(requests[i].prompt_ids):] = 1
-        mask = mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): each row counts from its first token
-        return _Batch(list(rows), mask, positions, DynamicCache(config=self.model.config))
-
-    def _prefill_ids(self, requests: list[GenerationRequest], rows: list[int]) -> torch.Tensor:
-        """Left-padded ids, so every row's next token comes from the last column."""
-        width = max(len(requests[i].prompt_ids) for i in rows)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (B, T)
-        for k, i in enumerate(rows):
-            ids[k, width - len(requests[i].prompt_ids):] = torch.tensor(requests[i].prompt_ids)
-        return ids.to(self.device)
-
-    def _forward(self, ids: torch.Tensor, batch: _Batch) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, batch: KVBatch) -> torch.Tensor:
         out = self.model(input_ids=ids, attention_mask=batch.mask, position_ids=batch.positions,
                          past_key_values=batch.cache, use_cache=True, logits_to_keep=1,
                          **self._forward_kwargs())
         return out.logits[:, -1]  # (B, V): logits only for the last position
 
+    def decoder(self, on_token: Callable[[Any, int], None] | None = None) -> Decoder:
+        return Decoder(self, on_token)
 
-def _validate(requests: list[GenerationRequest]) -> None:
-    for i, r in enumerate(requests):
-        if not r.prompt_ids:
-            raise ValueError(f"request {i}: empty prompt")
-        if r.temperature < 0 or not 0 < r.top_p <= 1:
-            raise ValueError(f"request {i}: temperature must be >= 0 and top_p in (0, 1]")
+    def check(self, request: GenerationRequest) -> None:
+        """Raise what admitting this request would raise (bad sampling values, unknown adapter)."""
+        validate([request])
+        self._bind([request])
+        self._unbind()
 
-
-def _emit(i: int, r: GenerationRequest, tok: int, result: GenerationResult,
-          on_token: Callable[[int, int], None] | None) -> bool:
-    """Record one token for request i; False when the row is finished."""
-    if tok in r.stop_token_ids:
-        result.finish_reason = "stop"
-        return False
-    result.token_ids.append(tok)
-    if on_token is not None:
-        on_token(i, tok)
-    return len(result.token_ids) < r.max_new_tokens
-
-
-def _generator(seed: int | None) -> torch.Generator | None:
-    return torch.Generator().manual_seed(seed) if seed is not None else None
-
-
-def _sample_rows(logits: torch.Tensor, requests: list[GenerationRequest],
-                 gens: list[torch.Generator | None]) -> list[int]:
-    greedy = logits.argmax(-1).tolist()  # one op (and one device sync) for every greedy row
-    return [greedy[k] if r.temperature == 0 else _sample(logits[k], r, gens[k])
-            for k, r in enumerate(requests)]
-
-
-def _sample(logits: torch.Tensor, r: GenerationRequest, gen: torch.Generator | None) -> int:
-    """Nucleus sampling on the CPU with the row's own generator (same draw on any device)."""
-    probs = torch.softmax(logits.float().cpu() / r.temperature, dim=-1)  # (V,)
-    if r.top_p < 1:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < r.top_p
-        keep[0] = True  # the top token always stays
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=gen))
+    def generate(self, requests: list[GenerationRequest],
+                 on_token: Callable[[int, int], None] | None = None) -> list[GenerationResult]:
+        """Generate for a mixed-adapter batch; on_token(request_index, token_id) streams."""
+        decoder = self.decoder(on_token)
+        done = decoder.admit(list(enumerate(requests)))
+        while decoder:
+            done += decoder.step()
+        results = {row.key: row.result for row in done}
+        return [results[i] for i in range(len(requests))]
 
 
 # ---- gathered LoRA ---------------------------------------------------------------------------------
@@ -308,9 +196,6 @@ class GatheredLoraEngine(_DecodingEngine):
         size = sum(layer.bank_bytes(len(idx), slots) for layer in self.layers.values())
         self.rows.set(idx, self.device, cache_banks=size <= self.bank_cache_bytes)
 
-    def _select_rows(self, keep: list[int]) -> None:
-        self.rows.select(keep)
-
     def _unbind(self) -> None:
         self.rows.clear()  # releases the gathered banks too
 
@@ -365,9 +250,6 @@ class PeftEngine(_DecodingEngine):
         if unknown:
             raise UnknownAdapterError(f"adapter '{sorted(unknown)[0]}' is not loaded")
         self._names = [r.adapter or BASE for r in requests]
-
-    def _select_rows(self, keep: list[int]) -> None:
-        self._names = [self._names[k] for k in keep]
 
     def _unbind(self) -> None:
         self._names = []

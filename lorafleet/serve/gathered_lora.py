@@ -67,8 +67,9 @@ class BatchRows:
     """The slot of each row of the running batch, shared by every wrapped layer.
 
     Wrapped layers read it during the forward; the engine sets it for a batch and clears it after.
-    `banks` caches each layer's gathered A/B/G for the batch (the slots are fixed for a whole
-    generate), so decode steps do not gather again; the engine turns it off when too big."""
+    `banks` caches each layer's gathered A/B/G for the batch (the rows' slots are fixed until
+    a row joins or leaves, when the engine sets them again), so decode steps do not gather
+    again; the engine turns it off when too big."""
 
     def __init__(self) -> None:
         self.idx: torch.Tensor | None = None  # (B,) slot per row; None = every row on the base
@@ -80,11 +81,6 @@ class BatchRows:
         self.slots = frozenset(idx) - {0}
         self.idx = torch.tensor(idx, device=device) if self.slots else None
         self.cache_banks, self.banks = cache_banks, {}
-
-    def select(self, keep: list[int]) -> None:
-        """Keep only these rows (finished rows leave the batch)."""
-        if self.idx is not None:
-            self.set([int(s) for s in self.idx[keep].tolist()], self.idx.device, self.cache_banks)
 
     def clear(self) -> None:
         self.idx, self.slots, self.banks = None, frozenset(), {}

@@ -120,10 +120,11 @@ class Ingress:
                                code="context_length_exceeded", param="messages" if chat else "prompt")
         gen = self._request(body, ids, max_new)
         tag = {"adapter": adapter_id or self.base_name}
-        stream = self.replica.options(multiplexed_model_id=adapter_id or "", stream=True).generate.remote(gen)
+        replica = self.replica.options(multiplexed_model_id=adapter_id or "", stream=body.stream)
         if body.stream:
+            stream = replica.generate.remote(gen)
             return StreamingResponse(self._sse(stream, body, chat, tag), media_type="text/event-stream")
-        return await self._collect(stream, body, chat, len(ids), tag)
+        return await self._collect(replica.complete.remote(gen), body, chat, len(ids), tag)
 
     def _request(self, body: Any, ids: list[int], max_new: int) -> Any:
         from lorafleet.serve.engine import GenerationRequest
@@ -132,19 +133,16 @@ class Ingress:
                                  temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                                  stop_token_ids=[self.tokenizer.eos_token_id])
 
-    async def _collect(self, stream: Any, body: Any, chat: bool, n_prompt: int, tag: dict) -> dict:
-        start, decoder, text, n, final = time.perf_counter(), IncrementalDecoder(self.tokenizer), "", 0, {}
+    async def _collect(self, reply: Any, body: Any, chat: bool, n_prompt: int, tag: dict) -> dict:
+        start = time.perf_counter()
         try:
-            async for item in stream:
-                if isinstance(item, dict):
-                    final = item
-                    break
-                n += 1
-                text += decoder.push(item)
+            final = await reply
         except Exception as exc:  # the replica could not load or run the adapter
             raise self._replica_error(exc, tag) from None
         self._check_final(final, tag)
-        text, stopped = cut_at_stop(text, body.stop)
+        n = len(final["token_ids"])
+        text, stopped = cut_at_stop(self.tokenizer.decode(final["token_ids"], skip_special_tokens=True),
+                                    body.stop)
         finish = "stop" if stopped else final.get("finish_reason", "stop")
         self._record(tag, n, start, "ok")
         usage = api.Usage(prompt_tokens=n_prompt, completion_tokens=n, total_tokens=n_prompt + n)
@@ -161,8 +159,8 @@ class Ingress:
                     self._check_final(item, tag)
                     finish = item.get("finish_reason", "stop")
                     break
-                n += 1
-                full, stopped = cut_at_stop(sent + decoder.push(item), body.stop)
+                n += len(item)
+                full, stopped = cut_at_stop(sent + "".join(decoder.push(t) for t in item), body.stop)
                 if full != sent:
                     yield f"data: {json.dumps(chunk(cid, body.model, full[len(sent):], None))}\n\n"
                     sent = full

@@ -1,6 +1,7 @@
 """The base-model replica: one base, adapters loaded on demand through Ray Serve model
 multiplexing (so requests go to replicas that already hold their adapter), and one batching
-loop that puts requests for *different* adapters into the same forward pass.
+loop that puts requests for *different* adapters into the same forward pass, continuously: new
+requests join the running batch between decode steps and finished ones leave it.
 
 Serve's own `@serve.batch` splits batches by multiplexed id, so the adapter travels with each
 call instead and the loop below batches across adapters. All engine work (generate, add,
@@ -56,11 +57,15 @@ class LoadedAdapter:
             self.residency.change(self.residency.resident, self.name, -1)
 
 
-@dataclass
+@dataclass(eq=False)
 class Pending:
     request: Any  # GenerationRequest
     loop: asyncio.AbstractEventLoop
     tokens: asyncio.Queue = field(default_factory=asyncio.Queue)  # token ids, then a final dict
+
+    def put(self, item: int | dict) -> None:
+        """From the engine thread: hand a token (or the final dict) to the request's event loop."""
+        self.loop.call_soon_threadsafe(self.tokens.put_nowait, item)
 
 
 class BaseReplica:
@@ -80,6 +85,7 @@ class BaseReplica:
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.residency = Residency()
         self.queue: asyncio.Queue[Pending] | None = None
+        self.decoder = self.engine.decoder(lambda pending, token: pending.put(token))
         self.loads = metrics.Counter("lorafleet_adapter_loads", "adapters loaded on this replica")
         self.evictions = metrics.Counter("lorafleet_adapter_evictions", "adapters evicted on this replica")
         async def load(model_id: str) -> LoadedAdapter:  # a plain function: Serve stores its LRU on it
@@ -121,8 +127,22 @@ class BaseReplica:
     # ---- requests ----------------------------------------------------------------------
 
     async def generate(self, request: Any):
-        """Stream one request's token ids, then a dict with finish_reason. The adapter is the
-        call's multiplexed id ('' = the base)."""
+        """Stream one request: lists of token ids (whatever is ready when the caller asks), then
+        a dict with finish_reason or error. The adapter is the call's multiplexed id ('' = the base)."""
+        async for item in self._tokens(request):
+            yield item
+
+    async def complete(self, request: Any) -> dict:
+        """The whole answer in one reply, {"token_ids": [...], "finish_reason"|"error": ...}: a
+        non-streaming request costs one message between replica and ingress, not one per token."""
+        token_ids: list[int] = []
+        async for item in self._tokens(request):
+            if isinstance(item, dict):
+                return {"token_ids": token_ids, **item}
+            token_ids += item
+        raise RuntimeError("the token stream ended without a final message")
+
+    async def _tokens(self, request: Any):
         model_id = serve.get_multiplexed_model_id()
         if model_id:
             await self.get_adapter(model_id)
@@ -133,9 +153,14 @@ class BaseReplica:
             pending = Pending(request, asyncio.get_running_loop())
             await self._enqueue(pending)
             while True:
-                item = await pending.tokens.get()
-                yield item
-                if isinstance(item, dict):
+                ready = [await pending.tokens.get()]
+                while not pending.tokens.empty() and not isinstance(ready[-1], dict):
+                    ready.append(pending.tokens.get_nowait())
+                final = ready.pop() if isinstance(ready[-1], dict) else None
+                if ready:
+                    yield ready
+                if final is not None:
+                    yield final
                     return
         finally:
             if model_id:
@@ -148,34 +173,62 @@ class BaseReplica:
         await self.queue.put(pending)
 
     async def _batch_loop(self) -> None:
+        """Continuous batching: between two decode steps, waiting requests join the running
+        batch (up to max_batch_size rows). Each step is its own job on the engine thread, so an
+        adapter load queued meanwhile runs between two steps instead of after the whole batch."""
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self.queue.get()]
-            deadline = time.monotonic() + self.args.batch_wait_timeout_s
-            while len(batch) < self.args.max_batch_size:
-                timeout = deadline - time.monotonic()
-                if timeout <= 0 and self.queue.empty():
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), max(timeout, 0)))
-                except TimeoutError:
-                    break
-            await loop.run_in_executor(self.worker, self._run_batch, batch)
+            new = [] if self.decoder else await self._first_arrivals()
+            room = self.args.max_batch_size - len(self.decoder) - len(new)
+            while room > 0 and self.decoder.accepting and not self.queue.empty():
+                new.append(self.queue.get_nowait())
+                room -= 1
+            await loop.run_in_executor(self.worker, self._step, new)
 
-    def _run_batch(self, batch: list[Pending]) -> None:
-        """On the engine thread: one mixed-adapter generate; tokens stream back as they come."""
-        def on_token(i: int, token: int) -> None:
-            p = batch[i]
-            p.loop.call_soon_threadsafe(p.tokens.put_nowait, token)
+    async def _first_arrivals(self) -> list[Pending]:
+        """Idle: wait for a request, then up to batch_wait_timeout_s for company."""
+        batch = [await self.queue.get()]
+        deadline = time.monotonic() + self.args.batch_wait_timeout_s
+        while len(batch) < self.args.max_batch_size:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0 and self.queue.empty():
+                break
+            try:
+                batch.append(await asyncio.wait_for(self.queue.get(), max(timeout, 0)))
+            except TimeoutError:
+                break
+        return batch
 
+    def _step(self, new: list[Pending]) -> None:
+        """On the engine thread: one decode step for the running rows, then admit newcomers."""
+        self._collect()
         try:
-            self._collect()
-            results = self.engine.generate([p.request for p in batch], on_token=on_token)
-            finals = [{"finish_reason": r.finish_reason} for r in results]
-        except Exception as exc:  # a broken batch fails its requests, not the replica
-            finals = [{"error": f"{type(exc).__name__}: {exc}"} for _ in batch]
-        for p, final in zip(batch, finals, strict=True):
-            p.loop.call_soon_threadsafe(p.tokens.put_nowait, final)
+            finished = self.decoder.step()
+        except Exception as exc:  # a broken step fails the running requests, not the replica
+            self._fail([row.key for row in self.decoder.abort()], exc)
+            finished = []
+        for row in finished:
+            row.key.put({"finish_reason": row.result.finish_reason})
+        self._admit(new)
+
+    def _admit(self, new: list[Pending]) -> None:
+        ok = []
+        for p in new:  # a bad request fails alone, before any work
+            try:
+                self.engine.check(p.request)
+                ok.append(p)
+            except Exception as exc:
+                p.put({"error": f"{type(exc).__name__}: {exc}"})
+        try:
+            for row in self.decoder.admit([(p, p.request) for p in ok]):
+                row.key.put({"finish_reason": row.result.finish_reason})
+        except Exception as exc:  # a failed prefill fails its newcomers; running rows go on
+            self._fail(ok, exc)
+
+    @staticmethod
+    def _fail(pendings: list[Pending], exc: Exception) -> None:
+        for p in pendings:
+            p.put({"error": f"{type(exc).__name__}: {exc}"})
 
     def check_health(self) -> None:
         if self.worker._shutdown:
