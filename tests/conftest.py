@@ -18,6 +18,10 @@ def has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "multinode: runs its own simulated multi-node Ray cluster")
+
+
 def pytest_collection_modifyitems(config, items):
     if has_gpu():
         return
@@ -27,9 +31,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for the whole session (starting Ray costs ~4 s and ~1 GB)."""
+def start_local_ray() -> None:
+    """The session's plain local Ray; also restarted by modules that run their own cluster."""
     import ray
 
     from lorafleet.train.runner import NAMESPACE, RAY_ENV
@@ -37,6 +40,14 @@ def ray_session():
     if not ray.is_initialized():
         ray.init(num_cpus=2, namespace=NAMESPACE, runtime_env=RAY_ENV, log_to_driver=False,
                  include_dashboard=False)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session (starting Ray costs ~4 s and ~1 GB)."""
+    import ray
+
+    start_local_ray()
     yield ray
     ray.shutdown()
 

@@ -31,13 +31,33 @@ class ProgressBoard:
     def update(self, customer: str, **fields: Any) -> None:
         self.jobs.setdefault(customer, {}).update(fields)
 
+    def begin_attempt(self, customer: str, **fields: Any) -> None:
+        """A worker group was placed (first run or a restart after a failure): attempts are kept
+        as a list so a restart on another node does not hide where the job ran before."""
+        job = self.jobs.setdefault(customer, {})
+        job.setdefault("attempts", []).append(dict(fields))
+
+    def attempt_started(self, customer: str, **fields: Any) -> None:
+        """Training began in the latest attempt (a new one if nobody announced the placement)."""
+        job = self.jobs.setdefault(customer, {})
+        attempts = job.setdefault("attempts", [])
+        if not attempts or "started" in attempts[-1]:
+            attempts.append({})
+        attempts[-1].update(fields)
+        job.update(fields)
+
+    def end_attempt(self, customer: str, ended: float) -> None:
+        attempts = self.jobs.get(customer, {}).get("attempts")
+        if attempts:
+            attempts[-1]["ended"] = ended
+
     def log(self, customer: str, event: dict[str, Any]) -> None:
         self.pending.setdefault(customer, []).append(event)
         numeric = {k: v for k, v in event.items() if isinstance(v, int | float)}
         self.update(customer, **numeric)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
-        return {k: dict(v) for k, v in self.jobs.items()}
+        return {k: _copy_job(v) for k, v in self.jobs.items()}
 
     def drain(self) -> dict[str, list[dict[str, Any]]]:
         out, self.pending = self.pending, {}
@@ -51,6 +71,13 @@ class ProgressBoard:
 
     def is_cancelled(self, customer: str) -> bool:
         return customer in self.cancelled or "*" in self.cancelled
+
+
+def _copy_job(job: dict[str, Any]) -> dict[str, Any]:
+    out = dict(job)
+    if "attempts" in out:
+        out["attempts"] = [dict(a) for a in out["attempts"]]
+    return out
 
 
 def board_name(fleet: str) -> str:
@@ -71,8 +98,16 @@ class ProgressCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.rank == 0 and self.board is not None:
-            self.board.update.remote(self.customer, state="running", total_steps=state.max_steps,
-                                     start_step=state.global_step, started=time.time())
+            # the node of rank 0 tells users (and tests) where the job ran; a restart after a lost
+            # node begins a new attempt, usually elsewhere
+            self.board.attempt_started.remote(
+                self.customer, state="running", total_steps=state.max_steps,
+                start_step=state.global_step, started=time.time(),
+                node_id=ray.get_runtime_context().get_node_id())
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.rank == 0 and self.board is not None:
+            self.board.end_attempt.remote(self.customer, time.time())
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.board is not None and ray.get(self.board.is_cancelled.remote(self.customer)):

@@ -1,10 +1,13 @@
-"""The fleet runner: validate every job, start all of them at once, let Ray queue what does not
-fit, and keep MLflow in step with each job's state. One job's failure never touches the others.
+"""The fleet runner: validate every job, hand them to Ray (as many as the cluster can run plus a
+queue of half a cluster; Ray places and queues those), and keep MLflow in step with each job's
+state and node. One job's failure never touches the others; a lost worker node costs its jobs a
+restart from their last checkpoint when `max_failures` allows.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
 import time
 import traceback
@@ -119,21 +122,72 @@ def _reuse(c: Any, sub: Submission, plan: JobPlan, run_id: str, prior: Any) -> J
     return outcome
 
 
+def torch_backend(gpus_per_worker: float) -> str:
+    """The process-group backend, chosen from the torch build rather than this process's devices:
+    this task runs on the driver's node, often a CPU-only head, while the workers hold the GPUs.
+    With GPUs, CUDA tensors go over NCCL and CPU tensors over gloo, so a job still trains when a
+    node declares GPUs that are not usable (the worker then falls back to the CPU)."""
+    import torch.distributed as dist
+
+    if gpus_per_worker > 0 and dist.is_nccl_available():
+        return "cpu:gloo,cuda:nccl"
+    return "gloo"
+
+
+def driver_node_affinity() -> Any:
+    """Keep the job's Ray Train controller and the progress board on the driver's node: they hold
+    no resources, and on a worker node the loss of that node would take down the whole job (or the
+    fleet's board) instead of just its workers, which Ray Train restarts elsewhere. Hard affinity:
+    with soft=True Ray 2.60 still put the board actor on a worker node. The node is alive while
+    the driver is, and nothing here requests resources, so it always fits."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """The worker's loop, run where Ray placed it. Ray Train exports ACCELERATE_TORCH_DEVICE from
+    the GPU ids Ray assigned (cuda:N) whether or not torch can use CUDA there, and accelerate then
+    puts the trainer on CUDA even with use_cpu. A node that declares a GPU torch cannot use (a
+    simulated cluster, a CPU build of torch) trains on the CPU instead of crashing."""
+    _announce_placement(config)  # first: imports below take seconds on a busy node
+    import torch
+
+    from lorafleet.train.worker import train_loop_per_worker
+
+    if not torch.cuda.is_available() and os.environ.get("ACCELERATE_TORCH_DEVICE", "").startswith("cuda"):
+        os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
+    train_loop_per_worker(config)
+
+
+def _announce_placement(config: dict[str, Any]) -> None:
+    """Rank 0 tells the board where and when its worker group started: a new attempt (the first,
+    or a restart after a failure). Model loading comes after, so this marks the slot handover."""
+    import ray.train
+
+    board = config.get("fleet_board")
+    if board and ray.train.get_context().get_world_rank() == 0:
+        ray.get_actor(board, namespace=NAMESPACE).begin_attempt.remote(
+            config["job"]["customer"], placed=time.time(),
+            node_id=ray.get_runtime_context().get_node_id())
+
+
 @ray.remote(num_cpus=0, max_retries=0)
 def run_job(plan_json: dict[str, Any], run_name: str, storage: str) -> dict[str, Any]:
     """One job through Ray Train; returns the adapter's files (small) and final metrics."""
-    import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.huggingface.transformers import RayTrainReportCallback
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from lorafleet.train.worker import ADAPTER_FILES, train_loop_per_worker
+    from lorafleet.train.worker import ADAPTER_FILES
 
     res = JobPlan.model_validate(plan_json).job.resources
     per_worker = {"CPU": res.cpus_per_worker} | ({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})
     trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=plan_json,
-        torch_config=TorchConfig(backend="nccl" if torch.cuda.is_available() else "gloo"),
+        train_loop, train_loop_config=plan_json,
+        torch_config=TorchConfig(backend=torch_backend(res.gpus_per_worker)),
+        # use_gpu only reserves the GPU (ScalingConfig requires it with a GPU resource) and sets
+        # CUDA_VISIBLE_DEVICES; Ray Train touches CUDA only if torch sees a device
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0,
                                      resources_per_worker=per_worker),
         run_config=RunConfig(name=run_name, storage_path=storage,
@@ -156,6 +210,7 @@ class FleetMonitor:
     def __init__(self, c: Any, sub: Submission, board: Any):
         self.c, self.sub, self.board = c, sub, board
         self.states = {cust: "queued" for cust in sub.plans}
+        self.tags: dict[str, dict[str, str]] = {cust: {} for cust in sub.plans}
 
     def sync(self) -> dict[str, dict[str, Any]]:
         snapshot = ray.get(self.board.snapshot.remote())
@@ -168,9 +223,25 @@ class FleetMonitor:
                 run_id = self.sub.plans[customer][1]
                 tracking.set_state(self.c, run_id, "running")
                 self.c.log_metric(run_id, "total_steps", info["total_steps"])
-                if info.get("resumed"):
-                    self.c.set_tag(run_id, "lorafleet.resumed_from_step", str(info["start_step"]))
+            self._tag_attempts(customer, info.get("attempts", []))
         return snapshot
+
+    def _tag_attempts(self, customer: str, attempts: list[dict[str, Any]]) -> None:
+        """Tag where the job runs (rank 0's node) and how often it started; an attempt that began
+        past step 0 resumed from a checkpoint (after an earlier submission failed, or within this
+        one after a crash or a lost node). Only changed tags are written."""
+        if not attempts:
+            return
+        tags = {"lorafleet.node_id": attempts[-1]["node_id"], "lorafleet.attempts": str(len(attempts)),
+                "lorafleet.node_ids": ",".join(a["node_id"] for a in attempts)}
+        resumed = [a["start_step"] for a in attempts if a.get("start_step")]
+        if resumed:
+            tags["lorafleet.resumed_from_step"] = str(resumed[-1])
+        run_id, written = self.sub.plans[customer][1], self.tags[customer]
+        for key, value in tags.items():
+            if written.get(key) != value:
+                self.c.set_tag(run_id, key, value)
+                written[key] = value
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -226,32 +297,97 @@ def init_ray(address: str | None) -> None:
                  log_to_driver=False, include_dashboard=False)
 
 
+def queue_depth() -> float:
+    """How much demand may be handed to Ray beyond what the cluster holds (1.5 = half a cluster
+    waiting): enough that a freed slot is taken at once by a job already waiting in Ray, and that
+    an autoscaler sees pending demand; bounded so a 1,000-job fleet does not park ~1 GB of idle
+    driver task and Train controller per queued job on the head node."""
+    return float(os.environ.get("LORAFLEET_QUEUE_DEPTH", "1.5"))
+
+
+def job_demand(job: JobSpec) -> dict[str, float]:
+    res = job.resources
+    demand = {"CPU": res.cpus_per_worker * res.workers}
+    if res.gpus_per_worker:
+        demand["GPU"] = res.gpus_per_worker * res.workers
+    return demand
+
+
+class Launcher:
+    """Hands jobs to Ray in fleet-file order while the in-flight demand stays within queue_depth()
+    times the cluster's resources (read each tick: nodes come and go); Ray queues and places
+    those, the rest wait here. The head of the line is never skipped, so large jobs don't starve,
+    and one job always goes out, so a job too large for the cluster still reaches Ray (which
+    reports it, or an autoscaler grows the cluster)."""
+
+    def __init__(self, sub: Submission, storage: str, placement: Any):
+        self.sub, self.storage, self.placement = sub, storage, placement
+        self.pending = list(sub.plans)
+        self.refs: dict[Any, str] = {}
+        self.demand = {cust: job_demand(plan.job) for cust, (plan, _) in sub.plans.items()}
+
+    def launch(self) -> None:
+        limit = {k: v * queue_depth() for k, v in ray.cluster_resources().items()}
+        used: dict[str, float] = {}
+        for cust in self.refs.values():
+            for k, v in self.demand[cust].items():
+                used[k] = used.get(k, 0) + v
+        while self.pending:
+            need = self.demand[self.pending[0]]
+            if self.refs and any(used.get(k, 0) + v > limit.get(k, 0) for k, v in need.items()):
+                return
+            cust = self.pending.pop(0)
+            for k, v in need.items():
+                used[k] = used.get(k, 0) + v
+            plan = self.sub.plans[cust][0]
+            ref = run_job.options(scheduling_strategy=self.placement).remote(
+                plan.model_dump(mode="json"), ray_run_name(plan.job, plan.job_hash), self.storage)
+            self.refs[ref] = cust
+
+    def busy(self) -> bool:
+        return bool(self.pending or self.refs)
+
+
 def run_fleet(sub: Submission, storage: str, on_tick: Callable[[dict], None] | None = None,
               on_finished: Callable[[JobOutcome], None] | None = None) -> FleetResult:
-    """Launch every planned job at once and wait; Ray holds the ones that do not fit yet."""
+    """Launch the planned jobs (as many as the cluster can place or queue) and wait."""
     c = tracking.client()
-    board = ProgressBoard.options(name=board_name(sub.fleet), namespace=NAMESPACE).remote()
+    here = driver_node_affinity()
+    board = ProgressBoard.options(name=board_name(sub.fleet), namespace=NAMESPACE,
+                                  scheduling_strategy=here).remote()
     monitor = FleetMonitor(c, sub, board)
-    refs = {run_job.remote(plan.model_dump(mode="json"), ray_run_name(plan.job, plan.job_hash),
-                           storage): cust for cust, (plan, _) in sub.plans.items()}
+    launcher = Launcher(sub, storage, here)
     outcomes = dict(sub.done)
+
+    def finished(outcome: JobOutcome) -> None:
+        outcomes[outcome.customer] = outcome
+        if on_finished:
+            on_finished(outcome)
+
     try:
-        while refs:
-            ready, _ = ray.wait(list(refs), num_returns=1, timeout=1.0)
+        while launcher.busy():
+            launcher.launch()
+            ready = ray.wait(list(launcher.refs), num_returns=1, timeout=1.0)[0] if launcher.refs else []
             snapshot = monitor.sync()
-            _cancel_queued(board, refs, monitor)
+            for cust in _cancel_queued(board, launcher, monitor):
+                finished(cancel_pending(c, sub, cust))
             for ref in ready:
-                cust = refs.pop(ref)
-                monitor.sync()
+                cust = launcher.refs.pop(ref)
+                snapshot = monitor.sync()  # fresh: the rows then show this job's final progress
                 cancelled = ray.get(board.is_cancelled.remote(cust))
-                outcomes[cust] = finish_job(c, sub, cust, ref, cancelled)
-                if on_finished:
-                    on_finished(outcomes[cust])
+                finished(finish_job(c, sub, cust, ref, cancelled))
             if on_tick:
                 on_tick(_rows(sub, monitor.states, snapshot, outcomes))
     finally:
         ray.kill(board)
     return close_fleet(c, sub, outcomes)
+
+
+def cancel_pending(c: Any, sub: Submission, customer: str) -> JobOutcome:
+    """A job cancelled before it was handed to Ray: nothing to stop."""
+    run_id = sub.plans[customer][1]
+    tracking.set_state(c, run_id, "cancelled", "cancelled by user")
+    return JobOutcome(customer, "cancelled", run_id, "cancelled by user")
 
 
 def close_fleet(c: Any, sub: Submission, outcomes: dict[str, JobOutcome]) -> FleetResult:
@@ -261,14 +397,18 @@ def close_fleet(c: Any, sub: Submission, outcomes: dict[str, JobOutcome]) -> Fle
     return FleetResult(sub.fleet, sub.fleet_run_id, outcomes)
 
 
-def _cancel_queued(board: Any, refs: dict[Any, str], monitor: FleetMonitor) -> None:
-    """A job cancelled before it started is cancelled as a task; a running one stops itself."""
+def _cancel_queued(board: Any, launcher: Launcher, monitor: FleetMonitor) -> list[str]:
+    """A job cancelled before it started is cancelled as a task, or dropped if still waiting here
+    (returned); a running one stops itself."""
     cancelled = ray.get(board.cancelled_names.remote())  # one actor call a tick, not one per job
     if not cancelled:
-        return
-    for ref, cust in refs.items():
+        return []
+    for ref, cust in launcher.refs.items():
         if monitor.states[cust] == "queued" and (cust in cancelled or "*" in cancelled):
             ray.cancel(ref)
+    dropped = [cust for cust in launcher.pending if cust in cancelled or "*" in cancelled]
+    launcher.pending = [cust for cust in launcher.pending if cust not in dropped]
+    return dropped
 
 
 def _rows(sub: Submission, states: dict[str, str], snapshot: dict, outcomes: dict) -> dict:

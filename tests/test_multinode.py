@@ -1,0 +1,203 @@
+"""Fleets on a simulated multi-node cluster (`ray.cluster_utils.Cluster`): one head and GPU nodes
+as separate raylets on this machine. The GPU nodes declare a GPU they do not have, so jobs are
+placed by the GPU resource while the workers train on the CPU. Real Ray Train, trl, peft,
+bitsandbytes and MLflow, as in test_fleet.
+
+The module runs its own cluster: its fixture stops the session's local Ray first and starts it
+again afterwards, so the modules after it find Ray as the `ray_session` fixture left it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorafleet import settings, tracking
+from lorafleet.train.runner import init_ray, submit
+from tests.conftest import start_local_ray, write_chat
+
+pytestmark = [pytest.mark.integration, pytest.mark.multinode]
+
+GPU_NODE = {"num_cpus": 2, "num_gpus": 1}
+# a crashed node is declared dead after ~3 s instead of ~30 s, so the lost-node test stays short
+FAST_NODE_DEATH = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3,
+                   "health_check_timeout_ms": 1000}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Head node without GPUs (driver, controllers, progress board); tests add GPU nodes."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    had_ray = ray.is_initialized()
+    ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0,
+                                                      "_system_config": FAST_NODE_DEATH})
+    try:
+        init_ray(c.address)  # the same path as `lorafleet submit --ray-address`
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        if had_ray:
+            start_local_ray()
+
+
+def gpu_nodes(cluster, n: int) -> dict[str, object]:
+    """Exactly n one-GPU worker nodes, by node id."""
+    nodes = list(cluster.worker_nodes)
+    while len(nodes) < n:
+        nodes.append(cluster.add_node(**GPU_NODE))
+    while len(nodes) > n:
+        cluster.remove_node(nodes.pop())
+    cluster.wait_for_nodes()
+    return {node.node_id: node for node in nodes}
+
+
+def fleet_file(home: Path, base: Path, jobs: dict[str, dict], name: str, gpus: float,
+               max_steps: int = 4) -> Path:
+    """jobs: customer -> training overrides; every job gets its own dataset."""
+    entries = []
+    for customer, training in jobs.items():
+        write_chat(home / f"{customer}.jsonl", customer)
+        entries.append({"customer": customer, "dataset": f"{customer}.jsonl", "training": training})
+    spec = {"name": name, "base_model": str(base),
+            "defaults": {"training": {"max_steps": max_steps, "save_steps": 4, "batch_size": 4,
+                                      "max_length": 64, "logging_steps": 2, "eval_fraction": 0.0},
+                         "lora": {"rank": 4},
+                         "resources": {"gpus_per_worker": gpus, "cpus_per_worker": 1,
+                                       "max_failures": 1}},
+            "jobs": entries}
+    path = home / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+class Timeline:
+    """An on_tick recorder: the latest rows, which carry each job's attempts: node, placed (its
+    worker group started), started (training began), ended; and the fewest GPUs Ray had free."""
+
+    def __init__(self) -> None:
+        import ray
+
+        self.rows: dict[str, dict] = {}
+        self.min_free_gpus = ray.cluster_resources().get("GPU", 0.0)
+
+    def __call__(self, rows: dict[str, dict]) -> None:
+        import ray
+
+        self.rows = rows
+        # Ray's own accounting, sampled each tick: reservations span worker start-up, so a moment
+        # when jobs share the cluster is seen even when their training steps do not overlap
+        self.min_free_gpus = min(self.min_free_gpus, ray.available_resources().get("GPU", 0.0))
+
+    def attempts(self, customer: str) -> list[dict]:
+        return self.rows[customer].get("attempts", [])
+
+    def intervals(self) -> list[tuple[float, float]]:
+        """When each attempt held its slot: Ray reserves it before `placed` and frees it after
+        `ended`, so these never overlap more than the reservations do."""
+        return [(a["placed"], a["ended"]) for c in self.rows for a in self.attempts(c)]
+
+
+def max_concurrent(intervals: list[tuple[float, float]]) -> int:
+    """Most intervals open at one instant (an end at t comes before a start at t)."""
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    running = peak = 0
+    for _, delta in events:
+        running += delta
+        peak = max(peak, running)
+    return peak
+
+
+def test_jobs_spread_over_nodes_and_queue_beyond_capacity(cluster, lf_home, micro_base):
+    nodes = gpu_nodes(cluster, 2)
+    customers = ["a", "b", "c"]
+    path = fleet_file(lf_home, micro_base, {c: {} for c in customers}, "spread", gpus=1)
+    timeline = Timeline()
+
+    result = submit(path, on_tick=timeline)
+
+    assert all(o.state == "succeeded" for o in result.jobs.values()), result.jobs
+    client = tracking.client()
+    ran_on = {}
+    for c in customers:
+        (attempt,) = timeline.attempts(c)  # nothing failed, nothing restarted
+        tags = client.get_run(result.jobs[c].run_id).data.tags
+        assert tags["lorafleet.node_id"] == attempt["node_id"] and tags["lorafleet.attempts"] == "1"
+        ran_on[c] = attempt["node_id"]
+    assert set(ran_on.values()) == set(nodes)  # both GPU nodes used, never the GPU-less head
+    # two GPUs, three one-GPU jobs: both GPUs busy at once, never three jobs, and the third
+    # waited for a free GPU
+    assert timeline.min_free_gpus == 0
+    assert max_concurrent(timeline.intervals()) <= 2
+    first, second, third = sorted(timeline.intervals())
+    assert third[0] >= min(first[1], second[1])
+
+
+def test_fractional_gpus_pack_two_jobs_on_one_gpu(cluster, lf_home, micro_base):
+    (node,) = gpu_nodes(cluster, 1)
+    path = fleet_file(lf_home, micro_base, {"p": {}, "q": {}}, "pack", gpus=0.5)
+    timeline = Timeline()
+
+    result = submit(path, on_tick=timeline)
+
+    assert all(o.state == "succeeded" for o in result.jobs.values()), result.jobs
+    assert {a["node_id"] for c in "pq" for a in timeline.attempts(c)} == {node}
+    assert timeline.min_free_gpus == 0  # two half-GPU jobs held the one GPU together
+
+
+def _checkpoint_registered(customer: str) -> bool:
+    """Ray Train's controller writes this file once it has recorded a reported checkpoint."""
+    storage = Path(settings.storage_path())
+    return any(storage.glob(f"*-{customer}-*/checkpoint_manager_snapshot.json"))
+
+
+class NodeKiller(Timeline):
+    """Crashes the node running `victim` once its first checkpoint is recorded (and it is past it)."""
+
+    def __init__(self, cluster, nodes: dict[str, object], victim: str, first_save: int) -> None:
+        super().__init__()
+        self.cluster, self.nodes, self.victim, self.first_save = cluster, nodes, victim, first_save
+        self.killed: str | None = None
+
+    def __call__(self, rows: dict[str, dict]) -> None:
+        super().__call__(rows)
+        info = rows[self.victim]
+        if self.killed or info.get("state") != "running" or (info.get("step") or 0) <= self.first_save:
+            return
+        if _checkpoint_registered(self.victim):
+            self.killed = info["attempts"][-1]["node_id"]
+            self.cluster.remove_node(self.nodes[self.killed], allow_graceful=False)
+
+
+def test_lost_node_resumes_job_elsewhere_and_resubmit_reuses(cluster, lf_home, micro_base):
+    nodes = gpu_nodes(cluster, 2)
+    # the victim trains long enough (~20 s) to be caught between its first checkpoint and its end
+    victim_training = {"max_steps": 300, "save_steps": 20}
+    path = fleet_file(lf_home, micro_base, {"victim": victim_training, "steady": {}}, "lost", gpus=1)
+    killer = NodeKiller(cluster, nodes, "victim", first_save=20)
+
+    first = submit(path, on_tick=killer)
+
+    assert killer.killed is not None, "the victim finished before its node could be killed"
+    assert all(o.state == "succeeded" for o in first.jobs.values()), first.jobs
+    client = tracking.client()
+    victim = client.get_run(first.jobs["victim"].run_id).data.tags
+    before, after = victim["lorafleet.node_ids"].split(",")
+    assert victim["lorafleet.attempts"] == "2" and before == killer.killed and after != killer.killed
+    resumed = int(victim["lorafleet.resumed_from_step"])
+    assert resumed >= 20 and resumed % 20 == 0  # a checkpoint step, not a restart from zero
+    steps = [m.step for m in client.get_metric_history(first.jobs["victim"].run_id, "loss")]
+    assert all(steps.count(s) == 1 for s in range(2, resumed + 1, 2))  # trained once up to there
+    assert max(steps) == 300
+    steady = client.get_run(first.jobs["steady"].run_id).data.tags
+    assert steady["lorafleet.attempts"] == "1" and "lorafleet.resumed_from_step" not in steady
+
+    second = submit(path)
+
+    assert {c: o.reused_from for c, o in second.jobs.items()} == {
+        c: o.run_id for c, o in first.jobs.items()}  # nothing retrained
