@@ -38,8 +38,9 @@ def start_local_ray() -> None:
     from lorafleet.train.runner import NAMESPACE, RAY_ENV
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, namespace=NAMESPACE, runtime_env=RAY_ENV, log_to_driver=False,
-                 include_dashboard=False)
+        # address="local": always a fresh cluster, never one a `ray start` or another run left
+        ray.init(address="local", num_cpus=2, namespace=NAMESPACE, runtime_env=RAY_ENV,
+                 log_to_driver=False, include_dashboard=False)
 
 
 @pytest.fixture(scope="session")
