@@ -298,6 +298,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         dataset = Path(args.dataset) if args.dataset else \
             write_demo_datasets(Path(tempfile.mkdtemp()))["acme"]
         results = run_train_bench(args.base_model, dataset, args.steps, args.jobs)
+    elif args.what == "scale":
+        from lorafleet.bench.scale_bench import run_scale_bench
+        from lorafleet.demo_customers import write_demo_datasets
+
+        dataset = Path(args.dataset) if args.dataset else \
+            write_demo_datasets(Path(tempfile.mkdtemp()))["acme"]
+        results = run_scale_bench(args.base_model, dataset, args.scale_jobs, args.scale_steps,
+                                  args.nodes, args.gpus_per_node, args.cpus_per_node,
+                                  args.gpus_per_job, args.cpus_per_job)
     else:
         from lorafleet.bench.serve_bench import run_serve_bench
 
@@ -311,8 +320,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _bench_parsers(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("demo", help="train, register, serve and query the demo fleet")
     d.add_argument("--port", type=int, default=8000)
-    b = sub.add_parser("bench", help="benchmarks, JSON out: train | serve")
-    b.add_argument("what", choices=["train", "serve"])
+    b = sub.add_parser("bench", help="benchmarks, JSON out: train | serve | scale")
+    b.add_argument("what", choices=["train", "serve", "scale"])
     b.add_argument("--base-model", default="tiny-llama")
     b.add_argument("--dataset", default=None, help="train: dataset (default: a demo dataset)")
     b.add_argument("--steps", type=int, default=30, help="train: steps per job")
@@ -320,6 +329,13 @@ def _bench_parsers(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--adapters", type=int, default=16, help="serve: distinct adapters")
     b.add_argument("--requests", type=int, default=128, help="serve: HTTP requests per mix")
     b.add_argument("--large", action="store_true", help="serve: also a ~100M-parameter base")
+    b.add_argument("--scale-jobs", type=int, default=50, help="scale: jobs in the fleet")
+    b.add_argument("--scale-steps", type=int, default=2, help="scale: steps per job")
+    b.add_argument("--nodes", type=int, default=4, help="scale: simulated worker nodes")
+    b.add_argument("--gpus-per-node", type=float, default=1, help="scale: GPUs each node declares")
+    b.add_argument("--cpus-per-node", type=float, default=2, help="scale: CPUs each node declares")
+    b.add_argument("--gpus-per-job", type=float, default=1, help="scale: gpus_per_worker of each job")
+    b.add_argument("--cpus-per-job", type=float, default=1, help="scale: cpus_per_worker of each job")
     b.add_argument("--out", default=None, help="also write the JSON here")
 
 
