@@ -64,13 +64,19 @@ def sft_config(job: JobSpec, output_dir: str, on_gpu: bool, has_eval: bool,
         per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation,
         max_length=t.max_length, optim=t.optimizer, seed=t.seed, data_seed=t.seed,
         gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        gradient_checkpointing_kwargs={"use_reentrant": _reentrant_checkpointing(deepspeed)},
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=2,
         eval_strategy="steps" if has_eval else "no", eval_steps=t.save_steps,
         logging_steps=t.logging_steps, report_to=[], use_cpu=not on_gpu, bf16=bf16,
         assistant_only_loss=False, dataset_num_proc=None, deepspeed=deepspeed,
         disable_tqdm=True,
     )
+
+
+def _reentrant_checkpointing(deepspeed: dict[str, Any] | None) -> bool:
+    """Non-reentrant is the default; trl forces reentrant checkpointing for PEFT under ZeRO-3 (and
+    warns when told otherwise), so a ZeRO-3 job asks for it directly."""
+    return deepspeed is not None and zero_stage(deepspeed) == 3
 
 
 def _datasets(job: JobSpec) -> tuple[Any, Any]:
