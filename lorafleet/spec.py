@@ -303,14 +303,18 @@ def resolve_job(fleet: FleetSpec, index: int, fleet_file: Path | None = None) ->
 
 
 def deepspeed_problem(job: JobSpec) -> str | None:
-    """Why a job's DeepSpeed setting cannot run (None if it can), decided before any training."""
+    """Why a job's DeepSpeed config cannot run (None if it can), found before any worker starts."""
     if job.training.deepspeed is None:
         return None
     try:
         config = load_deepspeed(job.training.deepspeed)
+        stage = zero_stage(config)
     except SpecError as exc:
         return str(exc)
-    del config
+    except (AttributeError, TypeError, ValueError):
+        stage = -1
+    if stage not in (0, 1, 2, 3):
+        return f"{job.training.deepspeed}: zero_optimization.stage must be 0, 1, 2 or 3"
     return None
 
 

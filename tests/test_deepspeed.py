@@ -98,13 +98,16 @@ def test_unknown_preset_fails_validation_listing_presets(lf_home, capsys):
 def test_deepspeed_json_path_is_relative_to_the_fleet_file(lf_home):
     (lf_home / "ds").mkdir()
     (lf_home / "ds" / "mine.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    (lf_home / "ds" / "typo.json").write_text(json.dumps({"zero_optimization": {"stage": 4}}))
     jobs = [{"customer": "a", "dataset": "a.jsonl", "training": {"deepspeed": "ds/mine.json"}},
-            {"customer": "b", "dataset": "b.jsonl", "training": {"deepspeed": "ds/missing.json"}}]
+            {"customer": "b", "dataset": "b.jsonl", "training": {"deepspeed": "ds/missing.json"}},
+            {"customer": "c", "dataset": "c.jsonl", "training": {"deepspeed": "ds/typo.json"}}]
     with pytest.raises(SpecError) as err:
         load_fleet(fleet_file(lf_home, "tiny-llama", jobs))
     msg = str(err.value)
     assert f"jobs[1].training.deepspeed: DeepSpeed config {lf_home / 'ds' / 'missing.json'}" in msg
     assert "No such file" in msg and "jobs[0]" not in msg  # the good path resolved
+    assert "jobs[2].training.deepspeed: " in msg and "zero_optimization.stage must be 0, 1, 2 or 3" in msg
 
 
 def test_several_workers_on_fractional_gpus_is_refused(lf_home):
