@@ -51,6 +51,19 @@ def _message(exc: Exception) -> str:
 
 
 # helpers above the class: serve.ingress copies the class when it is defined
+
+async def _with_one_retry(call: Any) -> Any:
+    """A non-streaming answer is all or nothing, so when its replica dies under it (a lost node)
+    asking again is safe: Serve routes the retry to a live replica. Streams are not retried
+    (tokens may already be out)."""
+    from ray.exceptions import RayActorError  # the actor died or is unreachable
+
+    try:
+        return await call()
+    except RayActorError:
+        return await call()
+
+
 @serve.ingress(app)
 class Ingress:
     def __init__(self, replica: Any, args: dict[str, Any]):
@@ -124,7 +137,7 @@ class Ingress:
         if body.stream:
             stream = replica.generate.remote(gen)
             return StreamingResponse(self._sse(stream, body, chat, tag), media_type="text/event-stream")
-        return await self._collect(replica.complete.remote(gen), body, chat, len(ids), tag)
+        return await self._collect(lambda: replica.complete.remote(gen), body, chat, len(ids), tag)
 
     def _request(self, body: Any, ids: list[int], max_new: int) -> Any:
         from lorafleet.serve.engine import GenerationRequest
@@ -133,10 +146,10 @@ class Ingress:
                                  temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                                  stop_token_ids=[self.tokenizer.eos_token_id])
 
-    async def _collect(self, reply: Any, body: Any, chat: bool, n_prompt: int, tag: dict) -> dict:
+    async def _collect(self, call: Any, body: Any, chat: bool, n_prompt: int, tag: dict) -> JSONResponse:
         start = time.perf_counter()
         try:
-            final = await reply
+            final = await _with_one_retry(call)
         except Exception as exc:  # the replica could not load or run the adapter
             raise self._replica_error(exc, tag) from None
         self._check_final(final, tag)
@@ -147,7 +160,8 @@ class Ingress:
         self._record(tag, n, start, "ok")
         usage = api.Usage(prompt_tokens=n_prompt, completion_tokens=n, total_tokens=n_prompt + n)
         make = api.chat_response if chat else api.completion_response
-        return make(body.model, text, finish, usage)
+        return JSONResponse(make(body.model, text, finish, usage),
+                            headers={"x-lorafleet-replica": final.get("replica", "")})
 
     async def _sse(self, stream: Any, body: Any, chat: bool, tag: dict):
         cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
@@ -192,7 +206,8 @@ class Ingress:
 
     def _record(self, tag: dict, n_tokens: int, start: float, status: str) -> None:
         self.requests.inc(tags={**tag, "status": status})
-        self.tokens.inc(n_tokens, tags=tag)
+        if n_tokens:  # Ray's Counter refuses 0, and an answer may be empty (EOS first)
+            self.tokens.inc(n_tokens, tags=tag)
         self.latency.observe(time.perf_counter() - start, tags=tag)
 
     # ---- names and tenants -------------------------------------------------------------

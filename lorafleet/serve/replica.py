@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve import metrics
 
@@ -85,6 +86,9 @@ class BaseReplica:
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.residency = Residency()
         self.queue: asyncio.Queue[Pending] | None = None
+        # which replica answered, on which node: sent back as the x-lorafleet-replica header
+        node = ray.get_runtime_context().get_node_id()[:8]
+        self.tag = f"{node}/{serve.get_replica_context().replica_id.unique_id}"
         self.decoder = self.engine.decoder(lambda pending, token: pending.put(token))
         self.loads = metrics.Counter("lorafleet_adapter_loads", "adapters loaded on this replica")
         self.evictions = metrics.Counter("lorafleet_adapter_evictions", "adapters evicted on this replica")
@@ -138,7 +142,7 @@ class BaseReplica:
         token_ids: list[int] = []
         async for item in self._tokens(request):
             if isinstance(item, dict):
-                return {"token_ids": token_ids, **item}
+                return {"token_ids": token_ids, "replica": self.tag, **item}
             token_ids += item
         raise RuntimeError("the token stream ended without a final message")
 
