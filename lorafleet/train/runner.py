@@ -25,7 +25,12 @@ from lorafleet.train.progress import NAMESPACE, ProgressBoard, board_name
 from lorafleet.train.worker import JobPlan
 from lorafleet.validate import FleetCheck, check_fleet
 
-RAY_ENV = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TOKENIZERS_PARALLELISM": "false"}}
+# Ray Train gives a worker group 60 s to start; importing torch, transformers and trl took longer
+# than that on a loaded 2-core machine (jobs failed with a ControllerError), and can on a busy node.
+RAY_ENV = {"env_vars": {
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TOKENIZERS_PARALLELISM": "false",
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600"),
+}}
 
 
 @dataclass
