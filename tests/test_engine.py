@@ -287,3 +287,18 @@ def test_a_bad_newcomer_leaves_the_running_batch_intact(base, adapters):
     while decoder:
         finished += decoder.step()
     assert [(row.key, row.result.token_ids) for row in finished] == [("good", alone)]
+
+
+def test_dropped_rows_leave_and_their_mates_go_on(base, adapters):
+    """A caller that leaves (a closed stream) has its row dropped between steps."""
+    engine = engine_with(base, adapters, "ab")
+    stay = GenerationRequest(PROMPTS[2], "a", max_new_tokens=8)
+    alone = engine.generate([stay])[0].token_ids
+    decoder = engine.decoder()
+    decoder.admit([("leaves", GenerationRequest(PROMPTS[0], "b", max_new_tokens=50)), ("stays", stay)])
+    decoder.step()
+    assert [row.key for row in decoder.drop(lambda key: key == "leaves")] == ["leaves"]
+    finished = []
+    while decoder:
+        finished += decoder.step()
+    assert [(row.key, row.result.token_ids) for row in finished] == [("stays", alone)]

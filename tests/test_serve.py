@@ -81,6 +81,19 @@ def test_stream_equals_non_stream_for_same_seed(client):
     assert streamed == whole and whole
 
 
+def test_streams_closed_early_leave_the_others_untouched(client):
+    """Clients that hang up mid-stream: their rows are dropped between decode steps, and the
+    adapter they held may be evicted; the next answers are whole and right."""
+    prompt = heldout_prompts("acme")[0]
+    kw = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 40, "temperature": 0}
+    expected = client.chat.completions.create(model="acme", **kw).choices[0].message.content
+    for model in ("globex", "initech", "globex"):
+        stream = client.chat.completions.create(model=model, stream=True, **kw)
+        next(iter(stream))
+        stream.close()
+    assert client.chat.completions.create(model="acme", **kw).choices[0].message.content == expected
+
+
 def test_stop_sequences_cut_the_answer(client):
     prompt = heldout_prompts("globex")[0]
     full = ask(client, "globex", prompt)

@@ -160,14 +160,25 @@ class Decoder:
         self.batch.advance()
         logits = self.engine._forward(ids, self.batch)  # (B, V)
         keep, finished = self._sample(self.rows, logits)
-        if len(keep) < len(self.rows):
-            self.rows = [self.rows[k] for k in keep]
-            if self.rows:
-                self.batch.select(keep)
-            else:
-                self.batch = None
-            self._rebind()
+        self._keep(keep)
         return finished
+
+    def drop(self, gone: Callable[[Any], bool]) -> list[Row]:
+        """Remove the rows whose key says so (their caller went away) before the next step."""
+        keep = [k for k, row in enumerate(self.rows) if not gone(row.key)]
+        dropped = [row for row in self.rows if gone(row.key)]
+        self._keep(keep)
+        return dropped
+
+    def _keep(self, keep: list[int]) -> None:
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[k] for k in keep]
+        if self.rows:
+            self.batch.select(keep)
+        else:
+            self.batch = None
+        self._rebind()
 
     def abort(self) -> list[Row]:
         """Drop every live row (after an engine error); returns them so their callers hear."""

@@ -63,6 +63,7 @@ class Pending:
     request: Any  # GenerationRequest
     loop: asyncio.AbstractEventLoop
     tokens: asyncio.Queue = field(default_factory=asyncio.Queue)  # token ids, then a final dict
+    gone: bool = False  # the caller left before the end (a closed stream): drop the row
 
     def put(self, item: int | dict) -> None:
         """From the engine thread: hand a token (or the final dict) to the request's event loop."""
@@ -153,8 +154,8 @@ class BaseReplica:
             # no await between the load and this mark: the adapter cannot be collected in between
             self.residency.change(self.residency.in_use, model_id, +1)
         request.adapter = model_id or None
+        pending = Pending(request, asyncio.get_running_loop())
         try:
-            pending = Pending(request, asyncio.get_running_loop())
             await self._enqueue(pending)
             while True:
                 ready = [await pending.tokens.get()]
@@ -167,6 +168,9 @@ class BaseReplica:
                     yield final
                     return
         finally:
+            # a caller that leaves early must not keep decoding, nor hold an adapter the replica
+            # may free: the engine thread drops the row before its next step
+            pending.gone = True
             if model_id:
                 self.residency.change(self.residency.in_use, model_id, -1)
 
@@ -204,7 +208,10 @@ class BaseReplica:
         return batch
 
     def _step(self, new: list[Pending]) -> None:
-        """On the engine thread: one decode step for the running rows, then admit newcomers."""
+        """On the engine thread: one decode step for the running rows, then admit newcomers.
+        Rows whose caller left go first, then adapters nobody uses (never the other way round:
+        a left row's adapter may already be marked unused)."""
+        self.decoder.drop(lambda pending: pending.gone)
         self._collect()
         try:
             finished = self.decoder.step()
@@ -217,7 +224,7 @@ class BaseReplica:
 
     def _admit(self, new: list[Pending]) -> None:
         ok = []
-        for p in new:  # a bad request fails alone, before any work
+        for p in (p for p in new if not p.gone):  # a bad request fails alone, before any work
             try:
                 self.engine.check(p.request)
                 ok.append(p)
