@@ -191,7 +191,10 @@ class BaseReplica:
             while room > 0 and self.decoder.accepting and not self.queue.empty():
                 new.append(self.queue.get_nowait())
                 room -= 1
-            await loop.run_in_executor(self.worker, self._step, new)
+            try:
+                await loop.run_in_executor(self.worker, self._step, new)
+            except Exception as exc:  # never let the loop die: every later request would hang
+                self._fail(new, exc)
 
     async def _first_arrivals(self) -> list[Pending]:
         """Idle: wait for a request, then up to batch_wait_timeout_s for company."""
@@ -211,9 +214,9 @@ class BaseReplica:
         """On the engine thread: one decode step for the running rows, then admit newcomers.
         Rows whose caller left go first, then adapters nobody uses (never the other way round:
         a left row's adapter may already be marked unused)."""
-        self.decoder.drop(lambda pending: pending.gone)
-        self._collect()
         try:
+            self.decoder.drop(lambda pending: pending.gone)
+            self._collect()
             finished = self.decoder.step()
         except Exception as exc:  # a broken step fails the running requests, not the replica
             self._fail([row.key for row in self.decoder.abort()], exc)
