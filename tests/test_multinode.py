@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from lorafleet import settings, tracking
+from lorafleet.bench.scale_bench import max_concurrent
 from lorafleet.train.runner import init_ray, submit
 from tests.conftest import start_local_ray, write_chat
 
@@ -101,16 +102,6 @@ class Timeline:
         """When each attempt held its slot: Ray reserves it before `placed` and frees it after
         `ended`, so these never overlap more than the reservations do."""
         return [(a["placed"], a["ended"]) for c in self.rows for a in self.attempts(c)]
-
-
-def max_concurrent(intervals: list[tuple[float, float]]) -> int:
-    """Most intervals open at one instant (an end at t comes before a start at t)."""
-    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
-    running = peak = 0
-    for _, delta in events:
-        running += delta
-        peak = max(peak, running)
-    return peak
 
 
 def test_jobs_spread_over_nodes_and_queue_beyond_capacity(cluster, lf_home, micro_base):

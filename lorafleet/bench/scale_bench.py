@@ -90,7 +90,8 @@ def handovers(attempts: list[dict], slots_per_node: int) -> list[float]:
     return gaps
 
 
-def _peak(intervals: list[tuple[float, float]]) -> int:
+def max_concurrent(intervals: list[tuple[float, float]]) -> int:
+    """Most intervals open at one instant (an end at t comes before a start at t)."""
     events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
     running = peak = 0
     for _, delta in events:
@@ -126,7 +127,7 @@ def figures(t0: float, t_launch: float, t_end: float, rows: dict[str, dict], wal
         "orchestration_slot_s_per_job": (makespan * slots - sum(busy)) / len(busy),
         "slot_handover_s": _stats(handovers(attempts, slots_per_node)),
         "slot_utilisation": sum(busy) / (slots * makespan),
-        "peak_concurrent_jobs": _peak([(a["placed"], a["ended"]) for a in attempts]),
+        "peak_concurrent_jobs": max_concurrent([(a["placed"], a["ended"]) for a in attempts]),
         "jobs_per_node": nodes,
     }
 
