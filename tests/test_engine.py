@@ -281,8 +281,9 @@ def test_a_bad_newcomer_leaves_the_running_batch_intact(base, adapters):
     assert decoder.admit([("good", good)]) == []
     with pytest.raises(UnknownAdapterError, match="'zz' is not loaded"):
         decoder.admit([("bad", GenerationRequest(PROMPTS[0], "zz"))])
-    with pytest.raises(UnknownAdapterError):
+    with pytest.raises(UnknownAdapterError, match="'zz' is not loaded"):
         engine.check(GenerationRequest(PROMPTS[0], "zz"))
+    engine.check(GenerationRequest(PROMPTS[1], "b"))  # a passing check leaves the running rows' adapters
     finished = []
     while decoder:
         finished += decoder.step()

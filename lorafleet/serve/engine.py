@@ -85,10 +85,12 @@ class _DecodingEngine:
         return Decoder(self, on_token)
 
     def check(self, request: GenerationRequest) -> None:
-        """Raise what admitting this request would raise (bad sampling values, unknown adapter)."""
+        """Raise what admitting this request would raise (bad sampling values, unknown adapter).
+        Never binds: the running batch's rows keep their adapters (check runs between steps)."""
         validate([request])
-        self._bind([request])
-        self._unbind()
+        if request.adapter is not None and request.adapter not in self.adapters():
+            raise UnknownAdapterError(f"adapter '{request.adapter}' is not loaded; "
+                                      f"loaded: {sorted(self.adapters())}")
 
     def generate(self, requests: list[GenerationRequest],
                  on_token: Callable[[int, int], None] | None = None) -> list[GenerationResult]:
