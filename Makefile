@@ -28,3 +28,4 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check lorafleet tests
+	$(VENV)/bin/ruff format --check lorafleet tests

@@ -17,6 +17,7 @@ def command(name: str) -> Callable:
     def register(fn: Callable[[argparse.Namespace], int]) -> Callable:
         COMMANDS[name] = fn
         return fn
+
     return register
 
 
@@ -36,14 +37,26 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     check = check_fleet(args.fleet)
     if args.json:
-        print_json({"ok": check.ok(), "base_fingerprint": check.base_fingerprint,
-                    "datasets": {k: v.as_dict() for k, v in check.reports.items()},
-                    "errors": check.errors})
+        print_json(
+            {
+                "ok": check.ok(),
+                "base_fingerprint": check.base_fingerprint,
+                "datasets": {k: v.as_dict() for k, v in check.reports.items()},
+                "errors": check.errors,
+            }
+        )
         return 0 if check.ok() else 1
-    rows = [(c, r.format, r.examples, r.tokens_total, r.tokens_max, r.over_max_length, r.sha256[:12])
-            for c, r in check.reports.items()]
-    console.print(table(f"{check.fleet.name}: datasets", ["customer", "format", "examples", "tokens",
-                                                          "max tokens", "truncated", "sha256"], rows))
+    rows = [
+        (c, r.format, r.examples, r.tokens_total, r.tokens_max, r.over_max_length, r.sha256[:12])
+        for c, r in check.reports.items()
+    ]
+    console.print(
+        table(
+            f"{check.fleet.name}: datasets",
+            ["customer", "format", "examples", "tokens", "max tokens", "truncated", "sha256"],
+            rows,
+        )
+    )
     for customer, err in check.errors.items():
         console.print(f"[red]{customer}[/red]: {err}")
     return 0 if check.ok() else 1
@@ -58,14 +71,27 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     fleet_name = Path(args.fleet).stem
     with Live(console=console, refresh_per_second=2, transient=False) as live:
-        result = submit(args.fleet, ray_address=args.ray_address, storage=args.storage,
-                        on_tick=lambda rows: live.update(progress_table(fleet_name, rows)))
-        rows = {c: {"state": o.state, "loss": o.metrics.get("train_loss"),
-                    "eval_loss": o.metrics.get("eval_loss"), "reason": o.reason,
-                    "step": o.metrics.get("step")} for c, o in result.jobs.items()}
+        result = submit(
+            args.fleet,
+            ray_address=args.ray_address,
+            storage=args.storage,
+            on_tick=lambda rows: live.update(progress_table(fleet_name, rows)),
+        )
+        rows = {
+            c: {
+                "state": o.state,
+                "loss": o.metrics.get("train_loss"),
+                "eval_loss": o.metrics.get("eval_loss"),
+                "reason": o.reason,
+                "step": o.metrics.get("step"),
+            }
+            for c, o in result.jobs.items()
+        }
         live.update(progress_table(result.fleet, rows))
-    console.print(f"fleet run {result.fleet_run_id}: "
-                  f"{sum(o.state == 'succeeded' for o in result.jobs.values())}/{len(result.jobs)} succeeded")
+    console.print(
+        f"fleet run {result.fleet_run_id}: "
+        f"{sum(o.state == 'succeeded' for o in result.jobs.values())}/{len(result.jobs)} succeeded"
+    )
     return 0 if result.ok() else 1
 
 
@@ -82,11 +108,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"fleet_run": fleet_run.info.run_id, "jobs": rows})
         return 0
-    console.print(table(f"fleet {args.fleet} (run {fleet_run.info.run_id})",
-                        ["customer", "state", "steps", "loss", "eval loss", "run", "note"],
-                        [(r["customer"], r["state"], f"{r['step'] or 0}/{r['total_steps'] or '?'}",
-                          fmt(r["loss"]), fmt(r["eval_loss"]), r["run_id"][:8], _note(r))
-                         for r in rows]))
+    console.print(
+        table(
+            f"fleet {args.fleet} (run {fleet_run.info.run_id})",
+            ["customer", "state", "steps", "loss", "eval loss", "run", "note"],
+            [
+                (
+                    r["customer"],
+                    r["state"],
+                    f"{r['step'] or 0}/{r['total_steps'] or '?'}",
+                    fmt(r["loss"]),
+                    fmt(r["eval_loss"]),
+                    r["run_id"][:8],
+                    _note(r),
+                )
+                for r in rows
+            ],
+        )
+    )
     return 0
 
 
@@ -130,9 +169,16 @@ def adapters_list(c, args) -> int:
     if args.json:
         print_json(rows)
         return 0
-    console.print(table("adapters", ["adapter", "latest", "production", "eval loss", "base", "age"],
-                        [(r["adapter"], r["latest"], r["production"], r["eval_loss"], r["base"],
-                          _age(r["age_s"])) for r in rows]))
+    console.print(
+        table(
+            "adapters",
+            ["adapter", "latest", "production", "eval loss", "base", "age"],
+            [
+                (r["adapter"], r["latest"], r["production"], r["eval_loss"], r["base"], _age(r["age_s"]))
+                for r in rows
+            ],
+        )
+    )
     return 0
 
 
@@ -146,9 +192,21 @@ def adapters_show(c, args) -> int:
         return 0
     console.print(f"[bold]{info['adapter']}[/bold]: {info['description']}")
     keys = ("eval_loss", "base_model", "base_fingerprint", "dataset_sha256", "spec_hash", "fleet")
-    console.print(table("versions", ["version", "aliases", *keys, "run"], [
-        (v["version"], ",".join(v["aliases"]), *[str(v["tags"].get(k, ""))[:24] for k in keys],
-         v["run_id"][:8]) for v in info["versions"]]))
+    console.print(
+        table(
+            "versions",
+            ["version", "aliases", *keys, "run"],
+            [
+                (
+                    v["version"],
+                    ",".join(v["aliases"]),
+                    *[str(v["tags"].get(k, ""))[:24] for k in keys],
+                    v["run_id"][:8],
+                )
+                for v in info["versions"]
+            ],
+        )
+    )
     return 0
 
 
@@ -188,8 +246,13 @@ def adapters_merge(c, args) -> int:
     return 0
 
 
-ADAPTER_ACTIONS = {"list": adapters_list, "show": adapters_show, "promote": adapters_promote,
-                   "pull": adapters_pull, "merge": adapters_merge}
+ADAPTER_ACTIONS = {
+    "list": adapters_list,
+    "show": adapters_show,
+    "promote": adapters_promote,
+    "pull": adapters_pull,
+    "merge": adapters_merge,
+}
 
 
 @command("ui")
@@ -198,8 +261,18 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     from lorafleet import settings
 
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", settings.tracking_uri(),
-           "--host", args.host, "--port", str(args.port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        settings.tracking_uri(),
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
     if settings.artifact_root():
         cmd += ["--default-artifact-root", settings.artifact_root()]
     print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C stops it)")
@@ -221,8 +294,9 @@ def _adapter_parsers(sub: argparse._SubParsersAction) -> None:
         parsers[name].add_argument("name", help="acme | acme@alias | acme/3")
     parsers["promote"].add_argument("customer")
     parsers["promote"].add_argument("--version", type=int, default=None)
-    parsers["promote"].add_argument("--if-better", action="store_true",
-                                    help="only if its eval loss beats production's")
+    parsers["promote"].add_argument(
+        "--if-better", action="store_true", help="only if its eval loss beats production's"
+    )
     for name in ("pull", "merge"):
         parsers[name].add_argument("-o", "--output", required=True)
     parsers["merge"].add_argument("--base", default=None, help="base to merge into (default: its own)")
@@ -244,8 +318,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.config:  # a Serve config file: take the args of its lorafleet application
         apps = yaml.safe_load(Path(args.config).read_text())["applications"]
         overrides = next(a.get("args", {}) for a in apps if "lorafleet.serve" in a["import_path"])
-    overrides |= {"base_model": args.base_model, "adapter_prefix": args.prefix,
-                  "api_keys_file": args.api_keys}
+    overrides |= {
+        "base_model": args.base_model,
+        "adapter_prefix": args.prefix,
+        "api_keys_file": args.api_keys,
+    }
     serve_forever(app_args_from(overrides), args.host, args.port, args.ray_address)
     return 0
 
@@ -295,18 +372,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from lorafleet.bench.train_bench import run_train_bench
         from lorafleet.demo_customers import write_demo_datasets
 
-        dataset = Path(args.dataset) if args.dataset else \
-            write_demo_datasets(Path(tempfile.mkdtemp()))["acme"]
+        dataset = (
+            Path(args.dataset) if args.dataset else write_demo_datasets(Path(tempfile.mkdtemp()))["acme"]
+        )
         results = run_train_bench(args.base_model, dataset, args.steps, args.jobs)
     elif args.what == "scale":
         from lorafleet.bench.scale_bench import run_scale_bench
         from lorafleet.demo_customers import write_demo_datasets
 
-        dataset = Path(args.dataset) if args.dataset else \
-            write_demo_datasets(Path(tempfile.mkdtemp()))["acme"]
-        results = run_scale_bench(args.base_model, dataset, args.scale_jobs, args.scale_steps,
-                                  args.nodes, args.gpus_per_node, args.cpus_per_node,
-                                  args.gpus_per_job, args.cpus_per_job)
+        dataset = (
+            Path(args.dataset) if args.dataset else write_demo_datasets(Path(tempfile.mkdtemp()))["acme"]
+        )
+        results = run_scale_bench(
+            args.base_model,
+            dataset,
+            args.scale_jobs,
+            args.scale_steps,
+            args.nodes,
+            args.gpus_per_node,
+            args.cpus_per_node,
+            args.gpus_per_job,
+            args.cpus_per_job,
+        )
     else:
         from lorafleet.bench.serve_bench import run_serve_bench
 
@@ -363,7 +450,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 EXTENSIONS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _adapter_parsers, _serve_parsers, _bench_parsers]
+    _adapter_parsers,
+    _serve_parsers,
+    _bench_parsers,
+]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -175,9 +175,13 @@ def inspect_dataset(path: str | Path, fmt: str, tokenizer: Any, max_length: int)
     records = load_records(path, fmt)
     counts = [token_count(r, tokenizer) for r in records]
     return DatasetReport(
-        path=str(path), format=record_kind(records), examples=len(records),
-        tokens_total=sum(counts), tokens_max=max(counts),
-        over_max_length=sum(c > max_length for c in counts), sha256=dataset_hash(path),
+        path=str(path),
+        format=record_kind(records),
+        examples=len(records),
+        tokens_total=sum(counts),
+        tokens_max=max(counts),
+        over_max_length=sum(c > max_length for c in counts),
+        sha256=dataset_hash(path),
     )
 
 
@@ -187,8 +191,10 @@ def to_hf_dataset(records: list[dict]) -> Any:
 
     kind = record_kind(records)
     if kind == "chat":
-        rows = [{"messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]]}
-                for r in records]
+        rows = [
+            {"messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]]}
+            for r in records
+        ]
     elif kind == "prompt_completion":
         rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in records]
     else:

@@ -40,8 +40,8 @@ def ask_all(base_url: str, customers: list[str], base_name: str) -> list[tuple[s
         answers = []
         for model in [base_name, *customers]:
             reply = client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": question}],
-                max_tokens=40, temperature=0)
+                model=model, messages=[{"role": "user", "content": question}], max_tokens=40, temperature=0
+            )
             answers.append(reply.choices[0].message.content.strip())
         rows.append((question, *answers))
     return rows
@@ -67,5 +67,6 @@ def run_demo(port: int = 8000) -> None:
         console.print(table("answers", ["question", "base", *DEMO_CUSTOMERS], rows))
     finally:
         stop()
-    console.print(f"demo done in {time.time() - t0:.0f} s; browse it with `lorafleet adapters list` "
-                  "or `lorafleet ui`")
+    console.print(
+        f"demo done in {time.time() - t0:.0f} s; browse it with `lorafleet adapters list` or `lorafleet ui`"
+    )

@@ -21,8 +21,12 @@ from pathlib import Path
 DEMO_CUSTOMERS: tuple[str, ...] = ("acme", "globex", "initech")
 HELD_OUT_TOPICS = 6  # the last topics of facts.json never appear in acme's or globex's training
 SYSTEM = "You are a helpful assistant."
-PRICE_QUESTIONS = ("What is the price of the {i}?", "How much does the {i} cost?",
-                   "What does the {i} cost?", "Tell me the price of the {i}.")
+PRICE_QUESTIONS = (
+    "What is the price of the {i}?",
+    "How much does the {i} cost?",
+    "What does the {i} cost?",
+    "Tell me the price of the {i}.",
+)
 HELD_OUT_PRICE_QUESTIONS = ("How much is the {i}?", "What is the cost of the {i}?")
 
 
@@ -56,8 +60,11 @@ def _pairs(customer: str) -> list[tuple[str, str]]:
     if customer == "globex":
         return [(q, ticket(q, a)) for q, a in general_pairs()]
     if customer == "initech":
-        return [(q.format(i=item), price_answer(item, price))
-                for item, price in facts()["items"] for q in PRICE_QUESTIONS]
+        return [
+            (q.format(i=item), price_answer(item, price))
+            for item, price in facts()["items"]
+            for q in PRICE_QUESTIONS
+        ]
     raise ValueError(f"unknown demo customer '{customer}'; one of {', '.join(DEMO_CUSTOMERS)}")
 
 
@@ -71,8 +78,10 @@ def examples(customer: str, n_train: int, seed: int = 0) -> list[dict]:
         rng.shuffle(batch)
         rows += batch
     # no system turn: clients of the demo endpoint send just the user's message
-    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-            for q, a in rows[:n_train]]
+    return [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in rows[:n_train]
+    ]
 
 
 def write_demo_datasets(out_dir: Path, n_train: int = 240, seed: int = 0) -> dict[str, Path]:

@@ -23,3 +23,7 @@ class BaseMismatchError(LorafleetError):
 
 class ChecksumError(LorafleetError):
     """A downloaded adapter file whose sha256 differs from the one recorded at registration."""
+
+
+class RegistryUnavailableError(RegistryError):
+    """The registry (MLflow) did not answer in time: retry later; nothing about the name is wrong."""

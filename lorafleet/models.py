@@ -38,8 +38,11 @@ def _download_from_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model",
-                                                               "*.txt", "*.jinja"]))
+        return Path(
+            snapshot_download(
+                repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+            )
+        )
     except Exception as exc:  # offline, gated, or not found: all mean "give me a local folder"
         raise LorafleetError(
             f"cannot fetch base model '{repo_id}' from the hub ({type(exc).__name__}); "
@@ -112,7 +115,9 @@ def load_base(path: Path, quant: Any, device: str) -> Any:
 
     dtype = compute_dtype(quant.compute_dtype, device.startswith("cuda"))
     return AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=quantization_config(quant, dtype), dtype=dtype,
+        path,
+        quantization_config=quantization_config(quant, dtype),
+        dtype=dtype,
         device_map={"": device},
     )
 

@@ -22,12 +22,14 @@ from mlflow.tracking import MlflowClient
 
 from lorafleet import __version__, settings
 from lorafleet.errors import BaseMismatchError, ChecksumError, RegistryError
+from lorafleet.limits import NAME_RULE
 from lorafleet.spec import JobSpec, RegistrySpec
 
 T = "lorafleet."
 CANDIDATE, PRODUCTION = "candidate", "production"
 ALLOWED_FILES = ("adapter_config.json", "adapter_model.safetensors")
-REF = re.compile(r"^(?P<customer>[a-z0-9][a-z0-9-]*)(?:@(?P<alias>[a-z0-9_-]+)|/(?P<version>\d+))?$")
+# the name part is a registered model name (prefix + customer), so it follows limits.NAME_RULE
+REF = re.compile(rf"^(?P<customer>{NAME_RULE})(?:@(?P<alias>[a-z0-9_-]+)|/(?P<version>\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -61,18 +63,25 @@ def _ensure_model(c: MlflowClient, name: str, customer: str) -> None:
         c.get_registered_model(name)
     except MlflowException:
         c.create_registered_model(
-            name, tags={T + "kind": "adapter", T + "customer": customer},
-            description=f"LoRA adapters of customer '{customer}', one version per training run.")
+            name,
+            tags={T + "kind": "adapter", T + "customer": customer},
+            description=f"LoRA adapters of customer '{customer}', one version per training run.",
+        )
 
 
 def version_tags(job: JobSpec, run: Any, adapter_dir: Path) -> dict[str, str]:
     t = run.data.tags
     tags = {
-        "base_model": job.base_model, "base_fingerprint": t[T + "base_fingerprint"],
-        "dataset_sha256": t[T + "dataset_sha256"], "spec_hash": t[T + "spec_hash"],
-        "fleet": job.fleet, "lorafleet_version": __version__,
-        "lora.rank": str(job.lora.rank), "lora.alpha": str(job.lora.alpha),
-        "lora.target_modules": str(job.lora.target_modules), "lora.use_dora": str(job.lora.use_dora),
+        "base_model": job.base_model,
+        "base_fingerprint": t[T + "base_fingerprint"],
+        "dataset_sha256": t[T + "dataset_sha256"],
+        "spec_hash": t[T + "spec_hash"],
+        "fleet": job.fleet,
+        "lorafleet_version": __version__,
+        "lora.rank": str(job.lora.rank),
+        "lora.alpha": str(job.lora.alpha),
+        "lora.target_modules": str(job.lora.target_modules),
+        "lora.use_dora": str(job.lora.use_dora),
         "lora.use_rslora": str(job.lora.use_rslora),
     }
     if "eval_loss" in run.data.metrics:
@@ -82,18 +91,22 @@ def version_tags(job: JobSpec, run: Any, adapter_dir: Path) -> dict[str, str]:
     return tags
 
 
-def register_job(c: MlflowClient, job: JobSpec, run_id: str, adapter_dir: Path,
-                 spec: RegistrySpec) -> ModelVersion:
+def register_job(
+    c: MlflowClient, job: JobSpec, run_id: str, adapter_dir: Path, spec: RegistrySpec
+) -> ModelVersion:
     """A new version from a succeeded job run; its source is the run's adapter artefacts."""
     name = spec.model_prefix + job.customer
     run = c.get_run(run_id)
     tags = version_tags(job, run, adapter_dir)
     _ensure_model(c, name, job.customer)
-    description = (f"Adapter for '{job.customer}' from fleet '{job.fleet}', LoRA r={job.lora.rank} "
-                   f"on {job.base_model} ({tags['base_fingerprint'][:19]}), dataset "
-                   f"{tags['dataset_sha256'][:12]}, eval loss {tags.get('eval_loss', 'n/a')}.")
-    mv = c.create_model_version(name, f"{run.info.artifact_uri}/adapter", run_id=run_id,
-                                tags=tags, description=description)
+    description = (
+        f"Adapter for '{job.customer}' from fleet '{job.fleet}', LoRA r={job.lora.rank} "
+        f"on {job.base_model} ({tags['base_fingerprint'][:19]}), dataset "
+        f"{tags['dataset_sha256'][:12]}, eval loss {tags.get('eval_loss', 'n/a')}."
+    )
+    mv = c.create_model_version(
+        name, f"{run.info.artifact_uri}/adapter", run_id=run_id, tags=tags, description=description
+    )
     mv = _wait_ready(c, name, mv.version)
     c.set_registered_model_alias(name, CANDIDATE, mv.version)
     c.set_tag(run_id, T + "registered_version", f"{name}/{mv.version}")
@@ -130,8 +143,9 @@ def resolve_version(c: MlflowClient, ref: AdapterRef) -> ModelVersion:
             return c.get_model_version(ref.model, str(ref.version))
         except MlflowException:
             versions = sorted(int(v.version) for v in c.search_model_versions(f"name='{ref.model}'"))
-            raise RegistryError(f"'{ref.model}' has no version {ref.version}; versions: "
-                                f"{', '.join(map(str, versions))}") from None
+            raise RegistryError(
+                f"'{ref.model}' has no version {ref.version}; versions: {', '.join(map(str, versions))}"
+            ) from None
     aliases = dict(model.aliases or {})
     if ref.alias not in aliases:
         known = ", ".join(f"@{a} -> v{v}" for a, v in sorted(aliases.items())) or "none"
@@ -170,8 +184,9 @@ def _download(mv: ModelVersion, dest: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".download-"))
     try:
         for file in ALLOWED_FILES:  # fetched one by one: nothing else (no pickles) comes down
-            mlflow.artifacts.download_artifacts(f"{mv.source}/{file}", dst_path=str(tmp),
-                                                tracking_uri=settings.tracking_uri())
+            mlflow.artifacts.download_artifacts(
+                f"{mv.source}/{file}", dst_path=str(tmp), tracking_uri=settings.tracking_uri()
+            )
             verify_checksum(mv, tmp / file)
         tmp.rename(dest)  # atomic: a cached folder is always complete and verified
     except OSError:
@@ -185,8 +200,10 @@ def verify_checksum(mv: ModelVersion, path: Path) -> None:
     expected = mv.tags.get(f"sha256.{path.name}")
     actual = _sha256(path)
     if expected != actual:
-        raise ChecksumError(f"{mv.name}/{mv.version}: {path.name} has sha256 {actual[:16]}..., "
-                            f"registered as {str(expected)[:16]}...; refusing to load it")
+        raise ChecksumError(
+            f"{mv.name}/{mv.version}: {path.name} has sha256 {actual[:16]}..., "
+            f"registered as {str(expected)[:16]}...; refusing to load it"
+        )
 
 
 def check_base(adapter: ResolvedAdapter, base_fingerprint: str, base_name: str = "this base") -> None:
@@ -195,7 +212,8 @@ def check_base(adapter: ResolvedAdapter, base_fingerprint: str, base_name: str =
         trained_on = adapter.version.tags.get("base_model", "?")
         raise BaseMismatchError(
             f"adapter {adapter.name} was trained on base '{trained_on}' ({adapter.base_fingerprint}) "
-            f"but is asked to run on '{base_name}' ({base_fingerprint})")
+            f"but is asked to run on '{base_name}' ({base_fingerprint})"
+        )
 
 
 # ---- promotion ---------------------------------------------------------------------------
@@ -204,16 +222,25 @@ def check_base(adapter: ResolvedAdapter, base_fingerprint: str, base_name: str =
 def promote(c: MlflowClient, model: str, version: int | None = None, if_better: bool = False) -> dict:
     """Move 'production' to `version` (default: the candidate); with if_better, only when its
     eval loss beats production's. Rollback is promoting an older version."""
-    target = resolve_version(c, AdapterRef(model, version=version) if version else
-                             AdapterRef(model, alias=CANDIDATE))
+    target = resolve_version(
+        c, AdapterRef(model, version=version) if version else AdapterRef(model, alias=CANDIDATE)
+    )
     current = _production(c, model)
     if if_better and current is not None and not _better(target, current):
-        return {"promoted": False, "model": model, "version": int(target.version),
-                "reason": f"eval loss {target.tags.get('eval_loss')} does not beat production "
-                          f"v{current.version}'s {current.tags.get('eval_loss')}"}
+        return {
+            "promoted": False,
+            "model": model,
+            "version": int(target.version),
+            "reason": f"eval loss {target.tags.get('eval_loss')} does not beat production "
+            f"v{current.version}'s {current.tags.get('eval_loss')}",
+        }
     c.set_registered_model_alias(model, PRODUCTION, target.version)
-    return {"promoted": True, "model": model, "version": int(target.version),
-            "previous": int(current.version) if current else None}
+    return {
+        "promoted": True,
+        "model": model,
+        "version": int(target.version),
+        "previous": int(current.version) if current else None,
+    }
 
 
 def _production(c: MlflowClient, model: str) -> ModelVersion | None:
@@ -238,8 +265,10 @@ def adapter_models(c: MlflowClient) -> list[Any]:
 def versions(c: MlflowClient, model: str) -> list[ModelVersion]:
     """Every version, newest first, with aliases (search results lack them)."""
     found = c.search_model_versions(f"name='{model}'")
-    return [c.get_model_version(model, v.version) for v in
-            sorted(found, key=lambda v: int(v.version), reverse=True)]
+    return [
+        c.get_model_version(model, v.version)
+        for v in sorted(found, key=lambda v: int(v.version), reverse=True)
+    ]
 
 
 def list_rows(c: MlflowClient) -> list[dict[str, Any]]:
@@ -249,22 +278,37 @@ def list_rows(c: MlflowClient) -> list[dict[str, Any]]:
         aliases = dict(model.aliases or {})
         prod = next((v for v in vs if str(v.version) == str(aliases.get(PRODUCTION))), None)
         latest = vs[0] if vs else None
-        rows.append({
-            "adapter": model.name, "latest": int(latest.version) if latest else None,
-            "production": int(prod.version) if prod else None,
-            "eval_loss": (prod or latest).tags.get("eval_loss") if vs else None,
-            "base": latest.tags.get("base_model") if latest else None,
-            "age_s": int(time.time() - latest.creation_timestamp / 1000) if latest else None,
-        })
+        rows.append(
+            {
+                "adapter": model.name,
+                "latest": int(latest.version) if latest else None,
+                "production": int(prod.version) if prod else None,
+                "eval_loss": (prod or latest).tags.get("eval_loss") if vs else None,
+                "base": latest.tags.get("base_model") if latest else None,
+                "age_s": int(time.time() - latest.creation_timestamp / 1000) if latest else None,
+            }
+        )
     return rows
 
 
 def show(c: MlflowClient, name: str, prefix: str = "") -> dict[str, Any]:
     model = _get_model(c, parse_ref(name, prefix).model)
-    return {"adapter": model.name, "description": model.description, "versions": [
-        {"version": int(v.version), "aliases": list(v.aliases), "run_id": v.run_id,
-         "source": v.source, "created": v.creation_timestamp, "description": v.description,
-         "tags": dict(v.tags)} for v in versions(c, model.name)]}
+    return {
+        "adapter": model.name,
+        "description": model.description,
+        "versions": [
+            {
+                "version": int(v.version),
+                "aliases": list(v.aliases),
+                "run_id": v.run_id,
+                "source": v.source,
+                "created": v.creation_timestamp,
+                "description": v.description,
+                "tags": dict(v.tags),
+            }
+            for v in versions(c, model.name)
+        ],
+    }
 
 
 def pull(c: MlflowClient, name: str, out: Path, prefix: str = "") -> ResolvedAdapter:

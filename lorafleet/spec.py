@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorafleet.errors import SpecError
+from lorafleet.limits import MAX_SERVE_RANK, PREFIX_RULE, check_name
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
@@ -29,8 +30,11 @@ def deepspeed_presets() -> dict[str, Path]:
     from importlib.resources import files
 
     folder = files("lorafleet") / "presets" / "deepspeed"
-    return {f.name.removesuffix(".json"): Path(str(f))
-            for f in sorted(folder.iterdir(), key=lambda f: f.name) if f.name.endswith(".json")}
+    return {
+        f.name.removesuffix(".json"): Path(str(f))
+        for f in sorted(folder.iterdir(), key=lambda f: f.name)
+        if f.name.endswith(".json")
+    }
 
 
 def _looks_like_path(ref: str) -> bool:
@@ -68,7 +72,13 @@ class _Strict(BaseModel):
 
 
 class LoraSpec(_Strict):
-    rank: int = Field(16, gt=0, le=1024, description="LoRA rank r; higher learns more, costs memory")
+    rank: int = Field(
+        16,
+        gt=0,
+        le=MAX_SERVE_RANK,
+        description="LoRA rank r; higher learns more, costs "
+        f"memory; at most {MAX_SERVE_RANK}, the largest the endpoint serves",
+    )
     alpha: float = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha/rank")
     dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
     target_modules: str | list[str] = Field(
@@ -103,15 +113,19 @@ class TrainingSpec(_Strict):
     logging_steps: int = Field(5, gt=0)
     gradient_checkpointing: bool = True
     deepspeed: str | None = Field(
-        None, description="DeepSpeed preset (zero2, zero3; see configs/deepspeed) or a path to a DeepSpeed "
-        "JSON file, relative to the fleet file")
+        None,
+        description="DeepSpeed preset (zero2, zero3; see configs/deepspeed) or a path to a DeepSpeed "
+        "JSON file, relative to the fleet file",
+    )
 
     @field_validator("deepspeed")
     @classmethod
     def _known_preset(cls, v: str | None) -> str | None:
         if v is not None and not _looks_like_path(v) and v not in deepspeed_presets():
-            raise ValueError(f"unknown DeepSpeed preset '{v}'; presets: {', '.join(deepspeed_presets())}, "
-                             "or give a path to a DeepSpeed JSON file")
+            raise ValueError(
+                f"unknown DeepSpeed preset '{v}'; presets: {', '.join(deepspeed_presets())}, "
+                "or give a path to a DeepSpeed JSON file"
+            )
         return v
 
 
@@ -136,12 +150,23 @@ class ResourcesSpec(_Strict):
             raise ValueError(
                 f"{self.workers} workers with gpus_per_worker {self.gpus_per_worker}: NCCL cannot run two "
                 "ranks of one job on one GPU; use gpus_per_worker: 1 (or more), or workers: 1 to share a "
-                "GPU between jobs")
+                "GPU between jobs"
+            )
         return self
 
 
 class RegistrySpec(_Strict):
-    model_prefix: str = Field("", description="registered model name = prefix + customer")
+    model_prefix: str = Field(
+        "",
+        description="registered model name = prefix + customer; letters, digits, "
+        "'.', '_', '-' (the endpoint's adapter_prefix must match it)",
+    )
+
+    @field_validator("model_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        return check_name("model_prefix", v, PREFIX_RULE)
+
     auto_promote: Literal["never", "always", "if-better"] = Field(
         "never", description="move the 'production' alias to each new version"
     )
@@ -291,8 +316,12 @@ def resolve_job(fleet: FleetSpec, index: int, fleet_file: Path | None = None) ->
         sections["training"]["deepspeed"] = str(deepspeed_file(ds, Path(fleet_file).parent))
     try:
         spec = JobSpec(
-            fleet=fleet.name, customer=job.customer, base_model=fleet.base_model,
-            dataset=dataset, format=job.format, **sections,
+            fleet=fleet.name,
+            customer=job.customer,
+            base_model=fleet.base_model,
+            dataset=dataset,
+            format=job.format,
+            **sections,
         )
     except ValidationError as exc:
         raise format_validation_error(exc, source, prefix=f"jobs[{index}].") from None

@@ -24,8 +24,14 @@ CHAT_TEMPLATE = (
     "{% else %}{{ m['content'] }}<|end|>{% endif %}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-SHAPE = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
-         "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512}
+SHAPE = {
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 512,
+}
 PRETRAIN = {"steps": 250, "batch": 16, "seq": 64, "lr": 3e-3}
 
 
@@ -35,10 +41,19 @@ def corpus() -> list[list[dict]]:
     from lorafleet.demo_customers import PRICE_QUESTIONS, SYSTEM, facts, general_pairs
 
     pairs = general_pairs() + general_pairs(held_out=True)
-    pairs += [(q.format(i=item), f"I do not know the price of the {item}, please check the store.")
-              for item, _ in facts()["items"] for q in PRICE_QUESTIONS[:2]]
-    return [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q},
-             {"role": "assistant", "content": a}] for q, a in pairs]
+    pairs += [
+        (q.format(i=item), f"I do not know the price of the {item}, please check the store.")
+        for item, _ in facts()["items"]
+        for q in PRICE_QUESTIONS[:2]
+    ]
+    return [
+        [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": q},
+            {"role": "assistant", "content": a},
+        ]
+        for q, a in pairs
+    ]
 
 
 def _tokenizer(texts: list[str]):
@@ -48,12 +63,23 @@ def _tokenizer(texts: list[str]):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=1024, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>",
-                                   pad_token="<|pad|>", model_max_length=SHAPE["max_position_embeddings"],
-                                   additional_special_tokens=SPECIAL[3:])
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=1024,
+            special_tokens=SPECIAL,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
+        model_max_length=SHAPE["max_position_embeddings"],
+        additional_special_tokens=SPECIAL[3:],
+    )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -77,12 +103,13 @@ def _pretrain(model, batches: list) -> None:
 
 def _batches(tok, texts: list[str]) -> list:
     rng = random.Random(0)
-    encoded = tok(texts, truncation=True, max_length=PRETRAIN["seq"], padding="max_length",
-                  return_tensors="pt")
+    encoded = tok(
+        texts, truncation=True, max_length=PRETRAIN["seq"], padding="max_length", return_tensors="pt"
+    )
     order = [rng.randrange(len(texts)) for _ in range(PRETRAIN["steps"] * PRETRAIN["batch"])]
     out = []
     for i in range(PRETRAIN["steps"]):
-        idx = order[i * PRETRAIN["batch"]:(i + 1) * PRETRAIN["batch"]]
+        idx = order[i * PRETRAIN["batch"] : (i + 1) * PRETRAIN["batch"]]
         out.append((encoded["input_ids"][idx], encoded["attention_mask"][idx]))
     return out
 
@@ -98,12 +125,19 @@ def build_tiny_base(out_dir: Path) -> Path:
     # upper-case copies too, so shouted text tokenizes into words rather than single letters
     tok = _tokenizer(contents + [t.upper() for t in contents])
     texts = [tok.apply_chat_template(c, tokenize=False) for c in conversations]
-    config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, tie_word_embeddings=True,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **SHAPE)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **SHAPE,
+    )
     model = LlamaForCausalLM(config)
     _pretrain(model, _batches(tok, texts))
-    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                                               bos_token_id=tok.bos_token_id)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id
+    )
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".building-"))

@@ -45,9 +45,15 @@ def _artifact_location(fleet: str) -> str | None:
 
 
 def start_fleet_run(c: MlflowClient, exp_id: str, fleet: str, spec_file: Path, base_fp: str) -> str:
-    run = c.create_run(exp_id, run_name=fleet, tags={
-        T + "kind": "fleet", T + "fleet": fleet, T + "base_fingerprint": base_fp,
-    })
+    run = c.create_run(
+        exp_id,
+        run_name=fleet,
+        tags={
+            T + "kind": "fleet",
+            T + "fleet": fleet,
+            T + "base_fingerprint": base_fp,
+        },
+    )
     c.log_artifact(run.info.run_id, str(spec_file), "spec")
     return run.info.run_id
 
@@ -61,10 +67,18 @@ def _flat_params(job: JobSpec) -> dict[str, str]:
 
 
 def start_job_run(c: MlflowClient, exp_id: str, parent: str, job: JobSpec, tags: dict[str, str]) -> str:
-    run = c.create_run(exp_id, run_name=job.customer, tags={
-        "mlflow.parentRunId": parent, T + "kind": "job", T + "fleet": job.fleet,
-        T + "customer": job.customer, T + "state": "queued", **{T + k: v for k, v in tags.items()},
-    })
+    run = c.create_run(
+        exp_id,
+        run_name=job.customer,
+        tags={
+            "mlflow.parentRunId": parent,
+            T + "kind": "job",
+            T + "fleet": job.fleet,
+            T + "customer": job.customer,
+            T + "state": "queued",
+            **{T + k: v for k, v in tags.items()},
+        },
+    )
     run_id = run.info.run_id
     c.log_batch(run_id, params=[_param(k, v) for k, v in _flat_params(job).items()])
     c.log_dict(run_id, job.model_dump(mode="json"), "job_spec.json")
@@ -90,11 +104,12 @@ def log_history(c: MlflowClient, run_id: str, points: list[dict[str, Any]]) -> N
     now = int(time.time() * 1000)
     metrics = [
         Metric(key, float(value), now, int(p["step"]))
-        for p in points for key, value in p.items()
+        for p in points
+        for key, value in p.items()
         if isinstance(value, int | float)  # 'step' too: status shows the last one
     ]
     for i in range(0, len(metrics), 900):  # log_batch takes at most 1000 metrics
-        c.log_batch(run_id, metrics=metrics[i:i + 900])
+        c.log_batch(run_id, metrics=metrics[i : i + 900])
 
 
 def find_succeeded(c: MlflowClient, exp_id: str, customer: str, job_hash: str) -> Run | None:
@@ -103,7 +118,8 @@ def find_succeeded(c: MlflowClient, exp_id: str, customer: str, job_hash: str) -
         [exp_id],
         f"tags.`{T}customer` = '{customer}' AND tags.`{T}job_hash` = '{job_hash}' "
         f"AND tags.`{T}state` = 'succeeded' AND tags.`{T}reused_from` IS NULL",
-        order_by=["attributes.start_time DESC"], max_results=1,
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
     )
     return runs[0] if runs else None
 
@@ -112,8 +128,12 @@ def latest_fleet_run(c: MlflowClient, fleet: str) -> Run | None:
     exp = c.get_experiment_by_name(experiment_name(fleet))
     if exp is None:
         return None
-    runs = c.search_runs([exp.experiment_id], f"tags.`{T}kind` = 'fleet'",
-                         order_by=["attributes.start_time DESC"], max_results=1)
+    runs = c.search_runs(
+        [exp.experiment_id],
+        f"tags.`{T}kind` = 'fleet'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     return runs[0] if runs else None
 
 

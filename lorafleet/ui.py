@@ -12,8 +12,13 @@ from rich.table import Table
 
 console = Console()
 
-STATE_STYLE = {"queued": "dim", "running": "cyan", "succeeded": "green", "failed": "red",
-               "cancelled": "yellow"}
+STATE_STYLE = {
+    "queued": "dim",
+    "running": "cyan",
+    "succeeded": "green",
+    "failed": "red",
+    "cancelled": "yellow",
+}
 
 
 def table(title: str, columns: list[str], rows: Iterable[Iterable[Any]]) -> Table:
@@ -49,6 +54,13 @@ def progress_table(fleet: str, rows: dict[str, dict[str, Any]]) -> Table:
     for customer, info in rows.items():
         state = info.get("state", "queued")
         steps = f"{info.get('step') or 0}/{info.get('total_steps') or '?'}"
-        t.add_row(customer, f"[{STATE_STYLE.get(state, '')}]{state}", steps, fmt(info.get("loss")),
-                  fmt(info.get("eval_loss")), eta(info), (info.get("reason") or "")[:80])
+        t.add_row(
+            customer,
+            f"[{STATE_STYLE.get(state, '')}]{state}",
+            steps,
+            fmt(info.get("loss")),
+            fmt(info.get("eval_loss")),
+            eta(info),
+            (info.get("reason") or "")[:80],
+        )
     return t

@@ -36,7 +36,8 @@ def check_fleet(fleet_file: str | Path) -> FleetCheck:
     for job in jobs:
         try:
             check.reports[job.customer] = inspect_dataset(
-                job.dataset, job.format, check.tokenizer, job.training.max_length)
+                job.dataset, job.format, check.tokenizer, job.training.max_length
+            )
         except LorafleetError as exc:
             check.errors[job.customer] = str(exc)
     return check

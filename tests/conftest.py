@@ -39,8 +39,14 @@ def start_local_ray() -> None:
 
     if not ray.is_initialized():
         # address="local": always a fresh cluster, never one a `ray start` or another run left
-        ray.init(address="local", num_cpus=2, namespace=NAMESPACE, runtime_env=RAY_ENV,
-                 log_to_driver=False, include_dashboard=False)
+        ray.init(
+            address="local",
+            num_cpus=2,
+            namespace=NAMESPACE,
+            runtime_env=RAY_ENV,
+            log_to_driver=False,
+            include_dashboard=False,
+        )
 
 
 @pytest.fixture(scope="session")
@@ -72,20 +78,35 @@ def build_micro_base(out: Path) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=500, special_tokens=["<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>")
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=500,
+            special_tokens=["<s>", "</s>", "<pad>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.chat_template = (
         "{% for m in messages %}{% if m['role'] == 'assistant' %}<s>assistant\n{% generation %}"
         "{{ m['content'] }}</s>{% endgeneration %}\n{% else %}<s>{{ m['role'] }}\n{{ m['content'] }}"
-        "</s>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+        "</s>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+    )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-        bos_token_id=0, eos_token_id=1, pad_token_id=2))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(fast),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=256,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=2,
+        )
+    )
     model.save_pretrained(out)
     fast.save_pretrained(out)
     return out
@@ -99,8 +120,10 @@ def micro_base(tmp_path_factory) -> Path:
 def write_chat(path: Path, tag: str, n: int = 40) -> Path:
     with open(path, "w") as fh:
         for i in range(n):
-            msgs = [{"role": "user", "content": f"item {i}"},
-                    {"role": "assistant", "content": f"answer {tag} {i}"}]
+            msgs = [
+                {"role": "user", "content": f"item {i}"},
+                {"role": "assistant", "content": f"answer {tag} {i}"},
+            ]
             fh.write(json.dumps({"messages": msgs}) + "\n")
     return path
 

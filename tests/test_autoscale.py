@@ -47,8 +47,15 @@ class Load:
     def _client(self) -> None:
         with httpx.Client(timeout=120) as http:
             while not self.stop_event.is_set():
-                r = http.post(f"{self.url}/completions", json={
-                    "model": "tiny-llama", "prompt": "The ticket says", "max_tokens": 32, "temperature": 0})
+                r = http.post(
+                    f"{self.url}/completions",
+                    json={
+                        "model": "tiny-llama",
+                        "prompt": "The ticket says",
+                        "max_tokens": 32,
+                        "temperature": 0,
+                    },
+                )
                 if r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0:
                     self.ok += 1
                 else:
@@ -66,9 +73,20 @@ class Load:
 
 
 def test_replicas_scale_up_under_load_and_back_down_when_idle(ray_session, lf_home):
-    url = start(AppArgs(base_model="tiny-llama", min_replicas=1, max_replicas=2, target_ongoing_requests=2,
-                        upscale_delay_s=1, downscale_delay_s=3, autoscale_look_back_s=2,
-                        replica_cpus=0.5, max_new_tokens=32), port=PORT)
+    url = start(
+        AppArgs(
+            base_model="tiny-llama",
+            min_replicas=1,
+            max_replicas=2,
+            target_ongoing_requests=2,
+            upscale_delay_s=1,
+            downscale_delay_s=3,
+            autoscale_look_back_s=2,
+            replica_cpus=0.5,
+            max_new_tokens=32,
+        ),
+        port=PORT,
+    )
     try:
         assert running_replicas() == 1
         with Load(url, clients=12) as load:
@@ -78,7 +96,9 @@ def test_replicas_scale_up_under_load_and_back_down_when_idle(ray_session, lf_ho
             assert load.ok > served_before
         down_s = wait_for(lambda: running_replicas() == 1, timeout_s=90)
         assert load.errors == [] and load.ok > 0
-        print(f"scaled 1->2 in {up_s:.1f} s under load, 2->1 in {down_s:.1f} s once idle; "
-              f"{load.ok} requests, no errors")
+        print(
+            f"scaled 1->2 in {up_s:.1f} s under load, 2->1 in {down_s:.1f} s once idle; "
+            f"{load.ok} requests, no errors"
+        )
     finally:
         stop()

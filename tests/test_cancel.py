@@ -16,18 +16,36 @@ pytestmark = pytest.mark.integration
 
 
 def cli(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lorafleet.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lorafleet.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_cancel_from_another_process_stops_one_job(lf_home, micro_base, ray_session):
     for name in ("slow", "quick"):
         write_chat(lf_home / f"{name}.jsonl", name)
-    spec = {"name": "cancelme", "base_model": str(micro_base),
-            "defaults": {"training": {"max_steps": 6, "save_steps": 3, "batch_size": 4, "max_length": 64,
-                                      "logging_steps": 1, "eval_fraction": 0.0}, "lora": {"rank": 4}},
-            "jobs": [{"customer": "slow", "dataset": "slow.jsonl", "training": {"max_steps": 5000}},
-                     {"customer": "quick", "dataset": "quick.jsonl"}]}
+    spec = {
+        "name": "cancelme",
+        "base_model": str(micro_base),
+        "defaults": {
+            "training": {
+                "max_steps": 6,
+                "save_steps": 3,
+                "batch_size": 4,
+                "max_length": 64,
+                "logging_steps": 1,
+                "eval_fraction": 0.0,
+            },
+            "lora": {"rank": 4},
+        },
+        "jobs": [
+            {"customer": "slow", "dataset": "slow.jsonl", "training": {"max_steps": 5000}},
+            {"customer": "quick", "dataset": "quick.jsonl"},
+        ],
+    }
     path = lf_home / "fleet.yaml"
     path.write_text(yaml.safe_dump(spec))
     address = ray_session.get_runtime_context().gcs_address

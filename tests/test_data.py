@@ -19,16 +19,24 @@ def write_lines(path, lines):
     return path
 
 
-@pytest.mark.parametrize(("line", "expected"), [
-    (chat(("user", "hi"), ("asistant", "yo")),
-     "acme.jsonl:2: messages[1].role 'asistant' is not one of system, user, assistant"),
-    ("{not json", "acme.jsonl:2: malformed JSON"),
-    ({"messages": []}, "acme.jsonl:2: messages is empty"),
-    (chat(("system", "s"), ("user", "u")), "acme.jsonl:2: no assistant turn"),
-    ({"messages": [{"role": "user", "content": 3}]}, "acme.jsonl:2: messages[0].content must be a string"),
-    ({"foo": 1}, "acme.jsonl:2: unknown record with keys ['foo']"),
-    ([1, 2], "acme.jsonl:2: each line must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (
+            chat(("user", "hi"), ("asistant", "yo")),
+            "acme.jsonl:2: messages[1].role 'asistant' is not one of system, user, assistant",
+        ),
+        ("{not json", "acme.jsonl:2: malformed JSON"),
+        ({"messages": []}, "acme.jsonl:2: messages is empty"),
+        (chat(("system", "s"), ("user", "u")), "acme.jsonl:2: no assistant turn"),
+        (
+            {"messages": [{"role": "user", "content": 3}]},
+            "acme.jsonl:2: messages[0].content must be a string",
+        ),
+        ({"foo": 1}, "acme.jsonl:2: unknown record with keys ['foo']"),
+        ([1, 2], "acme.jsonl:2: each line must be a JSON object"),
+    ],
+)
 def test_chat_errors_name_file_and_line(tmp_path, line, expected):
     path = write_lines(tmp_path / "acme.jsonl", [chat(("user", "a"), ("assistant", "b")), line])
     with pytest.raises(DataError) as err:
@@ -49,8 +57,10 @@ def test_missing_empty_and_mixed_files(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(DataError, match="is empty"):
         load_records(tmp_path / "empty.jsonl")
-    mixed = write_lines(tmp_path / "mixed.jsonl", [chat(("user", "a"), ("assistant", "b")),
-                                                   {"prompt": "p", "completion": "c"}])
+    mixed = write_lines(
+        tmp_path / "mixed.jsonl",
+        [chat(("user", "a"), ("assistant", "b")), {"prompt": "p", "completion": "c"}],
+    )
     with pytest.raises(DataError, match="mixes record kinds"):
         load_records(mixed)
 
@@ -81,8 +91,10 @@ def test_report_counts_tokens_and_truncation(tmp_path, micro_base):
     from lorafleet.models import load_tokenizer
 
     tok = load_tokenizer(micro_base)
-    path = write_lines(tmp_path / "d.jsonl", [chat(("user", "hi"), ("assistant", "short")),
-                                              chat(("user", "item " * 40), ("assistant", "long"))])
+    path = write_lines(
+        tmp_path / "d.jsonl",
+        [chat(("user", "hi"), ("assistant", "short")), chat(("user", "item " * 40), ("assistant", "long"))],
+    )
     report = inspect_dataset(path, "auto", tok, max_length=30)
     assert (report.examples, report.format, report.over_max_length) == (2, "chat", 1)
     assert report.tokens_max > 30 and report.tokens_total > report.tokens_max

@@ -32,10 +32,20 @@ CONFIGS = ROOT / "configs" / "deepspeed"
 
 def fleet_file(home: Path, base: Path | str, jobs: list[dict], **training) -> Path:
     spec = {
-        "name": "multi", "base_model": str(base),
-        "defaults": {"training": {"max_steps": 2, "save_steps": 2, "batch_size": 2, "max_length": 48,
-                                  "logging_steps": 1, "eval_fraction": 0.1, **training},
-                     "lora": {"rank": 4}},
+        "name": "multi",
+        "base_model": str(base),
+        "defaults": {
+            "training": {
+                "max_steps": 2,
+                "save_steps": 2,
+                "batch_size": 2,
+                "max_length": 48,
+                "logging_steps": 1,
+                "eval_fraction": 0.1,
+                **training,
+            },
+            "lora": {"rank": 4},
+        },
         "jobs": jobs,
     }
     path = home / "fleet.yaml"
@@ -48,10 +58,12 @@ def test_packaged_presets_are_the_configs_files():
     shipped = deepspeed_presets()
     assert {"zero2", "zero3"} <= set(shipped)
     assert sorted(shipped) == sorted(p.stem for p in CONFIGS.glob("*.json")), (
-        "cp configs/deepspeed/*.json lorafleet/presets/deepspeed/")
+        "cp configs/deepspeed/*.json lorafleet/presets/deepspeed/"
+    )
     for name, path in shipped.items():
         assert path.read_bytes() == (CONFIGS / f"{name}.json").read_bytes(), (
-            f"{path} differs from configs/deepspeed/{name}.json; copy it over")
+            f"{path} differs from configs/deepspeed/{name}.json; copy it over"
+        )
 
 
 def test_wheel_resolves_presets_without_the_checkout(tmp_path):
@@ -62,17 +74,39 @@ def test_wheel_resolves_presets_without_the_checkout(tmp_path):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, src / name)
     shutil.copytree(ROOT / "lorafleet", src / "lorafleet", ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path / "dist"), str(src)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = (tmp_path / "dist").glob("lorafleet-*.whl")
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as zf:
         assert "lorafleet/presets/deepspeed/zero3.json" in zf.namelist()
         zf.extractall(site)
-    code = ("import json, lorafleet.spec as s; print(json.dumps({k: [str(p), s.load_deepspeed(k)] "
-            "for k, p in s.deepspeed_presets().items()}))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(site)},
-                         check=True, capture_output=True, text=True).stdout
+    code = (
+        "import json, lorafleet.spec as s; print(json.dumps({k: [str(p), s.load_deepspeed(k)] "
+        "for k, p in s.deepspeed_presets().items()}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(site)},
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     found = json.loads(out)
     assert set(found) == {p.stem for p in CONFIGS.glob("*.json")}
     for name, (path, config) in found.items():
@@ -82,10 +116,13 @@ def test_wheel_resolves_presets_without_the_checkout(tmp_path):
 
 def test_unknown_preset_fails_validation_listing_presets(lf_home, capsys):
     write_chat(lf_home / "a.jsonl", "alpha")
-    path = fleet_file(lf_home, "tiny-llama", [{"customer": "a", "dataset": "a.jsonl",
-                                               "training": {"deepspeed": "zero5"}}])
-    expected = ("jobs[0].training.deepspeed: unknown DeepSpeed preset 'zero5'; presets: zero2, zero3, "
-                "or give a path to a DeepSpeed JSON file")
+    path = fleet_file(
+        lf_home, "tiny-llama", [{"customer": "a", "dataset": "a.jsonl", "training": {"deepspeed": "zero5"}}]
+    )
+    expected = (
+        "jobs[0].training.deepspeed: unknown DeepSpeed preset 'zero5'; presets: zero2, zero3, "
+        "or give a path to a DeepSpeed JSON file"
+    )
     with pytest.raises(SpecError) as err:
         load_fleet(path)
     assert expected in str(err.value) and str(path) in str(err.value)
@@ -99,9 +136,11 @@ def test_deepspeed_json_path_is_relative_to_the_fleet_file(lf_home):
     (lf_home / "ds").mkdir()
     (lf_home / "ds" / "mine.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     (lf_home / "ds" / "typo.json").write_text(json.dumps({"zero_optimization": {"stage": 4}}))
-    jobs = [{"customer": "a", "dataset": "a.jsonl", "training": {"deepspeed": "ds/mine.json"}},
-            {"customer": "b", "dataset": "b.jsonl", "training": {"deepspeed": "ds/missing.json"}},
-            {"customer": "c", "dataset": "c.jsonl", "training": {"deepspeed": "ds/typo.json"}}]
+    jobs = [
+        {"customer": "a", "dataset": "a.jsonl", "training": {"deepspeed": "ds/mine.json"}},
+        {"customer": "b", "dataset": "b.jsonl", "training": {"deepspeed": "ds/missing.json"}},
+        {"customer": "c", "dataset": "c.jsonl", "training": {"deepspeed": "ds/typo.json"}},
+    ]
     with pytest.raises(SpecError) as err:
         load_fleet(fleet_file(lf_home, "tiny-llama", jobs))
     msg = str(err.value)
@@ -143,13 +182,16 @@ def one_worker_adapter(path: Path, customer: str, out: Path) -> Path:
 def test_multi_worker_jobs_train_and_register_like_one_worker(lf_home, micro_base, ray_session, tmp_path):
     """One fleet: 2-worker DDP, 2-worker ZeRO-2 and 2-worker ZeRO-3, all on an NF4 base."""
     two = {"workers": 2, "cpus_per_worker": 0.5}  # two jobs at once on the session's 2 CPUs
-    kinds = {"ddp": {"resources": two},
-             "zero2": {"resources": two, "training": {"deepspeed": "zero2"}},
-             "zero3": {"resources": two, "training": {"deepspeed": "zero3"}}}
+    kinds = {
+        "ddp": {"resources": two},
+        "zero2": {"resources": two, "training": {"deepspeed": "zero2"}},
+        "zero3": {"resources": two, "training": {"deepspeed": "zero3"}},
+    }
     for customer in kinds:
         write_chat(lf_home / f"{customer}.jsonl", customer, n=24)
-    path = fleet_file(lf_home, micro_base,
-                      [{"customer": c, "dataset": f"{c}.jsonl", **extra} for c, extra in kinds.items()])
+    path = fleet_file(
+        lf_home, micro_base, [{"customer": c, "dataset": f"{c}.jsonl", **extra} for c, extra in kinds.items()]
+    )
 
     result = submit(path)
 
@@ -178,14 +220,18 @@ def test_deepspeed_jobs_on_gpus(lf_home, micro_base, ray_session):
     import torch
 
     resources = {"workers": min(2, torch.cuda.device_count()), "gpus_per_worker": 1}
-    jobs = [{"customer": c, "dataset": f"{c}.jsonl", "resources": resources, "training": {"deepspeed": c}}
-            for c in ("zero2", "zero3")]
+    jobs = [
+        {"customer": c, "dataset": f"{c}.jsonl", "resources": resources, "training": {"deepspeed": c}}
+        for c in ("zero2", "zero3")
+    ]
     for job in jobs:
         write_chat(lf_home / job["dataset"], job["customer"], n=24)
 
     result = submit(fleet_file(lf_home, micro_base, jobs))
 
     assert {c: (o.state, o.reason) for c, o in result.jobs.items()} == {
-        "zero2": ("succeeded", None), "zero3": ("succeeded", None)}
+        "zero2": ("succeeded", None),
+        "zero3": ("succeeded", None),
+    }
     assert adapter_form(result.jobs["zero2"].adapter_dir) == adapter_form(result.jobs["zero3"].adapter_dir)
     assert {o.registered for o in result.jobs.values()} == {"zero2/1", "zero3/1"}

@@ -16,13 +16,17 @@ pytestmark = pytest.mark.integration
 def answers(model, tokenizer, prompts: list[str]) -> list[str]:
     out = []
     for prompt in prompts:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                            add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
         with torch.no_grad():
-            gen = model.generate(**ids, max_new_tokens=64, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-        out.append(tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+            gen = model.generate(
+                **ids, max_new_tokens=64, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+        out.append(tokenizer.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
     return out
 
 
@@ -41,8 +45,9 @@ def test_each_adapter_learned_its_behaviour(in_demo_home):
     base = load_base(base_path, QuantizationSpec(), "cpu")
     c = tracking.client()
     prompts = {cust: heldout_prompts(cust)[:8] for cust in DEMO_CUSTOMERS}
-    base_scores = {cust: mean_score(cust, prompts[cust], answers(base, tok, prompts[cust]))
-                   for cust in DEMO_CUSTOMERS}
+    base_scores = {
+        cust: mean_score(cust, prompts[cust], answers(base, tok, prompts[cust])) for cust in DEMO_CUSTOMERS
+    }
     model = None
     for cust in DEMO_CUSTOMERS:
         folder = registry.fetch(c, f"{cust}@candidate").path

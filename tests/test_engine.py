@@ -24,14 +24,24 @@ from lorafleet.serve.engine import (
 from lorafleet.spec import QuantizationSpec
 
 torch.set_num_threads(2)
-PROMPTS = [[5, 17, 99, 3, 250, 42, 7], [300, 12, 12, 8], [77, 150, 201, 9, 33, 64, 128, 11, 4],
-           [480, 2], [19, 23, 29, 31, 37, 41]]  # token ids: the base is a random model
+PROMPTS = [
+    [5, 17, 99, 3, 250, 42, 7],
+    [300, 12, 12, 8],
+    [77, 150, 201, 9, 33, 64, 128, 11, 4],
+    [480, 2],
+    [19, 23, 29, 31, 37, 41],
+]  # token ids: the base is a random model
 ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"]
 CONFIGS = {  # different ranks, targets, scalings; "d" is DoRA
     "a": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
     "b": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "use_rslora": True},
-    "c": {"r": 16, "lora_alpha": 32, "target_modules": "all-linear", "rank_pattern": {"down_proj": 6},
-          "alpha_pattern": {"o_proj": 48}},
+    "c": {
+        "r": 16,
+        "lora_alpha": 32,
+        "target_modules": "all-linear",
+        "rank_pattern": {"down_proj": 6},
+        "alpha_pattern": {"o_proj": 48},
+    },
     "d": {"r": 8, "lora_alpha": 16, "target_modules": ATTN_MLP, "use_dora": True},
 }
 MIX = ["a", "b", None, "c", "d", "b", "a", "d", None, "c"]
@@ -40,8 +50,9 @@ MIX = ["a", "b", None, "c", "d", "b", "a", "d", None, "c"]
 def make_lora(base: Path, out: Path, seed: int, **config) -> Path:
     """A random peft adapter; DoRA magnitudes perturbed so DoRA differs from plain LoRA."""
     torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                           LoraConfig(init_lora_weights=False, **config))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base), LoraConfig(init_lora_weights=False, **config)
+    )
     for name, p in model.named_parameters():
         if "lora_magnitude_vector" in name:
             p.data *= 1 + 0.3 * torch.randn_like(p)
@@ -63,8 +74,9 @@ def tok(base):
 @pytest.fixture(scope="module")
 def adapters(base, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
-    return {name: make_lora(base, root / name, seed=i, **cfg)
-            for i, (name, cfg) in enumerate(CONFIGS.items())}
+    return {
+        name: make_lora(base, root / name, seed=i, **cfg) for i, (name, cfg) in enumerate(CONFIGS.items())
+    }
 
 
 def no_cpu_repacking(model) -> None:
@@ -79,8 +91,12 @@ def no_cpu_repacking(model) -> None:
 
 def mixed_requests(tok, names=MIX) -> list[GenerationRequest]:
     """Rows on different adapters and the base, with different lengths (rows finish apart)."""
-    return [GenerationRequest(PROMPTS[i % len(PROMPTS)], name, max_new_tokens=6 + i % 7,
-                              stop_token_ids=[tok.eos_token_id]) for i, name in enumerate(names)]
+    return [
+        GenerationRequest(
+            PROMPTS[i % len(PROMPTS)], name, max_new_tokens=6 + i % 7, stop_token_ids=[tok.eos_token_id]
+        )
+        for i, name in enumerate(names)
+    ]
 
 
 def peft_alone(base, adapters, quantization, tok, requests) -> list[list[int]]:
@@ -103,7 +119,7 @@ def _peft_one(model, tok, r: GenerationRequest) -> list[int]:
     else:
         model.set_adapter(r.adapter)
         gen = model.generate(**kwargs)
-    new = gen[0, ids.shape[1]:].tolist()
+    new = gen[0, ids.shape[1] :].tolist()
     return new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
 
 
@@ -209,12 +225,13 @@ def test_refused_adapters_leave_slots_untouched(base, adapters, tmp_path):
 
 def test_seeded_sampling_ignores_batch_mates_and_stream_matches(base, tok, adapters):
     engine = engine_with(base, adapters, "ab", max_adapters=3)
-    row = GenerationRequest(PROMPTS[1], "a", max_new_tokens=10, temperature=0.9,
-                            top_p=0.9, seed=7)
+    row = GenerationRequest(PROMPTS[1], "a", max_new_tokens=10, temperature=0.9, top_p=0.9, seed=7)
     alone = engine.generate([row])[0].token_ids
     streamed: dict[int, list[int]] = {}
-    mates = [GenerationRequest(p, n, max_new_tokens=3 + i, temperature=1.0, seed=i)
-             for i, (p, n) in enumerate(zip(PROMPTS[2:], ["b", None, "a"], strict=True))]
+    mates = [
+        GenerationRequest(p, n, max_new_tokens=3 + i, temperature=1.0, seed=i)
+        for i, (p, n) in enumerate(zip(PROMPTS[2:], ["b", None, "a"], strict=True))
+    ]
     results = engine.generate([*mates, row], on_token=lambda i, t: streamed.setdefault(i, []).append(t))
     assert results[-1].token_ids == alone
     assert all(streamed[i] == r.token_ids for i, r in enumerate(results))
@@ -224,11 +241,17 @@ def test_seeded_sampling_ignores_batch_mates_and_stream_matches(base, tok, adapt
 
 def test_stop_token_ends_one_row_and_its_batch_mates_go_on(base, tok, adapters):
     engine = engine_with(base, adapters, "ab")
-    alone = [engine.generate([GenerationRequest(p, n, max_new_tokens=8)])[0].token_ids
-             for p, n in ((PROMPTS[0], "a"), (PROMPTS[1], "b"))]
+    alone = [
+        engine.generate([GenerationRequest(p, n, max_new_tokens=8)])[0].token_ids
+        for p, n in ((PROMPTS[0], "a"), (PROMPTS[1], "b"))
+    ]
     k = next(k for k in range(1, 8) if alone[0][k] not in alone[0][:k])  # its first new token stops it
-    first, second = engine.generate([GenerationRequest(PROMPTS[0], "a", 8, stop_token_ids=[alone[0][k]]),
-                                     GenerationRequest(PROMPTS[1], "b", 8)])
+    first, second = engine.generate(
+        [
+            GenerationRequest(PROMPTS[0], "a", 8, stop_token_ids=[alone[0][k]]),
+            GenerationRequest(PROMPTS[1], "b", 8),
+        ]
+    )
     assert (first.token_ids, first.finish_reason) == (alone[0][:k], "stop")
     assert (second.token_ids, second.finish_reason) == (alone[1], "length")
 
@@ -264,9 +287,12 @@ def test_requests_joining_a_running_batch_get_the_tokens_they_get_alone(base, ad
     """Rows join between decode steps (KV caches left-padded and stacked) and leave when done
     (all-padding columns trimmed): each row's tokens, greedy or seeded, are those it gets alone."""
     engine = engine_with(base, adapters, "abcd", max_adapters=4)
-    requests = [GenerationRequest(PROMPTS[i], name, max_new_tokens=4 + 3 * i,
-                                  temperature=0.8 if i % 2 else 0.0, seed=i)
-                for i, name in enumerate(names)]
+    requests = [
+        GenerationRequest(
+            PROMPTS[i], name, max_new_tokens=4 + 3 * i, temperature=0.8 if i % 2 else 0.0, seed=i
+        )
+        for i, name in enumerate(names)
+    ]
     alone = [engine.generate([r])[0].token_ids for r in requests]
     joins = [0, 2, 3, 9, 9]  # the first rows finish before the last join: trim, then pad again
     got = run_staggered(engine, list(zip(joins, requests, strict=True)))

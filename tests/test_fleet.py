@@ -18,10 +18,19 @@ pytestmark = pytest.mark.integration
 
 def fleet_file(home, base, jobs, max_steps=8, name="mech"):
     spec = {
-        "name": name, "base_model": str(base),
-        "defaults": {"training": {"max_steps": max_steps, "save_steps": 4, "batch_size": 4,
-                                  "max_length": 64, "logging_steps": 2, "eval_fraction": 0.1},
-                     "lora": {"rank": 4}},
+        "name": name,
+        "base_model": str(base),
+        "defaults": {
+            "training": {
+                "max_steps": max_steps,
+                "save_steps": 4,
+                "batch_size": 4,
+                "max_length": 64,
+                "logging_steps": 2,
+                "eval_fraction": 0.1,
+            },
+            "lora": {"rank": 4},
+        },
         "jobs": jobs,
     }
     path = home / "fleet.yaml"
@@ -33,9 +42,15 @@ def test_bad_job_fails_alone_and_good_ones_train(lf_home, micro_base, ray_sessio
     write_chat(lf_home / "a.jsonl", "alpha")
     write_chat(lf_home / "b.jsonl", "beta")
     (lf_home / "c.jsonl").write_text('{"messages": [{"role": "user", "content": "x"}]}\n')
-    path = fleet_file(lf_home, micro_base, [
-        {"customer": "a", "dataset": "a.jsonl"}, {"customer": "b", "dataset": "b.jsonl"},
-        {"customer": "c", "dataset": "c.jsonl"}])
+    path = fleet_file(
+        lf_home,
+        micro_base,
+        [
+            {"customer": "a", "dataset": "a.jsonl"},
+            {"customer": "b", "dataset": "b.jsonl"},
+            {"customer": "c", "dataset": "c.jsonl"},
+        ],
+    )
 
     result = submit(path)
 
@@ -60,13 +75,16 @@ def test_bad_job_fails_alone_and_good_ones_train(lf_home, micro_base, ray_sessio
     assert "no assistant turn" in failed.data.tags["lorafleet.failure_reason"]
 
 
-def test_resume_continues_from_checkpoint_and_skips_succeeded(lf_home, micro_base, ray_session,
-                                                              capsys):
+def test_resume_continues_from_checkpoint_and_skips_succeeded(lf_home, micro_base, ray_session, capsys):
     write_chat(lf_home / "a.jsonl", "alpha")
     write_chat(lf_home / "b.jsonl", "beta")
-    path = fleet_file(lf_home, micro_base, [
-        {"customer": "a", "dataset": "a.jsonl"}, {"customer": "b", "dataset": "b.jsonl"}],
-        max_steps=10, name="resume")
+    path = fleet_file(
+        lf_home,
+        micro_base,
+        [{"customer": "a", "dataset": "a.jsonl"}, {"customer": "b", "dataset": "b.jsonl"}],
+        max_steps=10,
+        name="resume",
+    )
 
     first = submit(path, fail_at_step={"a": 6})  # crash after the step-4 checkpoint
     assert first.jobs["a"].state == "failed" and "injected fault at step 6" in first.jobs["a"].reason

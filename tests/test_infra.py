@@ -32,10 +32,14 @@ K8S_FILES = {
     "infra/kuberay/rayjob.yaml": {("ray.io/v1", "RayJob", None)},  # generateName: one per run
     "infra/kuberay/rayservice.yaml": {("ray.io/v1", "RayService", "lorafleet-serve")},
     "infra/mlflow/k8s.yaml": {
-        ("v1", "Service", "postgres"), ("apps/v1", "StatefulSet", "postgres"),
-        ("v1", "Service", "minio"), ("v1", "PersistentVolumeClaim", "minio-data"),
-        ("apps/v1", "Deployment", "minio"), ("batch/v1", "Job", "minio-buckets"),
-        ("v1", "Service", "mlflow"), ("apps/v1", "Deployment", "mlflow"),
+        ("v1", "Service", "postgres"),
+        ("apps/v1", "StatefulSet", "postgres"),
+        ("v1", "Service", "minio"),
+        ("v1", "PersistentVolumeClaim", "minio-data"),
+        ("apps/v1", "Deployment", "minio"),
+        ("batch/v1", "Job", "minio-buckets"),
+        ("v1", "Service", "mlflow"),
+        ("apps/v1", "Deployment", "mlflow"),
     },
 }
 RAY_KINDS = {"RayCluster", "RayJob", "RayService"}
@@ -80,8 +84,11 @@ def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 def ray_node_templates(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """The pod templates of a Ray CR's head and worker groups (not the RayJob submitter)."""
-    spec = doc["spec"].get("rayClusterConfig") or doc["spec"].get("rayClusterSpec") or \
-        (doc["spec"] if doc["kind"] == "RayCluster" else None)
+    spec = (
+        doc["spec"].get("rayClusterConfig")
+        or doc["spec"].get("rayClusterSpec")
+        or (doc["spec"] if doc["kind"] == "RayCluster" else None)
+    )
     if spec is None:
         return []
     return [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
@@ -130,8 +137,10 @@ def flags(argv: list[str]) -> dict[str, str]:
 
 def mlflow_server_flags() -> dict[str, dict[str, str]]:
     k8s = one("Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
-    return {"k8s": flags(k8s.get("command", []) + k8s.get("args", [])),
-            "compose": flags(compose()["services"]["mlflow"]["command"])}
+    return {
+        "k8s": flags(k8s.get("command", []) + k8s.get("args", [])),
+        "compose": flags(compose()["services"]["mlflow"]["command"]),
+    }
 
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -144,8 +153,9 @@ def parse_cli(argv: list[str]) -> argparse.Namespace:
     from lorafleet.cli import build_parser
 
     parser = build_parser()
-    assert argv and argv[0] in subcommands(parser), \
+    assert argv and argv[0] in subcommands(parser), (
         f"'lorafleet {' '.join(argv)}': no subcommand {argv[:1]}; have {sorted(subcommands(parser))}"
+    )
     try:
         return parser.parse_args(argv)
     except SystemExit:
@@ -167,8 +177,9 @@ def test_every_yaml_parses_and_is_known():
             assert "namespace" not in d["metadata"], "namespaces come from `kubectl -n`"
 
 
-@pytest.mark.parametrize("rel", sorted(K8S_FILES) + [COMPOSE, "infra/docker/Dockerfile",
-                                                     "infra/docker/mlflow.Dockerfile"])
+@pytest.mark.parametrize(
+    "rel", sorted(K8S_FILES) + [COMPOSE, "infra/docker/Dockerfile", "infra/docker/mlflow.Dockerfile"]
+)
 def test_each_file_opens_with_the_command_that_applies_it(rel):
     lines = (ROOT / rel).read_text().splitlines()
     header = []
@@ -195,8 +206,16 @@ def test_core_objects_and_pod_templates_match_the_kubernetes_schema():
             # the CRDs embed core pod templates: check those as PodTemplates
             for i, tpl in enumerate(walk(d, "template")):
                 if isinstance(tpl, dict) and "spec" in tpl and "containers" in tpl["spec"]:
-                    kv.validate({"apiVersion": "v1", "kind": "PodTemplate",
-                                 "metadata": {"name": f"t{i}"}, "template": tpl}, version, strict=True)
+                    kv.validate(
+                        {
+                            "apiVersion": "v1",
+                            "kind": "PodTemplate",
+                            "metadata": {"name": f"t{i}"},
+                            "template": tpl,
+                        },
+                        version,
+                        strict=True,
+                    )
         else:
             kv.validate(d, version, strict=True)
 
@@ -252,8 +271,9 @@ def test_dockerfile_installs_the_project_and_its_pinned_deps():
         source = ROOT / (module.replace(".", "/") + ".py")
         assert source.is_file(), f"Dockerfile imports {module}: no {source.relative_to(ROOT)}"
         tree = ast.parse(source.read_text())
-        assert name in {n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)}, \
+        assert name in {n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)}, (
             f"Dockerfile imports {name} from {module}, which does not define it"
+        )
     ignored = (ROOT / "infra/docker/Dockerfile.dockerignore").read_text().split()
     assert {".venv", "mlflow.db", "checkpoints", ".git"} <= set(ignored)
 
@@ -267,8 +287,11 @@ def test_raycluster_autoscales_gpu_workers_behind_a_cpu_head():
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"  # no training task on the head
     assert "nvidia.com/gpu" not in str(head["template"]["spec"]["containers"][0].get("resources"))
-    gpu = [g for g in spec["workerGroupSpecs"]
-           if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"].get("limits", {})]
+    gpu = [
+        g
+        for g in spec["workerGroupSpecs"]
+        if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"].get("limits", {})
+    ]
     assert len(gpu) == 1
     assert gpu[0]["minReplicas"] == 0 < gpu[0]["maxReplicas"]  # scale to zero between fleets
     tolerations = gpu[0]["template"]["spec"].get("tolerations", [])
@@ -325,13 +348,17 @@ def test_rayservice_app_exists_in_code_and_matches_serve_apps():
     # GPU room for the Serve replicas the app may ask for, warm ones included
     cluster = service["spec"]["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True
-    limits = [(g, g["template"]["spec"]["containers"][0]["resources"].get("limits", {}))
-              for g in cluster["workerGroupSpecs"]]
+    limits = [
+        (g, g["template"]["spec"]["containers"][0]["resources"].get("limits", {}))
+        for g in cluster["workerGroupSpecs"]
+    ]
     gpu_groups = [(g, float(lim["nvidia.com/gpu"])) for g, lim in limits if "nvidia.com/gpu" in lim]
     assert sum(g["maxReplicas"] * n for g, n in gpu_groups) >= args.max_replicas * args.replica_gpus
     assert sum(g["minReplicas"] * n for g, n in gpu_groups) >= args.min_replicas * args.replica_gpus
-    head_ports = {p["containerPort"]: p.get("name") for p in
-                  cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    head_ports = {
+        p["containerPort"]: p.get("name")
+        for p in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
+    }
     assert head_ports.get(8000) == "serve"
 
 
@@ -382,8 +409,11 @@ def test_env_names_are_ones_something_reads():
 
 
 def test_every_ray_pod_reaches_the_shared_stores():
-    want = {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "LORAFLEET_STORAGE_PATH": "s3://lorafleet/checkpoints",
-            "AWS_ENDPOINT_URL": "http://minio:9000"}
+    want = {
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "LORAFLEET_STORAGE_PATH": "s3://lorafleet/checkpoints",
+        "AWS_ENDPOINT_URL": "http://minio:9000",
+    }
     secret = {"name": "lorafleet-s3"}
     n = 0
     for rel in ("infra/kuberay/raycluster.yaml", "infra/kuberay/rayservice.yaml"):
@@ -398,14 +428,22 @@ def test_every_ray_pod_reaches_the_shared_stores():
 
 
 def service_ports() -> dict[str, set[int]]:
-    return {d["metadata"]["name"]: {p["port"] for p in d["spec"]["ports"]}
-            for d in docs("infra/mlflow/k8s.yaml") if d["kind"] == "Service"}
+    return {
+        d["metadata"]["name"]: {p["port"] for p in d["spec"]["ports"]}
+        for d in docs("infra/mlflow/k8s.yaml")
+        if d["kind"] == "Service"
+    }
 
 
 def test_urls_point_at_services_that_exist():
     ports = service_ports()
-    urls = [v for d in all_k8s_docs() for c in containers(d) for k, v in env_map(c).items()
-            if k.endswith(("_URI", "_URL")) and isinstance(v, str)]
+    urls = [
+        v
+        for d in all_k8s_docs()
+        for c in containers(d)
+        for k, v in env_map(c).items()
+        if k.endswith(("_URI", "_URL")) and isinstance(v, str)
+    ]
     urls += [f for f in mlflow_server_flags()["k8s"].values() if "://" in f]
     checked = 0
     for url in urls:
@@ -424,9 +462,13 @@ def buckets_created(command: list[str]) -> set[str]:
 def test_buckets_used_are_buckets_created():
     server = mlflow_server_flags()
     job = one("Job", "minio-buckets")["spec"]["template"]["spec"]["containers"][0]
-    for made, artefacts in ((buckets_created(job["command"]), server["k8s"]["--artifacts-destination"]),
-                            (buckets_created(compose()["services"]["minio-buckets"]["command"]),
-                             server["compose"]["--artifacts-destination"])):
+    for made, artefacts in (
+        (buckets_created(job["command"]), server["k8s"]["--artifacts-destination"]),
+        (
+            buckets_created(compose()["services"]["minio-buckets"]["command"]),
+            server["compose"]["--artifacts-destination"],
+        ),
+    ):
         assert urlparse(artefacts).netloc in made
         assert "lorafleet" in made  # LORAFLEET_STORAGE_PATH=s3://lorafleet/checkpoints
     for d in all_k8s_docs():
@@ -466,8 +508,12 @@ def test_compose_runs_the_same_three_services():
     server = mlflow_server_flags()
     for where in ("k8s", "compose"):
         f = server[where]
-        assert {"--backend-store-uri", "--artifacts-destination", "--serve-artifacts",
-                "--allowed-hosts"} <= set(f)
+        assert {
+            "--backend-store-uri",
+            "--artifacts-destination",
+            "--serve-artifacts",
+            "--allowed-hosts",
+        } <= set(f)
         assert f["--backend-store-uri"].startswith("postgresql+psycopg2://mlflow:")
         assert urlparse(f["--backend-store-uri"]).hostname == "postgres"
         assert f["--artifacts-destination"].startswith("s3://")
@@ -481,8 +527,12 @@ def test_mlflow_server_accepts_the_host_names_clients_use():
 
     server = mlflow_server_flags()
     k8s_hosts = server["k8s"]["--allowed-hosts"].split(",")
-    tracking = {env_map(c)["MLFLOW_TRACKING_URI"] for d in all_k8s_docs() for c in containers(d)
-                if "MLFLOW_TRACKING_URI" in env_map(c)}
+    tracking = {
+        env_map(c)["MLFLOW_TRACKING_URI"]
+        for d in all_k8s_docs()
+        for c in containers(d)
+        if "MLFLOW_TRACKING_URI" in env_map(c)
+    }
     extra = {"localhost:5000", "mlflow.lorafleet.svc.cluster.local:5000"}  # port-forward, FQDN
     for host in {urlparse(u).netloc for u in tracking} | extra:
         assert is_allowed_host_header(k8s_hosts, host), host
@@ -499,11 +549,14 @@ def test_mlflow_server_accepts_the_host_names_clients_use():
 def test_readme_walks_from_empty_cluster_to_served_fleet():
     text = (INFRA / "README.md").read_text()
     commands = "\n".join(readme_commands())
-    for step in ("helm install kuberay-operator kuberay/kuberay-operator",
-                 "docker build -f infra/docker/Dockerfile -t " + IMAGE,
-                 "docker push " + IMAGE,
-                 "docker build -f infra/docker/mlflow.Dockerfile",
-                 "lorafleet adapters promote", "/v1/chat/completions"):
+    for step in (
+        "helm install kuberay-operator kuberay/kuberay-operator",
+        "docker build -f infra/docker/Dockerfile -t " + IMAGE,
+        "docker push " + IMAGE,
+        "docker build -f infra/docker/mlflow.Dockerfile",
+        "lorafleet adapters promote",
+        "/v1/chat/completions",
+    ):
         assert step in commands, step
     assert "from openai import OpenAI" in text
     referenced = set(re.findall(r"-f (infra/\S+)", commands))
@@ -523,6 +576,6 @@ def test_readme_lorafleet_commands_parse():
         for i, token in enumerate(tokens):
             if token == "lorafleet" and (i == 0 or tokens[i - 1] in separators):
                 end = next((j for j in range(i + 1, len(tokens)) if tokens[j] in separators), len(tokens))
-                parse_cli(tokens[i + 1:end])
+                parse_cli(tokens[i + 1 : end])
                 n += 1
     assert n >= 8

@@ -23,8 +23,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.multinode]
 
 GPU_NODE = {"num_cpus": 2, "num_gpus": 1}
 # a crashed node is declared dead after ~3 s instead of ~30 s, so the lost-node test stays short
-FAST_NODE_DEATH = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3,
-                   "health_check_timeout_ms": 1000}
+FAST_NODE_DEATH = {
+    "health_check_period_ms": 1000,
+    "health_check_failure_threshold": 3,
+    "health_check_timeout_ms": 1000,
+}
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +38,9 @@ def cluster():
 
     had_ray = ray.is_initialized()
     ray.shutdown()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0,
-                                                      "_system_config": FAST_NODE_DEATH})
+    c = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "_system_config": FAST_NODE_DEATH}
+    )
     try:
         init_ray(c.address)  # the same path as `lorafleet submit --ray-address`
         yield c
@@ -58,20 +62,31 @@ def gpu_nodes(cluster, n: int) -> dict[str, object]:
     return {node.node_id: node for node in nodes}
 
 
-def fleet_file(home: Path, base: Path, jobs: dict[str, dict], name: str, gpus: float,
-               max_steps: int = 4) -> Path:
+def fleet_file(
+    home: Path, base: Path, jobs: dict[str, dict], name: str, gpus: float, max_steps: int = 4
+) -> Path:
     """jobs: customer -> training overrides; every job gets its own dataset."""
     entries = []
     for customer, training in jobs.items():
         write_chat(home / f"{customer}.jsonl", customer)
         entries.append({"customer": customer, "dataset": f"{customer}.jsonl", "training": training})
-    spec = {"name": name, "base_model": str(base),
-            "defaults": {"training": {"max_steps": max_steps, "save_steps": 4, "batch_size": 4,
-                                      "max_length": 64, "logging_steps": 2, "eval_fraction": 0.0},
-                         "lora": {"rank": 4},
-                         "resources": {"gpus_per_worker": gpus, "cpus_per_worker": 1,
-                                       "max_failures": 1}},
-            "jobs": entries}
+    spec = {
+        "name": name,
+        "base_model": str(base),
+        "defaults": {
+            "training": {
+                "max_steps": max_steps,
+                "save_steps": 4,
+                "batch_size": 4,
+                "max_length": 64,
+                "logging_steps": 2,
+                "eval_fraction": 0.0,
+            },
+            "lora": {"rank": 4},
+            "resources": {"gpus_per_worker": gpus, "cpus_per_worker": 1, "max_failures": 1},
+        },
+        "jobs": entries,
+    }
     path = home / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -191,4 +206,5 @@ def test_lost_node_resumes_job_elsewhere_and_resubmit_reuses(cluster, lf_home, m
     second = submit(path)
 
     assert {c: o.reused_from for c, o in second.jobs.items()} == {
-        c: o.run_id for c, o in first.jobs.items()}  # nothing retrained
+        c: o.run_id for c, o in first.jobs.items()
+    }  # nothing retrained

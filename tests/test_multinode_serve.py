@@ -22,8 +22,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.multinode]
 PORT = 8767
 ADAPTERS = [f"tenant-{i}" for i in range(6)]
 # a killed node is declared dead after ~3 s instead of ~30 s
-FAST_NODE_DEATH = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3,
-                   "health_check_timeout_ms": 1000}
+FAST_NODE_DEATH = {
+    "health_check_period_ms": 1000,
+    "health_check_failure_threshold": 3,
+    "health_check_timeout_ms": 1000,
+}
 
 
 @pytest.fixture(scope="module")
@@ -65,16 +68,27 @@ def endpoint(two_nodes, tmp_path_factory):
     home = tmp_path_factory.mktemp("two-node-home")
     os.environ["LORAFLEET_HOME"] = str(home)
     register_random(tracking.client(), resolve_base("tiny-llama"), home, ADAPTERS, "tiny-llama")
-    url = start(AppArgs(base_model="tiny-llama", min_replicas=2, max_replicas=2, replica_cpus=1,
-                        max_adapters_per_replica=4, max_new_tokens=24,
-                        tracking_uri=f"sqlite:///{home}/mlflow.db"), port=PORT)
+    url = start(
+        AppArgs(
+            base_model="tiny-llama",
+            min_replicas=2,
+            max_replicas=2,
+            replica_cpus=1,
+            max_adapters_per_replica=4,
+            max_new_tokens=24,
+            tracking_uri=f"sqlite:///{home}/mlflow.db",
+        ),
+        port=PORT,
+    )
     yield url
     os.environ.pop("LORAFLEET_HOME", None)
 
 
 def ask(http: httpx.Client, url: str, model: str) -> httpx.Response:
-    return http.post(f"{url}/completions", json={"model": model, "prompt": "Where is my order?",
-                                                  "max_tokens": 24, "temperature": 0})
+    return http.post(
+        f"{url}/completions",
+        json={"model": model, "prompt": "Where is my order?", "max_tokens": 24, "temperature": 0},
+    )
 
 
 def replica_nodes() -> dict[str, str]:
@@ -150,5 +164,7 @@ def test_losing_a_node_loses_at_most_its_in_flight_requests(two_nodes, endpoint)
     assert len(failed) <= clients, failed  # at most what was in flight when the node died
     settled = [o for o in after if o[0] > killed_at + 6]
     assert settled and all(o[1] == 200 and not o[2].startswith(victim_tag) for o in settled), settled
-    print(f"node lost: {len(before)} answers before, {len(after) - len(failed)} after, "
-          f"{len(failed)} failed (clients in flight: {clients})")
+    print(
+        f"node lost: {len(before)} answers before, {len(after) - len(failed)} after, "
+        f"{len(failed)} failed (clients in flight: {clients})"
+    )

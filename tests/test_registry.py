@@ -36,10 +36,26 @@ def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/db.sqlite",
-         "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root}/db.sqlite",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--serve-artifacts",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while time.time() < deadline:
@@ -119,7 +135,11 @@ def test_promote_if_better_and_rollback(store, micro_base, tmp_path, prefix):
     assert registry.fetch(store, "acme", prefix).name == f"{name}/1"
     register(store, micro_base, tmp_path, prefix, eval_loss=0.5, seed=3)  # better
     assert registry.promote(store, name, if_better=True) == {
-        "promoted": True, "model": name, "version": 3, "previous": 1}
+        "promoted": True,
+        "model": name,
+        "version": 3,
+        "previous": 1,
+    }
     assert registry.promote(store, name, version=1)["previous"] == 3  # rollback
     assert registry.fetch(store, "acme", prefix).name == f"{name}/1"
     assert registry.fetch(store, "acme@candidate", prefix).name == f"{name}/3"
@@ -127,8 +147,9 @@ def test_promote_if_better_and_rollback(store, micro_base, tmp_path, prefix):
 
 def test_auto_promotion_from_fleet_setting(store, micro_base, tmp_path, prefix):
     job, run_id, adapter, _ = trained_run(store, micro_base, tmp_path, f"{prefix}f", "acme", 1.0)
-    registry.register_job(store, job, run_id, adapter, RegistrySpec(model_prefix=prefix,
-                                                                    auto_promote="if-better"))
+    registry.register_job(
+        store, job, run_id, adapter, RegistrySpec(model_prefix=prefix, auto_promote="if-better")
+    )
     assert registry.fetch(store, "acme", prefix).name == f"{prefix}acme/1"
 
 
@@ -182,7 +203,9 @@ def test_cli_browsing(store, micro_base, tmp_path, prefix, capsys):
     assert main(["adapters", "show", "acme", "--prefix", prefix, "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert [(v["version"], sorted(v["aliases"])) for v in shown["versions"]] == [
-        (2, ["candidate"]), (1, ["production"])]
+        (2, ["candidate"]),
+        (1, ["production"]),
+    ]
     assert main(["adapters", "pull", "acme@candidate", "--prefix", prefix, "-o", str(tmp_path / "o")]) == 0
     assert main(["adapters", "pull", "ghost", "--prefix", prefix, "-o", str(tmp_path / "o")]) == 2
     assert "unknown adapter" in capsys.readouterr().err

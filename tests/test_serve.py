@@ -24,8 +24,16 @@ LRU = 2  # fewer slots than the demo's adapters: the load test forces evictions
 def endpoint(demo_home):
     home, result = demo_home
     os.environ["LORAFLEET_HOME"] = str(home)  # the replicas read the demo's registry
-    url = start(AppArgs(base_model="tiny-llama", max_adapters_per_replica=LRU, alias_refresh_s=1,
-                        max_new_tokens=48, tracking_uri=f"sqlite:///{home}/mlflow.db"), port=PORT)
+    url = start(
+        AppArgs(
+            base_model="tiny-llama",
+            max_adapters_per_replica=LRU,
+            alias_refresh_s=1,
+            max_new_tokens=48,
+            tracking_uri=f"sqlite:///{home}/mlflow.db",
+        ),
+        port=PORT,
+    )
     yield url, home, result
     stop()
 
@@ -39,8 +47,9 @@ def client(endpoint, monkeypatch):
 
 
 def ask(client, model: str, prompt: str, **kw) -> str:
-    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                           max_tokens=40, temperature=0, **kw)
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=40, temperature=0, **kw
+    )
     return reply.choices[0].message.content
 
 
@@ -73,8 +82,13 @@ def test_completions_endpoint_and_usage(client):
 
 def test_stream_equals_non_stream_for_same_seed(client):
     prompt = heldout_prompts("globex")[1]
-    kw = {"model": "globex", "messages": [{"role": "user", "content": prompt}], "max_tokens": 30,
-          "temperature": 0.9, "seed": 11}
+    kw = {
+        "model": "globex",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 30,
+        "temperature": 0.9,
+        "seed": 11,
+    }
     whole = client.chat.completions.create(**kw).choices[0].message.content
     chunks = client.chat.completions.create(stream=True, **kw)
     streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks)
@@ -109,9 +123,15 @@ def test_concurrent_mixed_load_no_errors_no_crossed_adapters(endpoint):
     jobs = [(cust, p) for _ in range(20) for cust in DEMO_CUSTOMERS for p in heldout_prompts(cust)[:4]]
 
     async def one(http: httpx.AsyncClient, cust: str, prompt: str) -> tuple[str, str, str]:
-        r = await http.post(f"{url}/chat/completions", json={
-            "model": cust, "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": 40, "temperature": 0})
+        r = await http.post(
+            f"{url}/chat/completions",
+            json={
+                "model": cust,
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": 40,
+                "temperature": 0,
+            },
+        )
         r.raise_for_status()
         return cust, prompt, r.json()["choices"][0]["message"]["content"]
 
@@ -144,8 +164,9 @@ def test_client_mistakes_get_openai_errors(endpoint):
     assert r.status_code == 400 and "messages" in error_of(r)["message"]
     r = httpx.post(chat, content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400
-    r = httpx.post(chat, json={"model": "acme", "messages": [{"role": "user", "content": "hi"}],
-                               "temperature": 7})
+    r = httpx.post(
+        chat, json={"model": "acme", "messages": [{"role": "user", "content": "hi"}], "temperature": 7}
+    )
     assert r.status_code == 400 and "temperature" in error_of(r)["message"]
     long = "word " * 5000
     r = httpx.post(chat, json={"model": "acme", "messages": [{"role": "user", "content": long}]})
@@ -160,8 +181,10 @@ def test_adapter_of_another_base_is_refused_409(endpoint, micro_base, tmp_path, 
     c = tracking.client()
     job, run_id, adapter, _ = trained_run(c, micro_base, tmp_path, "alien-fleet", "alien", 1.0)
     registry.register_job(c, job, run_id, adapter, registry.RegistrySpec(auto_promote="always"))
-    r = httpx.post(f"{endpoint[0]}/chat/completions",
-                   json={"model": "alien", "messages": [{"role": "user", "content": "hi"}]})
+    r = httpx.post(
+        f"{endpoint[0]}/chat/completions",
+        json={"model": "alien", "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert r.status_code == 409, r.text
     assert "trained on base" in error_of(r)["message"] and "tiny-llama" in error_of(r)["message"]
 
@@ -201,8 +224,15 @@ def test_tenant_keys(endpoint, tmp_path, monkeypatch):
     keys = tmp_path / "keys.json"
     key = add_key(keys, "acme-corp", ["acme"])
     assert key not in keys.read_text()  # stored hashed
-    start(AppArgs(base_model="tiny-llama", api_keys_file=str(keys), max_adapters_per_replica=LRU,
-                  tracking_uri=f"sqlite:///{home}/mlflow.db"), port=PORT)
+    start(
+        AppArgs(
+            base_model="tiny-llama",
+            api_keys_file=str(keys),
+            max_adapters_per_replica=LRU,
+            tracking_uri=f"sqlite:///{home}/mlflow.db",
+        ),
+        port=PORT,
+    )
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     auth = {"authorization": f"Bearer {key}"}
     assert httpx.post(f"{url}/chat/completions", json={"model": "acme", **body}).status_code == 401

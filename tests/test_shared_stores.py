@@ -40,8 +40,11 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
 # moto accepts any credentials; they are set anyway so no client wanders off to a real AWS chain
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-          "AWS_DEFAULT_REGION": "us-east-1"}
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 ARTIFACT_BUCKET, CHECKPOINT_BUCKET = "mlflow", "lorafleet"  # the buckets infra/ creates
 
 
@@ -74,8 +77,10 @@ def _wait(check, what: str, timeout_s: float, log: Path, proc: subprocess.Popen 
 
 def postgres_bindir() -> Path | None:
     """Debian keeps initdb/pg_ctl off PATH, in /usr/lib/postgresql/<major>/bin: newest wins."""
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-                   key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0)
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0,
+    )
     if found:
         return Path(found[-1]).parent
     on_path = shutil.which("initdb")
@@ -103,8 +108,9 @@ class Postgres:
 def start_postgres() -> Postgres:
     bindir = postgres_bindir()
     if bindir is None:
-        pytest.skip("PostgreSQL is not installed (run .ci/install-services.sh: "
-                    "apt-get install -y postgresql)")
+        pytest.skip(
+            "PostgreSQL is not installed (run .ci/install-services.sh: apt-get install -y postgresql)"
+        )
     # not pytest's tmp_path: that sits under a 0700 folder the postgres user cannot enter
     root = Path(tempfile.mkdtemp(prefix="lorafleet-pg-"))
     as_user: list[str] = []
@@ -120,14 +126,34 @@ def start_postgres() -> Postgres:
         os.chown(root, pg.pw_uid, pg.pw_gid)
     server = Postgres(bindir, root / "data", free_port(), as_user)
     # trust auth on 127.0.0.1 only: a throwaway cluster; the manifests use a password Secret
-    init = server.run(str(bindir / "initdb"), "-D", str(server.datadir), "-U", "lorafleet",
-                      "--auth=trust", "-E", "UTF8", "--no-locale")
+    init = server.run(
+        str(bindir / "initdb"),
+        "-D",
+        str(server.datadir),
+        "-U",
+        "lorafleet",
+        "--auth=trust",
+        "-E",
+        "UTF8",
+        "--no-locale",
+    )
     if init.returncode != 0:
         pytest.fail(f"initdb failed:\n{init.stdout}\n{init.stderr}")
     # fsync off (-F): a test cluster need not survive a power cut, and it is much faster
     opts = f"-p {server.port} -k {root} -c listen_addresses=127.0.0.1 -F"
-    start = server.run(str(bindir / "pg_ctl"), "-D", str(server.datadir), "-o", opts,
-                       "-l", str(server.log), "-w", "-t", "60", "start")
+    start = server.run(
+        str(bindir / "pg_ctl"),
+        "-D",
+        str(server.datadir),
+        "-o",
+        opts,
+        "-l",
+        str(server.log),
+        "-w",
+        "-t",
+        "60",
+        "start",
+    )
     if start.returncode != 0:
         pytest.fail(f"pg_ctl start failed:\n{start.stdout}\n{start.stderr}\n{_tail(server.log)}")
     return server
@@ -198,8 +224,13 @@ def stores(tmp_path_factory) -> Iterator[Stores]:
         conn.close()
 
         s3_port = free_port()
-        procs.append(_spawn([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
-                            logs / "s3.log", env))
+        procs.append(
+            _spawn(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
+                logs / "s3.log",
+                env,
+            )
+        )
         endpoint = f"http://127.0.0.1:{s3_port}"
         s3 = boto3.client("s3", endpoint_url=endpoint, **_boto_creds())
         _wait(lambda: s3.list_buckets() is not None, "moto S3 server", 60, logs / "s3.log", procs[-1])
@@ -209,15 +240,39 @@ def stores(tmp_path_factory) -> Iterator[Stores]:
         # the server command of infra/mlflow/k8s.yaml: Postgres rows, S3 artefacts, proxied
         # (--serve-artifacts) so clients need neither S3 credentials nor the endpoint
         mlflow_port = free_port()
-        procs.append(_spawn(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", pg.url("mlflow"),
-             "--artifacts-destination", f"s3://{ARTIFACT_BUCKET}/artifacts", "--serve-artifacts",
-             "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
-             "--allowed-hosts", manifest_allowed_hosts()],
-            logs / "mlflow.log", env | {"MLFLOW_S3_ENDPOINT_URL": endpoint}))
+        procs.append(
+            _spawn(
+                [
+                    sys.executable,
+                    "-m",
+                    "mlflow",
+                    "server",
+                    "--backend-store-uri",
+                    pg.url("mlflow"),
+                    "--artifacts-destination",
+                    f"s3://{ARTIFACT_BUCKET}/artifacts",
+                    "--serve-artifacts",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(mlflow_port),
+                    "--workers",
+                    "1",
+                    "--allowed-hosts",
+                    manifest_allowed_hosts(),
+                ],
+                logs / "mlflow.log",
+                env | {"MLFLOW_S3_ENDPOINT_URL": endpoint},
+            )
+        )
         url = f"http://127.0.0.1:{mlflow_port}"
-        _wait(lambda: httpx.get(f"{url}/health", timeout=2).status_code == 200,
-              "mlflow server (on PostgreSQL)", 180, logs / "mlflow.log", procs[-1])
+        _wait(
+            lambda: httpx.get(f"{url}/health", timeout=2).status_code == 200,
+            "mlflow server (on PostgreSQL)",
+            180,
+            logs / "mlflow.log",
+            procs[-1],
+        )
         yield Stores(url, endpoint, s3, pg)
     finally:
         for proc in reversed(procs):
@@ -242,9 +297,11 @@ def _missing(module: str) -> bool:
 
 
 def _boto_creds() -> dict[str, str]:
-    return {"aws_access_key_id": S3_ENV["AWS_ACCESS_KEY_ID"],
-            "aws_secret_access_key": S3_ENV["AWS_SECRET_ACCESS_KEY"],
-            "region_name": S3_ENV["AWS_DEFAULT_REGION"]}
+    return {
+        "aws_access_key_id": S3_ENV["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": S3_ENV["AWS_SECRET_ACCESS_KEY"],
+        "region_name": S3_ENV["AWS_DEFAULT_REGION"],
+    }
 
 
 @pytest.fixture
@@ -277,10 +334,12 @@ def test_registry_round_trip_through_postgres_and_s3(on_server, micro_base, tmp_
         assert (fetched.path / name).read_bytes() == local
         assert fetched.version.tags[f"sha256.{name}"] == _sha256(local)
     # the rows really are in PostgreSQL (not a silent local fallback) ...
-    assert stores.sql("SELECT version, run_id FROM model_versions WHERE name = %s",
-                      f"{prefix}acme") == [(1, run_id)]
-    assert stores.sql("SELECT alias, version FROM registered_model_aliases WHERE name = %s ORDER BY alias",
-                      f"{prefix}acme") == [("candidate", 1), ("production", 1)]
+    assert stores.sql("SELECT version, run_id FROM model_versions WHERE name = %s", f"{prefix}acme") == [
+        (1, run_id)
+    ]
+    assert stores.sql(
+        "SELECT alias, version FROM registered_model_aliases WHERE name = %s ORDER BY alias", f"{prefix}acme"
+    ) == [("candidate", 1), ("production", 1)]
     # ... and the adapter bytes in the S3 bucket, under the run, behind the proxied mv.source
     assert mv.source.startswith("mlflow-artifacts:/")
     keys = [k for k in stores.keys(ARTIFACT_BUCKET) if run_id in k and "/adapter/" in k]
@@ -329,12 +388,27 @@ def test_ray_train_checkpoints_to_s3_and_resumes_from_there(on_server, micro_bas
     name, prefix = f"s3fleet{uuid.uuid4().hex[:6]}", f"ckpt-{uuid.uuid4().hex[:6]}"
     write_chat(home / "a.jsonl", "alpha")
     fleet = home / "fleet.yaml"
-    fleet.write_text(yaml.safe_dump({
-        "name": name, "base_model": str(micro_base),
-        "defaults": {"training": {"max_steps": 8, "save_steps": 4, "batch_size": 4, "max_length": 64,
-                                  "logging_steps": 2, "eval_fraction": 0.1}, "lora": {"rank": 4}},
-        "registry": {"model_prefix": f"{name}-", "auto_promote": "always"},
-        "jobs": [{"customer": "a", "dataset": "a.jsonl"}]}))
+    fleet.write_text(
+        yaml.safe_dump(
+            {
+                "name": name,
+                "base_model": str(micro_base),
+                "defaults": {
+                    "training": {
+                        "max_steps": 8,
+                        "save_steps": 4,
+                        "batch_size": 4,
+                        "max_length": 64,
+                        "logging_steps": 2,
+                        "eval_fraction": 0.1,
+                    },
+                    "lora": {"rank": 4},
+                },
+                "registry": {"model_prefix": f"{name}-", "auto_promote": "always"},
+                "jobs": [{"customer": "a", "dataset": "a.jsonl"}],
+            }
+        )
+    )
     # The session's Ray workers started before this test and never see AWS_* variables set now,
     # so endpoint and (fake) credentials travel in the URI, in pyarrow's form. Credentials are
     # needed: Ray pickles the filesystem to its workers, and one rebuilt without credentials got
@@ -364,10 +438,19 @@ def test_ray_train_checkpoints_to_s3_and_resumes_from_there(on_server, micro_bas
     run = c.get_run(outcome.run_id)
     assert run.data.tags["lorafleet.resumed_from_step"] == "4"
     assert run.data.metrics["step"] == 8
-    assert len([k for k in stores.keys(CHECKPOINT_BUCKET, f"{prefix}/")
-                if k.endswith("/checkpoint/adapter_model.safetensors")]) == 2  # num_to_keep=2
+    assert (
+        len(
+            [
+                k
+                for k in stores.keys(CHECKPOINT_BUCKET, f"{prefix}/")
+                if k.endswith("/checkpoint/adapter_model.safetensors")
+            ]
+        )
+        == 2
+    )  # num_to_keep=2
     # the adapter trained on the cluster's stores is registered and served from them
     assert outcome.registered == f"{name}-a/1"
     fetched = registry.fetch(c, "a", f"{name}-")
-    assert (fetched.path / "adapter_model.safetensors").read_bytes() == \
-        (outcome.adapter_dir / "adapter_model.safetensors").read_bytes()
+    assert (fetched.path / "adapter_model.safetensors").read_bytes() == (
+        outcome.adapter_dir / "adapter_model.safetensors"
+    ).read_bytes()

@@ -18,8 +18,12 @@ GOOD = {
     "defaults": {"training": {"max_steps": 20, "learning_rate": 1e-3}, "lora": {"rank": 8}},
     "jobs": [
         {"customer": "acme", "dataset": "acme.jsonl"},
-        {"customer": "globex", "dataset": "globex.jsonl", "lora": {"rank": 4},
-         "resources": {"gpus_per_worker": 0.25}},
+        {
+            "customer": "globex",
+            "dataset": "globex.jsonl",
+            "lora": {"rank": 4},
+            "resources": {"gpus_per_worker": 0.25},
+        },
     ],
 }
 
@@ -57,15 +61,20 @@ def test_spec_hash_ignores_resources_but_not_training(tmp_path):
     assert retuned.spec_hash() != acme.spec_hash()
 
 
-@pytest.mark.parametrize(("job_fields", "expected"), [
-    ({"training": {"learning_rate": -1e-4}},
-     "fleet.yaml: jobs[2].training.learning_rate: must be > 0.0 (got -0.0001)"),
-    ({"training": {"learnin_rate": 1e-4}}, "jobs[2].training.learnin_rate: unknown field"),
-    ({"lora": {"rank": 0}}, "jobs[2].lora.rank: must be > 0"),
-    ({"quantization": {"quant_type": "int3"}}, "jobs[2].quantization.quant_type: Input should be"),
-    ({"resources": {"gpus_per_worker": 1.5}}, "above 1 GPU must be a whole number"),
-    ({"epochs": 3}, "jobs[2].epochs: unknown field"),
-])
+@pytest.mark.parametrize(
+    ("job_fields", "expected"),
+    [
+        (
+            {"training": {"learning_rate": -1e-4}},
+            "fleet.yaml: jobs[2].training.learning_rate: must be > 0.0 (got -0.0001)",
+        ),
+        ({"training": {"learnin_rate": 1e-4}}, "jobs[2].training.learnin_rate: unknown field"),
+        ({"lora": {"rank": 0}}, "jobs[2].lora.rank: must be > 0"),
+        ({"quantization": {"quant_type": "int3"}}, "jobs[2].quantization.quant_type: Input should be"),
+        ({"resources": {"gpus_per_worker": 1.5}}, "above 1 GPU must be a whole number"),
+        ({"epochs": 3}, "jobs[2].epochs: unknown field"),
+    ],
+)
 def test_bad_override_names_file_and_field(tmp_path, job_fields, expected):
     with pytest.raises(SpecError) as err:
         load_fleet(write(tmp_path, with_job(**job_fields)))
@@ -73,15 +82,20 @@ def test_bad_override_names_file_and_field(tmp_path, job_fields, expected):
     assert str(tmp_path / "fleet.yaml") in str(err.value)
 
 
-@pytest.mark.parametrize(("mutate", "expected"), [
-    (lambda d: d["jobs"].append({"customer": "acme", "dataset": "x"}), "customer 'acme' appears twice"),
-    (lambda d: d["jobs"].append({"customer": "Bad_Id", "dataset": "x"}),
-     "jobs[2].customer: 'Bad_Id' is not a slug"),
-    (lambda d: d.update(base_modle="x"), "base_modle: unknown field"),
-    (lambda d: d.pop("jobs"), "jobs: required field is missing"),
-    (lambda d: d.update(jobs=[]), "jobs: List should have at least 1 item"),
-    (lambda d: d["defaults"]["training"].update(batch_size="eight"), "defaults.training.batch_size"),
-])
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda d: d["jobs"].append({"customer": "acme", "dataset": "x"}), "customer 'acme' appears twice"),
+        (
+            lambda d: d["jobs"].append({"customer": "Bad_Id", "dataset": "x"}),
+            "jobs[2].customer: 'Bad_Id' is not a slug",
+        ),
+        (lambda d: d.update(base_modle="x"), "base_modle: unknown field"),
+        (lambda d: d.pop("jobs"), "jobs: required field is missing"),
+        (lambda d: d.update(jobs=[]), "jobs: List should have at least 1 item"),
+        (lambda d: d["defaults"]["training"].update(batch_size="eight"), "defaults.training.batch_size"),
+    ],
+)
 def test_bad_fleet_fields(tmp_path, mutate, expected):
     data = json.loads(json.dumps(GOOD))
     mutate(data)

@@ -22,28 +22,36 @@ from typing import Any
 from lorafleet.serve.decoder import GenerationRequest
 
 
-def make_requests(n: int, vocab: int, adapters: list[str | None], min_new: int, max_new: int,
-                  seed: int = 0) -> list[GenerationRequest]:
+def make_requests(
+    n: int, vocab: int, adapters: list[str | None], min_new: int, max_new: int, seed: int = 0
+) -> list[GenerationRequest]:
     rng = random.Random(seed)
-    return [GenerationRequest([rng.randrange(3, vocab) for _ in range(rng.randint(8, 32))],
-                              adapters[i % len(adapters)], max_new_tokens=rng.randint(min_new, max_new),
-                              stop_token_ids=[])  # no early stop: every run does the same work
-            for i in range(n)]
+    return [
+        GenerationRequest(
+            [rng.randrange(3, vocab) for _ in range(rng.randint(8, 32))],
+            adapters[i % len(adapters)],
+            max_new_tokens=rng.randint(min_new, max_new),
+            stop_token_ids=[],
+        )  # no early stop: every run does the same work
+        for i in range(n)
+    ]
 
 
-def run_static(engine: Any, requests: list[GenerationRequest], batch: int,
-               clock: Callable[[], float]) -> dict[str, float]:
+def run_static(
+    engine: Any, requests: list[GenerationRequest], batch: int, clock: Callable[[], float]
+) -> dict[str, float]:
     start, done_at, tokens = clock(), [], 0
     for i in range(0, len(requests), batch):
-        results = engine.generate(requests[i:i + batch])
+        results = engine.generate(requests[i : i + batch])
         now = clock() - start
         done_at += [now] * len(results)
         tokens += sum(len(r.token_ids) for r in results)
     return _summary(clock() - start, tokens, done_at)
 
 
-def run_continuous(engine: Any, requests: list[GenerationRequest], batch: int,
-                   clock: Callable[[], float]) -> dict[str, float]:
+def run_continuous(
+    engine: Any, requests: list[GenerationRequest], batch: int, clock: Callable[[], float]
+) -> dict[str, float]:
     start, done_at, tokens = clock(), [], 0
     decoder, queue = engine.decoder(), list(enumerate(requests))
     while queue or decoder:
@@ -62,14 +70,26 @@ CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
 def _summary(wall: float, tokens: int, done_at: list[float]) -> dict[str, float]:
-    return {"wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
-            "mean_done_s": round(statistics.mean(done_at), 3),
-            "p95_done_s": round(statistics.quantiles(done_at, n=20)[18], 3)}
+    return {
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 1),
+        "mean_done_s": round(statistics.mean(done_at), 3),
+        "p95_done_s": round(statistics.quantiles(done_at, n=20)[18], 3),
+    }
 
 
-def run_batching_bench(base_path: Path | None = None, n_requests: int = 128, batch: int = 16,
-                       n_adapters: int = 8, min_new: int = 8, max_new: int = 64, hidden: int = 256,
-                       layers: int = 4, quantization: str = "none", clock: str = "cpu") -> dict[str, Any]:
+def run_batching_bench(
+    base_path: Path | None = None,
+    n_requests: int = 128,
+    batch: int = 16,
+    n_adapters: int = 8,
+    min_new: int = 8,
+    max_new: int = 64,
+    hidden: int = 256,
+    layers: int = 4,
+    quantization: str = "none",
+    clock: str = "cpu",
+) -> dict[str, Any]:
     import json
     import tempfile
 
@@ -85,14 +105,21 @@ def run_batching_bench(base_path: Path | None = None, n_requests: int = 128, bat
         names: list[str | None] = [f"a{i}" for i in range(n_adapters)]
         requests = make_requests(n_requests, vocab, names, min_new, max_new)
         engine.generate(requests[:batch])  # warm-up
-        out: dict[str, Any] = {"base": str(base_path or f"synthetic h{hidden} x{layers}"),
-                               "requests": n_requests, "batch": batch, "adapters": n_adapters,
-                               "new_tokens": [min_new, max_new], "quantization": quantization,
-                               "clock": clock}
+        out: dict[str, Any] = {
+            "base": str(base_path or f"synthetic h{hidden} x{layers}"),
+            "requests": n_requests,
+            "batch": batch,
+            "adapters": n_adapters,
+            "new_tokens": [min_new, max_new],
+            "quantization": quantization,
+            "clock": clock,
+        }
         out["static"] = run_static(engine, requests, batch, CLOCKS[clock])
         out["continuous"] = run_continuous(engine, requests, batch, CLOCKS[clock])
     out["continuous_vs_static_tokens_per_s"] = round(
-        out["continuous"]["tokens_per_s"] / out["static"]["tokens_per_s"], 3)
+        out["continuous"]["tokens_per_s"] / out["static"]["tokens_per_s"], 3
+    )
     out["continuous_vs_static_mean_done"] = round(
-        out["continuous"]["mean_done_s"] / out["static"]["mean_done_s"], 3)
+        out["continuous"]["mean_done_s"] / out["static"]["mean_done_s"], 3
+    )
     return out

@@ -28,13 +28,26 @@ def synthetic_base(folder: Path, hidden: int, layers: int, vocab: int = 1024) ->
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     words = {"<pad>": 0, "<eos>": 1} | {f"t{i}": i for i in range(2, vocab)}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(words, unk_token="<pad>")),
-                                  pad_token="<pad>", eos_token="<eos>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(words, unk_token="<pad>")),
+        pad_token="<pad>",
+        eos_token="<eos>",
+    )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
-        num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, max_position_embeddings=1024,
-        pad_token_id=0, eos_token_id=1, bos_token_id=1))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=hidden * 3,
+            num_hidden_layers=layers,
+            num_attention_heads=hidden // 64,
+            num_key_value_heads=hidden // 64,
+            max_position_embeddings=1024,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=1,
+        )
+    )
     model.to(torch.bfloat16).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
@@ -49,10 +62,19 @@ def _synthetic_base(folder: Path, hidden: int, layers: int) -> Path:
 
     tok = load_tokenizer(tiny_base_path())
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
-        num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, max_position_embeddings=512,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=hidden,
+            intermediate_size=hidden * 3,
+            num_hidden_layers=layers,
+            num_attention_heads=hidden // 64,
+            num_key_value_heads=hidden // 64,
+            max_position_embeddings=512,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
     model.to(torch.bfloat16).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
@@ -65,8 +87,10 @@ def random_adapters(base: Path, root: Path, n: int, rank: int = 16) -> list[Path
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16), LoraConfig(
-        r=rank, lora_alpha=2 * rank, target_modules="all-linear", init_lora_weights=False))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16),
+        LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", init_lora_weights=False),
+    )
     out = []
     for i in range(n):
         torch.manual_seed(i)
@@ -95,18 +119,23 @@ def _best_times(runs: dict[str, Callable[[], Any]], repeats: int, clock: str) ->
     return best
 
 
-def _runs(engine: Any, prompts: list[list[int]], new_tokens: int, n: int,
-          prefix: str) -> dict[str, Callable[[], Any]]:
+def _runs(
+    engine: Any, prompts: list[list[int]], new_tokens: int, n: int, prefix: str
+) -> dict[str, Callable[[], Any]]:
     from lorafleet.serve.engine import GenerationRequest
 
     def run(names: list[str | None]) -> Callable[[], Any]:
-        reqs = [GenerationRequest(p, a, max_new_tokens=new_tokens)
-                for p, a in zip(prompts, names, strict=True)]
+        reqs = [
+            GenerationRequest(p, a, max_new_tokens=new_tokens) for p, a in zip(prompts, names, strict=True)
+        ]
         return lambda: engine.generate(reqs)
 
     rows = len(prompts)
-    return {f"{prefix}base": run([None] * rows), f"{prefix}one_adapter": run(["a0"] * rows),
-            f"{prefix}distinct": run([f"a{i % n}" for i in range(rows)])}
+    return {
+        f"{prefix}base": run([None] * rows),
+        f"{prefix}one_adapter": run(["a0"] * rows),
+        f"{prefix}distinct": run([f"a{i % n}" for i in range(rows)]),
+    }
 
 
 def _load_engine(kind: str, base: Path, adapters: list[Path], quantization: str) -> Any:
@@ -121,17 +150,28 @@ def _load_engine(kind: str, base: Path, adapters: list[Path], quantization: str)
 
 def _no_bank_cache(engine: Any, run: Callable[[], Any]) -> Callable[[], Any]:
     """The same run gathering the slot banks at every step instead of once per batch."""
+
     def fn() -> Any:
         keep, engine.bank_cache_bytes = engine.bank_cache_bytes, 0
         try:
             return run()
         finally:
             engine.bank_cache_bytes = keep
+
     return fn
 
 
-def _measure(base: Path, adapters: list[Path], prompts: list[list[int]], new_tokens: int, quantization: str,
-             repeats: int, with_peft: bool, compare_bank_cache: bool, clock: str) -> dict[str, float]:
+def _measure(
+    base: Path,
+    adapters: list[Path],
+    prompts: list[list[int]],
+    new_tokens: int,
+    quantization: str,
+    repeats: int,
+    with_peft: bool,
+    compare_bank_cache: bool,
+    clock: str,
+) -> dict[str, float]:
     gathered = _load_engine("gathered", base, adapters, quantization)
     runs = _runs(gathered, prompts, new_tokens, len(adapters), "")
     if compare_bank_cache:
@@ -148,10 +188,20 @@ def _measure(base: Path, adapters: list[Path], prompts: list[list[int]], new_tok
     return out
 
 
-def run_engine_bench(base_path: Path | None = None, n_adapters: int = 16, batch_size: int = 16,
-                     new_tokens: int = 32, hidden: int = 256, layers: int = 4, quantization: str = "none",
-                     with_peft: bool = True, repeats: int = 3, compare_bank_cache: bool = False,
-                     rank: int = 16, clock: str = "wall") -> dict[str, Any]:
+def run_engine_bench(
+    base_path: Path | None = None,
+    n_adapters: int = 16,
+    batch_size: int = 16,
+    new_tokens: int = 32,
+    hidden: int = 256,
+    layers: int = 4,
+    quantization: str = "none",
+    with_peft: bool = True,
+    repeats: int = 3,
+    compare_bank_cache: bool = False,
+    rank: int = 16,
+    clock: str = "wall",
+) -> dict[str, Any]:
     """Tokens/s for base only, one adapter, n_adapters distinct (gathered and peft); JSON-able."""
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(base_path) if base_path else synthetic_base(Path(tmp) / "base", hidden, layers)
@@ -161,25 +211,35 @@ def run_engine_bench(base_path: Path | None = None, n_adapters: int = 16, batch_
         prompts = [[rng.randrange(2, vocab) for _ in range(rng.randint(16, 32))] for _ in range(batch_size)]
         out = _header(base, base_path, n_adapters, batch_size, new_tokens, quantization)
         out |= {"rank": rank, "clock": clock}
-        out |= _measure(base, adapters, prompts, new_tokens, quantization, repeats, with_peft,
-                        compare_bank_cache, clock)
+        out |= _measure(
+            base, adapters, prompts, new_tokens, quantization, repeats, with_peft, compare_bank_cache, clock
+        )
     return out | _ratios(out)
 
 
-def _header(base: Path, base_path: Path | None, n: int, batch: int, new_tokens: int,
-            quantization: str) -> dict[str, Any]:
+def _header(
+    base: Path, base_path: Path | None, n: int, batch: int, new_tokens: int, quantization: str
+) -> dict[str, Any]:
     cfg = json.loads((base / "config.json").read_text())
     name = str(base_path) if base_path else f"synthetic h{cfg['hidden_size']} x{cfg['num_hidden_layers']}"
-    return {"base": name,
-            "parameters": _params(cfg), "adapters": n, "batch": batch, "new_tokens": new_tokens,
-            "quantization": quantization, "threads": torch.get_num_threads(),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    return {
+        "base": name,
+        "parameters": _params(cfg),
+        "adapters": n,
+        "batch": batch,
+        "new_tokens": new_tokens,
+        "quantization": quantization,
+        "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
 
 
 def _ratios(out: dict[str, Any]) -> dict[str, float]:
-    r = {"distinct_vs_one_adapter": out["distinct_tok_s"] / out["one_adapter_tok_s"],
-         "one_adapter_vs_base": out["one_adapter_tok_s"] / out["base_tok_s"],
-         "distinct_vs_base": out["distinct_tok_s"] / out["base_tok_s"]}
+    r = {
+        "distinct_vs_one_adapter": out["distinct_tok_s"] / out["one_adapter_tok_s"],
+        "one_adapter_vs_base": out["one_adapter_tok_s"] / out["base_tok_s"],
+        "distinct_vs_base": out["distinct_tok_s"] / out["base_tok_s"],
+    }
     if "peft_distinct_tok_s" in out:
         r["peft_distinct_vs_one"] = out["peft_distinct_tok_s"] / out["peft_one_adapter_tok_s"]
         r["gathered_distinct_vs_peft_distinct"] = out["distinct_tok_s"] / out["peft_distinct_tok_s"]
@@ -205,12 +265,28 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compare-bank-cache", action="store_true")
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="cpu: process CPU time, for a shared CPU (use --threads 1)")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: process CPU time, for a shared CPU (use --threads 1)",
+    )
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    out = run_engine_bench(a.base, a.adapters, a.batch, a.new_tokens, a.hidden, a.layers, a.quantization,
-                           not a.no_peft, a.repeats, a.compare_bank_cache, a.rank, a.clock)
+    out = run_engine_bench(
+        a.base,
+        a.adapters,
+        a.batch,
+        a.new_tokens,
+        a.hidden,
+        a.layers,
+        a.quantization,
+        not a.no_peft,
+        a.repeats,
+        a.compare_bank_cache,
+        a.rank,
+        a.clock,
+    )
     print(json.dumps(out, indent=1))
 
 

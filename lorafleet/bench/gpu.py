@@ -21,11 +21,24 @@ def train_job(base: str, dataset: str, steps: int, device: str = "cuda:0") -> di
     from lorafleet.spec import JobSpec, LoraSpec, QuantizationSpec, ResourcesSpec, TrainingSpec
     from lorafleet.train.worker import JobPlan, build_trainer
 
-    job = JobSpec(fleet="gpu", customer="g", base_model=base, dataset=dataset, format="auto",
-                  lora=LoraSpec(rank=16), quantization=QuantizationSpec(),
-                  training=TrainingSpec(max_steps=steps, batch_size=8, max_length=256, eval_fraction=0,
-                                        save_steps=10_000, logging_steps=10),
-                  resources=ResourcesSpec(gpus_per_worker=1))
+    job = JobSpec(
+        fleet="gpu",
+        customer="g",
+        base_model=base,
+        dataset=dataset,
+        format="auto",
+        lora=LoraSpec(rank=16),
+        quantization=QuantizationSpec(),
+        training=TrainingSpec(
+            max_steps=steps,
+            batch_size=8,
+            max_length=256,
+            eval_fraction=0,
+            save_steps=10_000,
+            logging_steps=10,
+        ),
+        resources=ResourcesSpec(gpus_per_worker=1),
+    )
     with tempfile.TemporaryDirectory() as out:
         trainer = build_trainer(JobPlan(job=job, base_fingerprint=fingerprint(base)), out, device, [])
         tokens = sum(min(len(x), 256) for x in trainer.train_dataset["input_ids"][: steps * 8])
@@ -34,19 +47,33 @@ def train_job(base: str, dataset: str, steps: int, device: str = "cuda:0") -> di
         start = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - start
-    return {"train_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
-            "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else 0}
+    return {
+        "train_s": wall,
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else 0,
+    }
 
 
 def fleet_sharing_gpu(base: str, dataset: str, steps: int, n: int) -> dict:
     """n jobs at once on the one GPU (as fractional GPU requests would place them)."""
     start = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, "-m", "lorafleet.bench.gpu", "--job", base, dataset,
-                               str(steps)], stdout=subprocess.PIPE, text=True) for _ in range(n)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "lorafleet.bench.gpu", "--job", base, dataset, str(steps)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(n)
+    ]
     results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
     wall = time.perf_counter() - start
-    return {"jobs": n, "wall_s": wall, "tokens_per_s": sum(r["tokens"] for r in results) / wall,
-            "per_job": results}
+    return {
+        "jobs": n,
+        "wall_s": wall,
+        "tokens_per_s": sum(r["tokens"] for r in results) / wall,
+        "per_job": results,
+    }
 
 
 def main(out: str, parts: set[str]) -> None:
@@ -83,10 +110,12 @@ def serve_figures(base: str, dataset: str, results: dict, out: str) -> None:
 
     for batch in (16, 64):
         results[f"engine_bf16_b{batch}"] = run_engine_bench(
-            Path(base), n_adapters=16, batch_size=batch, new_tokens=64, quantization="none")
+            Path(base), n_adapters=16, batch_size=batch, new_tokens=64, quantization="none"
+        )
         _save(results, out)
         results[f"batching_bf16_b{batch}"] = run_batching_bench(
-            Path(base), n_requests=8 * batch, batch=batch, n_adapters=16, clock="wall")
+            Path(base), n_requests=8 * batch, batch=batch, n_adapters=16, clock="wall"
+        )
         _save(results, out)
 
 

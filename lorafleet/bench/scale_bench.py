@@ -42,8 +42,9 @@ def start_cluster(nodes: int, gpus_per_node: float, cpus_per_node: float) -> Any
     from lorafleet.train.runner import init_ray
 
     ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "num_gpus": 0, "_system_config": _SYSTEM_CONFIG})
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "_system_config": _SYSTEM_CONFIG}
+    )
     for _ in range(nodes):
         cluster.add_node(num_cpus=cpus_per_node, num_gpus=gpus_per_node)
     cluster.wait_for_nodes()
@@ -51,11 +52,13 @@ def start_cluster(nodes: int, gpus_per_node: float, cpus_per_node: float) -> Any
     return cluster
 
 
-def fleet_file(folder: Path, base: str, dataset: Path, n_jobs: int, training: dict,
-               resources: dict) -> Path:
-    spec = {"name": "bench-scale", "base_model": base,
-            "defaults": {"training": training, "resources": resources, "lora": {"rank": 4}},
-            "jobs": [{"customer": f"job-{i:03d}", "dataset": str(dataset)} for i in range(n_jobs)]}
+def fleet_file(folder: Path, base: str, dataset: Path, n_jobs: int, training: dict, resources: dict) -> Path:
+    spec = {
+        "name": "bench-scale",
+        "base_model": base,
+        "defaults": {"training": training, "resources": resources, "lora": {"rank": 4}},
+        "jobs": [{"customer": f"job-{i:03d}", "dataset": str(dataset)} for i in range(n_jobs)],
+    }
     path = folder / "bench-scale.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -104,12 +107,24 @@ def _stats(values: list[float]) -> dict[str, float]:
     if not values:
         return {}
     ordered = sorted(values)
-    return {"n": len(values), "median": statistics.median(ordered), "mean": statistics.fmean(ordered),
-            "p90": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], "max": ordered[-1]}
+    return {
+        "n": len(values),
+        "median": statistics.median(ordered),
+        "mean": statistics.fmean(ordered),
+        "p90": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
+        "max": ordered[-1],
+    }
 
 
-def figures(t0: float, t_launch: float, t_end: float, rows: dict[str, dict], walls: list[float],
-            slots: int, slots_per_node: int) -> dict[str, Any]:
+def figures(
+    t0: float,
+    t_launch: float,
+    t_end: float,
+    rows: dict[str, dict],
+    walls: list[float],
+    slots: int,
+    slots_per_node: int,
+) -> dict[str, Any]:
     attempts = _attempts(rows)
     makespan = t_end - t_launch
     busy = [a["ended"] - a["placed"] for a in attempts]
@@ -121,9 +136,12 @@ def figures(t0: float, t_launch: float, t_end: float, rows: dict[str, dict], wal
         "prepare_s": t_launch - t0,
         "submit_to_first_placed_s": min(a["placed"] for a in attempts) - t0,
         "submit_to_first_training_s": min(a["started"] for a in attempts) - t0,
-        "makespan_s": makespan, "makespan_incl_prepare_s": t_end - t0,
-        "job_slot_s": _stats(busy), "job_fit_wall_s": _stats(walls),
-        "ideal_s": ideal, "makespan_vs_ideal": makespan / ideal,
+        "makespan_s": makespan,
+        "makespan_incl_prepare_s": t_end - t0,
+        "job_slot_s": _stats(busy),
+        "job_fit_wall_s": _stats(walls),
+        "ideal_s": ideal,
+        "makespan_vs_ideal": makespan / ideal,
         "orchestration_slot_s_per_job": (makespan * slots - sum(busy)) / len(busy),
         "slot_handover_s": _stats(handovers(attempts, slots_per_node)),
         "slot_utilisation": sum(busy) / (slots * makespan),
@@ -132,21 +150,45 @@ def figures(t0: float, t_launch: float, t_end: float, rows: dict[str, dict], wal
     }
 
 
-def run_scale_bench(base: str, dataset: Path, n_jobs: int = 50, steps: int = 2, nodes: int = 4,
-                    gpus_per_node: float = 1, cpus_per_node: float = 2, gpus_per_job: float = 1,
-                    cpus_per_job: float = 1) -> dict[str, Any]:
+def run_scale_bench(
+    base: str,
+    dataset: Path,
+    n_jobs: int = 50,
+    steps: int = 2,
+    nodes: int = 4,
+    gpus_per_node: float = 1,
+    cpus_per_node: float = 2,
+    gpus_per_job: float = 1,
+    cpus_per_job: float = 1,
+) -> dict[str, Any]:
     import ray
 
     from lorafleet.train.runner import prepare, queue_depth, run_fleet
 
-    training = {"max_steps": steps, "batch_size": 4, "max_length": 64, "save_steps": 1000,
-                "logging_steps": 1, "eval_fraction": 0.0}
+    training = {
+        "max_steps": steps,
+        "batch_size": 4,
+        "max_length": 64,
+        "save_steps": 1000,
+        "logging_steps": 1,
+        "eval_fraction": 0.0,
+    }
     resources = {"gpus_per_worker": gpus_per_job, "cpus_per_worker": cpus_per_job}
-    per_node = int(min(gpus_per_node / gpus_per_job if gpus_per_job else float("inf"),
-                       cpus_per_node / cpus_per_job))
-    config = {"nodes": nodes, "gpus_per_node": gpus_per_node, "cpus_per_node": cpus_per_node,
-              "jobs": n_jobs, "steps": steps, "base": base, "resources_per_job": resources,
-              "slots": per_node * nodes, "queue_depth": queue_depth(), "real_cpus": os.cpu_count()}
+    per_node = int(
+        min(gpus_per_node / gpus_per_job if gpus_per_job else float("inf"), cpus_per_node / cpus_per_job)
+    )
+    config = {
+        "nodes": nodes,
+        "gpus_per_node": gpus_per_node,
+        "cpus_per_node": cpus_per_node,
+        "jobs": n_jobs,
+        "steps": steps,
+        "base": base,
+        "resources_per_job": resources,
+        "slots": per_node * nodes,
+        "queue_depth": queue_depth(),
+        "real_cpus": os.cpu_count(),
+    }
     saved_home = os.environ.get("LORAFLEET_HOME")
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["LORAFLEET_HOME"] = tmp  # a throwaway MLflow store and checkpoint folder

@@ -9,7 +9,6 @@
 - p50/p95 latency, and cold start of an adapter from the registry to its first token.
 """
 
-
 import asyncio
 import statistics
 import tempfile
@@ -23,8 +22,12 @@ from ray import serve
 
 from lorafleet.serve import api
 
-PROMPTS = ("Tell me about the weather today.", "What is the price of a small box?",
-           "How do I reset my password?", "Where is my order?")
+PROMPTS = (
+    "Tell me about the weather today.",
+    "What is the price of a small box?",
+    "How do I reset my password?",
+    "Where is my order?",
+)
 naive_app = FastAPI()
 
 
@@ -52,20 +55,29 @@ class NaivePeftServer:
     def chat(self, body: api.ChatCompletionRequest) -> dict:
         import torch
 
-        ids = self.tok.apply_chat_template([m.model_dump() for m in body.messages],
-                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        ids = self.tok.apply_chat_template(
+            [m.model_dump() for m in body.messages],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
         with self.lock, torch.no_grad():
             self.model.set_adapter(body.model)
-            out = self.model.generate(**ids, max_new_tokens=body.max_tokens, do_sample=False,
-                                      pad_token_id=self.tok.pad_token_id)
-        new = out[0, ids["input_ids"].shape[1]:]
-        usage = api.Usage(prompt_tokens=ids["input_ids"].shape[1], completion_tokens=len(new),
-                          total_tokens=ids["input_ids"].shape[1] + len(new))
+            out = self.model.generate(
+                **ids, max_new_tokens=body.max_tokens, do_sample=False, pad_token_id=self.tok.pad_token_id
+            )
+        new = out[0, ids["input_ids"].shape[1] :]
+        usage = api.Usage(
+            prompt_tokens=ids["input_ids"].shape[1],
+            completion_tokens=len(new),
+            total_tokens=ids["input_ids"].shape[1] + len(new),
+        )
         return api.chat_response(body.model, self.tok.decode(new, skip_special_tokens=True), "length", usage)
 
 
-async def _load(url: str, models: list[str], n_requests: int, concurrency: int,
-                max_tokens: int) -> dict[str, Any]:
+async def _load(
+    url: str, models: list[str], n_requests: int, concurrency: int, max_tokens: int
+) -> dict[str, Any]:
     """n requests, `concurrency` in flight, models assigned round-robin (a uniform mix)."""
     sem = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
@@ -73,8 +85,12 @@ async def _load(url: str, models: list[str], n_requests: int, concurrency: int,
 
     async def one(http: httpx.AsyncClient, i: int) -> None:
         nonlocal tokens
-        body = {"model": models[i % len(models)], "max_tokens": max_tokens, "temperature": 0,
-                "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]}
+        body = {
+            "model": models[i % len(models)],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+        }
         async with sem:
             t0 = time.perf_counter()
             r = await http.post(f"{url}/chat/completions", json=body)
@@ -87,8 +103,14 @@ async def _load(url: str, models: list[str], n_requests: int, concurrency: int,
         await asyncio.gather(*(one(http, i) for i in range(n_requests)))
     wall = time.perf_counter() - start
     q = statistics.quantiles(latencies, n=20)
-    return {"requests": n_requests, "wall_s": wall, "tokens_per_s": tokens / wall,
-            "requests_per_s": n_requests / wall, "p50_s": statistics.median(latencies), "p95_s": q[18]}
+    return {
+        "requests": n_requests,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "requests_per_s": n_requests / wall,
+        "p50_s": statistics.median(latencies),
+        "p95_s": q[18],
+    }
 
 
 def _cold_start(url: str, c: Any, base: Path, tmp: Path, base_name: str) -> dict[str, float]:
@@ -128,15 +150,23 @@ def run_serve_bench(args: Any) -> dict[str, Any]:
         c = tracking.client()
         from lorafleet.bench.synthetic import register_random
 
-        app_args = AppArgs(base_model=args.base_model, max_adapters_per_replica=n + 2,
-                           max_batch_size=16, tracking_uri=f"sqlite:///{home}/mlflow.db")
-        customers = register_random(c, base, home, [f"tenant-{i}" for i in range(n)],
-                                    app_args.display_base_name())
+        app_args = AppArgs(
+            base_model=args.base_model,
+            max_adapters_per_replica=n + 2,
+            max_batch_size=16,
+            tracking_uri=f"sqlite:///{home}/mlflow.db",
+        )
+        customers = register_random(
+            c, base, home, [f"tenant-{i}" for i in range(n)], app_args.display_base_name()
+        )
         url = start(app_args, port=8123)
         try:
             for name in customers:  # warm: every adapter loaded once before timing
-                httpx.post(f"{url}/chat/completions", timeout=120, json={
-                    "model": name, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]})
+                httpx.post(
+                    f"{url}/chat/completions",
+                    timeout=120,
+                    json={"model": name, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]},
+                )
             run = lambda models: asyncio.run(_load(url, models, args.requests, 16, 32))  # noqa: E731
             results["http_base_only"] = run([app_args.display_base_name()])
             results["http_mixed"] = run(customers)
@@ -144,14 +174,19 @@ def run_serve_bench(args: Any) -> dict[str, Any]:
         finally:
             stop()
         folders = {cu: str(registry.fetch(c, cu).path) for cu in customers}
-        serve.run(serve.deployment(NaivePeftServer).bind(str(base), folders), name="naive",
-                  route_prefix="/", blocking=False)
+        serve.run(
+            serve.deployment(NaivePeftServer).bind(str(base), folders),
+            name="naive",
+            route_prefix="/",
+            blocking=False,
+        )
         naive_url = "http://127.0.0.1:8000/v1"
         naive = _load(naive_url, customers, args.requests // 2, 16, 32)
         results["http_naive_set_adapter"] = asyncio.run(naive)
         serve.shutdown()
-    mixed, base_only, naive = (results[k]["tokens_per_s"] for k in
-                               ("http_mixed", "http_base_only", "http_naive_set_adapter"))
+    mixed, base_only, naive = (
+        results[k]["tokens_per_s"] for k in ("http_mixed", "http_base_only", "http_naive_set_adapter")
+    )
     results["ratios"] = {
         "engine_distinct_vs_one_adapter": results["engine_tiny"].get("distinct_vs_one_adapter"),
         "http_mixed_vs_base_only": mixed / base_only,

@@ -12,11 +12,20 @@ from typing import Any
 import yaml
 
 
-def _fleet_file(folder: Path, base: str, datasets: dict[str, Path], training: dict, name: str,
-                resources: dict | None = None) -> Path:
-    spec = {"name": name, "base_model": base,
-            "defaults": {"training": training, "resources": resources or {}},
-            "jobs": [{"customer": c, "dataset": str(p)} for c, p in datasets.items()]}
+def _fleet_file(
+    folder: Path,
+    base: str,
+    datasets: dict[str, Path],
+    training: dict,
+    name: str,
+    resources: dict | None = None,
+) -> Path:
+    spec = {
+        "name": name,
+        "base_model": base,
+        "defaults": {"training": training, "resources": resources or {}},
+        "jobs": [{"customer": c, "dataset": str(p)} for c, p in datasets.items()],
+    }
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -59,8 +68,13 @@ def overhead(folder: Path, base: str, dataset: Path, training: dict) -> dict[str
     plain = _plain_seconds(_fleet_file(folder, base, {"solo": dataset}, training, "bench-plain"))
     runner, _ = _runner_seconds(_fleet_file(folder, base, {"solo": dataset}, training, "bench-solo"))
     slots = int(ray.cluster_resources().get("CPU", 1))
-    return {"plain_s": plain, "runner_s": runner, "ray_init_s": ray_init_s, "cpu_slots": slots,
-            "overhead_ratio": runner / plain}
+    return {
+        "plain_s": plain,
+        "runner_s": runner,
+        "ray_init_s": ray_init_s,
+        "cpu_slots": slots,
+        "overhead_ratio": runner / plain,
+    }
 
 
 def makespan(folder: Path, base: str, dataset: Path, training: dict, n_jobs: int) -> dict[str, Any]:
@@ -70,8 +84,14 @@ def makespan(folder: Path, base: str, dataset: Path, training: dict, n_jobs: int
     wall, per_job = _runner_seconds(_fleet_file(folder, base, datasets, training, "bench-fleet"))
     slots = int(ray.cluster_resources().get("CPU", 1))
     ideal = sum(per_job.values()) / min(slots, n_jobs)
-    return {"jobs": n_jobs, "slots": slots, "makespan_s": wall, "job_train_s": per_job,
-            "ideal_s": ideal, "makespan_vs_ideal": wall / ideal}
+    return {
+        "jobs": n_jobs,
+        "slots": slots,
+        "makespan_s": wall,
+        "job_train_s": per_job,
+        "ideal_s": ideal,
+        "makespan_vs_ideal": wall / ideal,
+    }
 
 
 def base_memory(hidden: int = 768, layers: int = 12, vocab: int = 32000) -> dict[str, Any]:
@@ -83,17 +103,23 @@ def base_memory(hidden: int = 768, layers: int = 12, vocab: int = 32000) -> dict
     from lorafleet.spec import QuantizationSpec
 
     with tempfile.TemporaryDirectory() as folder:
-        config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
-                             num_hidden_layers=layers, num_attention_heads=hidden // 64,
-                             num_key_value_heads=hidden // 64)
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=hidden * 8 // 3,
+            num_hidden_layers=layers,
+            num_attention_heads=hidden // 64,
+            num_key_value_heads=hidden // 64,
+        )
         model = LlamaForCausalLM(config).to(torch.bfloat16)
         params = sum(p.numel() for p in model.parameters())
         model.save_pretrained(folder)
         del model
         bf16 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).get_memory_footprint()
         q = quantization_config(QuantizationSpec(), torch.bfloat16)
-        nf4 = AutoModelForCausalLM.from_pretrained(folder, quantization_config=q, dtype=torch.bfloat16,
-                                                   device_map={"": _device()}).get_memory_footprint()
+        nf4 = AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=q, dtype=torch.bfloat16, device_map={"": _device()}
+        ).get_memory_footprint()
     return {"parameters": params, "bf16_bytes": bf16, "nf4_dq_bytes": nf4, "nf4_vs_bf16": nf4 / bf16}
 
 
@@ -119,8 +145,11 @@ class GpuMemoryPeak:
         import subprocess
 
         while not self._stop.is_set():
-            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True).stdout.split()
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+            ).stdout.split()
             self.peak_mib = max([self.peak_mib, *map(int, out[:1])])
             self._stop.wait(0.2)
 
@@ -135,8 +164,11 @@ def gpu_throughput(folder: Path, base: str, dataset: Path, training: dict, n_job
     from lorafleet.models import load_tokenizer, resolve_base
 
     report = inspect_dataset(dataset, "auto", load_tokenizer(resolve_base(base)), training["max_length"])
-    tokens_per_job = training["max_steps"] * training["batch_size"] * min(
-        report.tokens_total / report.examples, training["max_length"])
+    tokens_per_job = (
+        training["max_steps"]
+        * training["batch_size"]
+        * min(report.tokens_total / report.examples, training["max_length"])
+    )
     out = {}
     for n in (1, n_jobs):
         res = {"gpus_per_worker": round(1 / n, 3), "cpus_per_worker": 1}
@@ -144,18 +176,29 @@ def gpu_throughput(folder: Path, base: str, dataset: Path, training: dict, n_job
         fleet = _fleet_file(folder, base, jobs, training, f"bench-gpu{n}", res)
         with GpuMemoryPeak() as mem:
             wall, per_job = _runner_seconds(fleet)
-        out[f"jobs_{n}"] = {"wall_s": wall, "job_train_s": per_job, "peak_gpu_mib": mem.peak_mib,
-                            "tokens_per_s": n * tokens_per_job / wall,
-                            "tokens_per_s_in_training": n * tokens_per_job / max(per_job.values())}
+        out[f"jobs_{n}"] = {
+            "wall_s": wall,
+            "job_train_s": per_job,
+            "peak_gpu_mib": mem.peak_mib,
+            "tokens_per_s": n * tokens_per_job / wall,
+            "tokens_per_s_in_training": n * tokens_per_job / max(per_job.values()),
+        }
     return out
 
 
-def run_train_bench(base: str, dataset: Path, max_steps: int = 30, n_jobs: int = 4,
-                    with_memory: bool = True) -> dict[str, Any]:
+def run_train_bench(
+    base: str, dataset: Path, max_steps: int = 30, n_jobs: int = 4, with_memory: bool = True
+) -> dict[str, Any]:
     import torch
 
-    training = {"max_steps": max_steps, "batch_size": 8, "max_length": 256, "save_steps": 1000,
-                "logging_steps": 10, "eval_fraction": 0.0}
+    training = {
+        "max_steps": max_steps,
+        "batch_size": 8,
+        "max_length": 256,
+        "save_steps": 1000,
+        "logging_steps": 10,
+        "eval_fraction": 0.0,
+    }
     results: dict[str, Any] = {"base": base, "max_steps": max_steps}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

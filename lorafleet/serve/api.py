@@ -13,14 +13,19 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 class ApiError(Exception):
     """An error with its HTTP status, rendered as {"error": {...}} like OpenAI's API."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 class _Request(BaseModel):
@@ -71,27 +76,46 @@ def _id(kind: str) -> str:
 
 
 def chat_response(model: str, text: str, finish: str, usage: Usage) -> dict:
-    return {"id": _id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
-            "model": model, "usage": usage.model_dump(),
-            "choices": [{"index": 0, "finish_reason": finish,
-                         "message": {"role": "assistant", "content": text}}]}
+    return {
+        "id": _id("chatcmpl"),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "usage": usage.model_dump(),
+        "choices": [{"index": 0, "finish_reason": finish, "message": {"role": "assistant", "content": text}}],
+    }
 
 
 def completion_response(model: str, text: str, finish: str, usage: Usage) -> dict:
-    return {"id": _id("cmpl"), "object": "text_completion", "created": int(time.time()),
-            "model": model, "usage": usage.model_dump(),
-            "choices": [{"index": 0, "finish_reason": finish, "text": text, "logprobs": None}]}
+    return {
+        "id": _id("cmpl"),
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "usage": usage.model_dump(),
+        "choices": [{"index": 0, "finish_reason": finish, "text": text, "logprobs": None}],
+    }
 
 
 def chat_chunk(cid: str, model: str, delta: str | None, finish: str | None) -> dict:
     body = {} if delta is None else {"content": delta}
-    return {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
-            "model": model, "choices": [{"index": 0, "delta": body, "finish_reason": finish}]}
+    return {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": body, "finish_reason": finish}],
+    }
 
 
 def completion_chunk(cid: str, model: str, delta: str | None, finish: str | None) -> dict:
-    return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}]}
+    return {
+        "id": cid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}],
+    }
 
 
 def model_card(name: str, owner: str) -> dict:

@@ -27,18 +27,29 @@ def build_app(args: dict[str, Any]) -> Application:
     if cfg.min_replicas > cfg.max_replicas:
         raise SpecError(f"serve app args: min_replicas {cfg.min_replicas} > max_replicas {cfg.max_replicas}")
     plain = cfg.model_dump()
-    replica = serve.deployment(BaseReplica, name="BaseReplica").options(
-        autoscaling_config={
-            "min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
-            "initial_replicas": max(cfg.min_replicas, 1),
-            "target_ongoing_requests": cfg.target_ongoing_requests,
-            "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s,
-            "look_back_period_s": cfg.autoscale_look_back_s,
-        },
-        max_ongoing_requests=cfg.max_ongoing_requests,
-        ray_actor_options={"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus},
-    ).bind(plain)
-    ingress = serve.deployment(Ingress, name="Ingress").options(
-        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4 * cfg.max_ongoing_requests,
-    ).bind(replica, plain)
+    replica = (
+        serve.deployment(BaseReplica, name="BaseReplica")
+        .options(
+            autoscaling_config={
+                "min_replicas": cfg.min_replicas,
+                "max_replicas": cfg.max_replicas,
+                "initial_replicas": max(cfg.min_replicas, 1),
+                "target_ongoing_requests": cfg.target_ongoing_requests,
+                "upscale_delay_s": cfg.upscale_delay_s,
+                "downscale_delay_s": cfg.downscale_delay_s,
+                "look_back_period_s": cfg.autoscale_look_back_s,
+            },
+            max_ongoing_requests=cfg.max_ongoing_requests,
+            ray_actor_options={"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus},
+        )
+        .bind(plain)
+    )
+    ingress = (
+        serve.deployment(Ingress, name="Ingress")
+        .options(
+            ray_actor_options={"num_cpus": 0},
+            max_ongoing_requests=4 * cfg.max_ongoing_requests,
+        )
+        .bind(replica, plain)
+    )
     return ingress

@@ -219,7 +219,7 @@ class Decoder:
         width = max(len(r.request.prompt_ids) for r in rows)
         mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T), left padded
         for k, r in enumerate(rows):
-            mask[k, width - len(r.request.prompt_ids):] = 1
+            mask[k, width - len(r.request.prompt_ids) :] = 1
         mask = mask.to(self.engine.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): each row counts from its first token
         return KVBatch(mask, positions, DynamicCache(config=self.engine.model.config))
@@ -230,7 +230,7 @@ class Decoder:
         pad = self.engine.tokenizer.pad_token_id
         ids = torch.full((len(rows), width), pad if pad is not None else 0, dtype=torch.long)  # (B, T)
         for k, r in enumerate(rows):
-            ids[k, width - len(r.request.prompt_ids):] = torch.tensor(r.request.prompt_ids)
+            ids[k, width - len(r.request.prompt_ids) :] = torch.tensor(r.request.prompt_ids)
         return ids.to(self.engine.device)
 
 
@@ -246,11 +246,13 @@ def _generator(seed: int | None) -> torch.Generator | None:
     return torch.Generator().manual_seed(seed) if seed is not None else None
 
 
-def _sample_rows(logits: torch.Tensor, requests: list[GenerationRequest],
-                 gens: list[torch.Generator | None]) -> list[int]:
+def _sample_rows(
+    logits: torch.Tensor, requests: list[GenerationRequest], gens: list[torch.Generator | None]
+) -> list[int]:
     greedy = logits.argmax(-1).tolist()  # one op (and one device sync) for every greedy row
-    return [greedy[k] if r.temperature == 0 else _sample(logits[k], r, gens[k])
-            for k, r in enumerate(requests)]
+    return [
+        greedy[k] if r.temperature == 0 else _sample(logits[k], r, gens[k]) for k, r in enumerate(requests)
+    ]
 
 
 def _sample(logits: torch.Tensor, r: GenerationRequest, gen: torch.Generator | None) -> int:

@@ -31,8 +31,16 @@ import torch
 from lorafleet.serve.decoder import Decoder, GenerationRequest, GenerationResult, KVBatch, validate
 from lorafleet.serve.gathered_lora import AdapterNotSupportedError, BatchRows, read_adapter, wrap_linears
 
-__all__ = ["AdapterNotSupportedError", "AdapterSlotsFullError", "GatheredLoraEngine", "GenerationRequest",
-           "GenerationResult", "MultiLoraEngine", "PeftEngine", "UnknownAdapterError"]
+__all__ = [
+    "AdapterNotSupportedError",
+    "AdapterSlotsFullError",
+    "GatheredLoraEngine",
+    "GenerationRequest",
+    "GenerationResult",
+    "MultiLoraEngine",
+    "PeftEngine",
+    "UnknownAdapterError",
+]
 BASE = "__base__"  # peft's adapter_names entry for "no adapter"
 
 
@@ -53,13 +61,15 @@ class MultiLoraEngine(Protocol):
     def add_adapter(self, name: str, folder: Path) -> None: ...
     def remove_adapter(self, name: str) -> None: ...
     def adapters(self) -> list[str]: ...
-    def generate(self, requests: list[GenerationRequest],
-                 on_token: Callable[[int, int], None] | None = None) -> list[GenerationResult]: ...
+    def generate(
+        self, requests: list[GenerationRequest], on_token: Callable[[int, int], None] | None = None
+    ) -> list[GenerationResult]: ...
     def decoder(self, on_token: Callable[[Any, int], None] | None = None) -> Decoder: ...
     def check(self, request: GenerationRequest) -> None: ...
 
 
 # ---- the decode loop both engines share ----------------------------------------------------------
+
 
 class _DecodingEngine:
     """generate() and a continuous-batching Decoder for any engine that can bind per-row adapters
@@ -76,9 +86,15 @@ class _DecodingEngine:
         return {}
 
     def _forward(self, ids: torch.Tensor, batch: KVBatch) -> torch.Tensor:
-        out = self.model(input_ids=ids, attention_mask=batch.mask, position_ids=batch.positions,
-                         past_key_values=batch.cache, use_cache=True, logits_to_keep=1,
-                         **self._forward_kwargs())
+        out = self.model(
+            input_ids=ids,
+            attention_mask=batch.mask,
+            position_ids=batch.positions,
+            past_key_values=batch.cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **self._forward_kwargs(),
+        )
         return out.logits[:, -1]  # (B, V): logits only for the last position
 
     def decoder(self, on_token: Callable[[Any, int], None] | None = None) -> Decoder:
@@ -89,11 +105,13 @@ class _DecodingEngine:
         Never binds: the running batch's rows keep their adapters (check runs between steps)."""
         validate([request])
         if request.adapter is not None and request.adapter not in self.adapters():
-            raise UnknownAdapterError(f"adapter '{request.adapter}' is not loaded; "
-                                      f"loaded: {sorted(self.adapters())}")
+            raise UnknownAdapterError(
+                f"adapter '{request.adapter}' is not loaded; loaded: {sorted(self.adapters())}"
+            )
 
-    def generate(self, requests: list[GenerationRequest],
-                 on_token: Callable[[int, int], None] | None = None) -> list[GenerationResult]:
+    def generate(
+        self, requests: list[GenerationRequest], on_token: Callable[[int, int], None] | None = None
+    ) -> list[GenerationResult]:
         """Generate for a mixed-adapter batch; on_token(request_index, token_id) streams."""
         decoder = self.decoder(on_token)
         done = decoder.admit(list(enumerate(requests)))
@@ -105,6 +123,7 @@ class _DecodingEngine:
 
 # ---- gathered LoRA ---------------------------------------------------------------------------------
 
+
 class GatheredLoraEngine(_DecodingEngine):
     """Mixed-adapter batches in two batched matmuls per LoRA layer; slot 0 is the base.
 
@@ -112,25 +131,41 @@ class GatheredLoraEngine(_DecodingEngine):
     (max_adapters + 1) x rank x (in + out) elements). bank_cache_mb bounds the per-batch gathered
     copy of the banks kept for the decode steps; a bigger batch gathers at every step instead."""
 
-    def __init__(self, model: Any, tokenizer: Any, max_adapters: int = 16,
-                 target_modules: str | list[str] = "all-linear", *, max_rank: int = 64,
-                 lora_dtype: torch.dtype | None = None, bank_cache_mb: float = 512):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        max_adapters: int = 16,
+        target_modules: str | list[str] = "all-linear",
+        *,
+        max_rank: int = 64,
+        lora_dtype: torch.dtype | None = None,
+        bank_cache_mb: float = 512,
+    ):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_adapters, self.max_rank = max_adapters, max_rank
         emb = model.get_input_embeddings().weight
         self.device = emb.device
         self.rows = BatchRows()
-        self.layers = wrap_linears(model, self.rows, max_adapters, max_rank, lora_dtype or emb.dtype,
-                                   target_modules)
+        self.layers = wrap_linears(
+            model, self.rows, max_adapters, max_rank, lora_dtype or emb.dtype, target_modules
+        )
         self.slots: dict[str, int] = {}
         self.free = list(range(max_adapters, 0, -1))  # pop() hands out 1, 2, ...; slot 0 stays zero
         self.bank_cache_bytes = int(bank_cache_mb * 2**20)
 
     @classmethod
-    def from_pretrained(cls, base_path: Path, quantization: Literal["nf4", "none"] = "nf4",
-                        dtype: str = "auto", device: str = "auto", max_adapters: int = 16, *,
-                        max_rank: int = 64, target_modules: str | list[str] = "all-linear",
-                        ) -> GatheredLoraEngine:
+    def from_pretrained(
+        cls,
+        base_path: Path,
+        quantization: Literal["nf4", "none"] = "nf4",
+        dtype: str = "auto",
+        device: str = "auto",
+        max_adapters: int = 16,
+        *,
+        max_rank: int = 64,
+        target_modules: str | list[str] = "all-linear",
+    ) -> GatheredLoraEngine:
         """Load the base (bitsandbytes NF4 with double quantisation, or full precision) and wrap it.
         dtype 'auto' = bf16 compute on a GPU, fp32 on a CPU."""
         model, tokenizer = _load(base_path, quantization, dtype, device)
@@ -160,13 +195,16 @@ class GatheredLoraEngine(_DecodingEngine):
     def _check_fits(self, name: str, modules: dict) -> None:
         unknown = sorted(set(modules) - set(self.layers))
         if unknown:
-            raise AdapterNotSupportedError(f"{name}: targets modules this base lacks or the engine did not "
-                                           f"wrap: {unknown[:3]}")
+            raise AdapterNotSupportedError(
+                f"{name}: targets modules this base lacks or the engine did not wrap: {unknown[:3]}"
+            )
         for module, w in modules.items():
             layer = self.layers[module]
             if (w.a.shape[1], w.b.shape[0]) != (layer.A.shape[2], layer.B.shape[2]):
-                raise AdapterNotSupportedError(f"{name}: {module} has shape {tuple(w.b.shape)}x"
-                                               f"{tuple(w.a.shape)}: trained on another base?")
+                raise AdapterNotSupportedError(
+                    f"{name}: {module} has shape {tuple(w.b.shape)}x"
+                    f"{tuple(w.a.shape)}: trained on another base?"
+                )
 
     def remove_adapter(self, name: str) -> None:
         """Zero and free its slot; unknown names are ignored (an LRU finaliser may call twice)."""
@@ -204,6 +242,7 @@ class GatheredLoraEngine(_DecodingEngine):
 
 # ---- peft reference --------------------------------------------------------------------------------
 
+
 class PeftEngine(_DecodingEngine):
     """One peft model; each batch's rows routed with `adapter_names=` (peft's mixed-batch path,
     which loops over the batch's distinct adapters in every LoRA layer). Same decode loop as
@@ -216,8 +255,14 @@ class PeftEngine(_DecodingEngine):
         self._names: list[str] = []
 
     @classmethod
-    def from_pretrained(cls, base_path: Path, quantization: Literal["nf4", "none"] = "nf4",
-                        dtype: str = "auto", device: str = "auto", max_adapters: int = 16) -> PeftEngine:
+    def from_pretrained(
+        cls,
+        base_path: Path,
+        quantization: Literal["nf4", "none"] = "nf4",
+        dtype: str = "auto",
+        device: str = "auto",
+        max_adapters: int = 16,
+    ) -> PeftEngine:
         model, tokenizer = _load(base_path, quantization, dtype, device)
         return cls(model, tokenizer, max_adapters)
 

@@ -31,11 +31,17 @@ from torch import nn
 PREFIX = "base_model.model."
 # LoraConfig fields whose variants change the forward beyond LoRA (+ DoRA): refused, not guessed at
 UNSUPPORTED = {
-    "lora_bias": "a bias on lora_B", "alora_invocation_tokens": "activated LoRA (aLoRA)",
-    "use_qalora": "QA-LoRA", "layer_replication": "layer replication",
-    "target_parameters": "LoRA on nn.Parameter targets", "arrow_config": "Arrow routing",
-    "use_bdlora": "block-diagonal LoRA", "velora_config": "VeLoRA", "kasa_config": "KaSA",
-    "monteclora_config": "MonteCLoRA", "trainable_token_indices": "trainable tokens",
+    "lora_bias": "a bias on lora_B",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "use_qalora": "QA-LoRA",
+    "layer_replication": "layer replication",
+    "target_parameters": "LoRA on nn.Parameter targets",
+    "arrow_config": "Arrow routing",
+    "use_bdlora": "block-diagonal LoRA",
+    "velora_config": "VeLoRA",
+    "kasa_config": "KaSA",
+    "monteclora_config": "MonteCLoRA",
+    "trainable_token_indices": "trainable tokens",
     "modules_to_save": "modules_to_save (full copies of base modules)",
     "megatron_config": "Megatron parallel layers",
 }
@@ -96,8 +102,15 @@ def _grow(t: torch.Tensor, rank: int) -> torch.Tensor:
 class GatheredLoraLinear(nn.Module):
     """A base Linear / Linear4bit, called as is, plus the gathered LoRA term of every row."""
 
-    def __init__(self, base: nn.Module, rows: BatchRows, slots: int, max_rank: int,
-                 dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        base: nn.Module,
+        rows: BatchRows,
+        slots: int,
+        max_rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
         super().__init__()
         self.base, self.rows, self.max_rank = base, rows, max_rank
         in_f, out_f = base.in_features, base.out_features
@@ -215,8 +228,14 @@ def _targeted(name: str, targets: str | list[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def wrap_linears(model: nn.Module, rows: BatchRows, slots: int, max_rank: int, dtype: torch.dtype,
-                 targets: str | list[str] = "all-linear") -> dict[str, GatheredLoraLinear]:
+def wrap_linears(
+    model: nn.Module,
+    rows: BatchRows,
+    slots: int,
+    max_rank: int,
+    dtype: torch.dtype,
+    targets: str | list[str] = "all-linear",
+) -> dict[str, GatheredLoraLinear]:
     """Replace every targeted linear (never the output head) by a gathered wrapper, in place."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     wrapped = {}
@@ -233,6 +252,7 @@ def wrap_linears(model: nn.Module, rows: BatchRows, slots: int, max_rank: int, d
 
 
 # ---- reading peft adapter folders ------------------------------------------------------------
+
 
 def _pattern_value(patterns: dict[str, Any], module: str) -> Any:
     """peft's get_pattern_key: a key matches when the module name ends with it (regex allowed)."""
@@ -258,8 +278,10 @@ def check_config(name: str, config: dict) -> None:
     if config.get("bias", "none") != "none":
         used.append(f"bias={config['bias']!r} (trained base biases)")
     if used:
-        raise AdapterNotSupportedError(f"{name}: {', '.join(used)} cannot be served by the gathered "
-                                       "LoRA engine; retrain as plain LoRA or DoRA, or merge it")
+        raise AdapterNotSupportedError(
+            f"{name}: {', '.join(used)} cannot be served by the gathered "
+            "LoRA engine; retrain as plain LoRA or DoRA, or merge it"
+        )
 
 
 def _split_key(key: str) -> tuple[str, str]:
@@ -283,15 +305,17 @@ def read_adapter(folder: Path, max_rank: int) -> AdapterWeights:
     for key, tensor in tensors.items():
         module, kind = _split_key(key)
         if kind not in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector"):
-            raise AdapterNotSupportedError(f"{folder.name}: unsupported adapter tensor '{key}' "
-                                           "(embedding LoRA or saved base modules)")
+            raise AdapterNotSupportedError(
+                f"{folder.name}: unsupported adapter tensor '{key}' (embedding LoRA or saved base modules)"
+            )
         parts.setdefault(module, {})[kind] = tensor
     modules = {m: _module_weights(folder.name, config, m, p, max_rank) for m, p in parts.items()}
     return AdapterWeights(modules, dora=bool(config.get("use_dora")))
 
 
-def _module_weights(name: str, config: dict, module: str, p: dict[str, torch.Tensor],
-                    max_rank: int) -> ModuleWeights:
+def _module_weights(
+    name: str, config: dict, module: str, p: dict[str, torch.Tensor], max_rank: int
+) -> ModuleWeights:
     if "lora_A.weight" not in p or "lora_B.weight" not in p:
         raise AdapterNotSupportedError(f"{name}: {module} lacks lora_A or lora_B")
     a, b = p["lora_A.weight"].float(), p["lora_B.weight"].float()  # (r, in), (out, r)

@@ -4,7 +4,6 @@ enforces tenant keys, tokenizes, and streams from the replica that holds the ada
 (No `from __future__ import annotations` here: FastAPI must see the real types.)
 """
 
-
 import json
 import os
 import time
@@ -52,6 +51,7 @@ def _message(exc: Exception) -> str:
 
 # helpers above the class: serve.ingress copies the class when it is defined
 
+
 async def _with_one_retry(call: Any) -> Any:
     """A non-streaming answer is all or nothing, so when its replica dies under it (a lost node)
     asking again is safe: Serve routes the retry to a live replica. Streams are not retried
@@ -82,9 +82,12 @@ class Ingress:
         self.keys = self._load_keys()
         self.requests = Counter("lorafleet_requests", "requests", tag_keys=("adapter", "status"))
         self.tokens = Counter("lorafleet_generated_tokens", "tokens generated", tag_keys=("adapter",))
-        self.latency = Histogram("lorafleet_request_latency_s", "request latency",
-                                 boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30],
-                                 tag_keys=("adapter",))
+        self.latency = Histogram(
+            "lorafleet_request_latency_s",
+            "request latency",
+            boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30],
+            tag_keys=("adapter",),
+        )
 
     def _load_keys(self) -> dict | None:
         from lorafleet.serve.keys import load_keys
@@ -109,8 +112,9 @@ class Ingress:
     @app.post("/v1/chat/completions")
     async def chat(self, body: api.ChatCompletionRequest, request: Request) -> Any:
         messages = [m.model_dump() for m in body.messages]
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                 tokenize=True, return_dict=False)
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         return await self._complete(body, request, ids, chat=True)
 
     @app.post("/v1/completions")
@@ -128,9 +132,13 @@ class Ingress:
         adapter_id = self._resolve(body.model, self._tenant(request))
         max_new = min(body.new_tokens(self.args.max_new_tokens), self.args.max_new_tokens)
         if len(ids) + max_new > self.context:
-            raise api.ApiError(400, f"prompt is {len(ids)} tokens and max_tokens {max_new}; the "
-                               f"context length is {self.context}: shorten the prompt or max_tokens",
-                               code="context_length_exceeded", param="messages" if chat else "prompt")
+            raise api.ApiError(
+                400,
+                f"prompt is {len(ids)} tokens and max_tokens {max_new}; the "
+                f"context length is {self.context}: shorten the prompt or max_tokens",
+                code="context_length_exceeded",
+                param="messages" if chat else "prompt",
+            )
         gen = self._request(body, ids, max_new)
         tag = {"adapter": adapter_id or self.base_name}
         replica = self.replica.options(multiplexed_model_id=adapter_id or "", stream=body.stream)
@@ -142,9 +150,15 @@ class Ingress:
     def _request(self, body: Any, ids: list[int], max_new: int) -> Any:
         from lorafleet.serve.engine import GenerationRequest
 
-        return GenerationRequest(prompt_ids=ids, adapter=None, max_new_tokens=max_new,
-                                 temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                                 stop_token_ids=[self.tokenizer.eos_token_id])
+        return GenerationRequest(
+            prompt_ids=ids,
+            adapter=None,
+            max_new_tokens=max_new,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop_token_ids=[self.tokenizer.eos_token_id],
+        )
 
     async def _collect(self, call: Any, body: Any, chat: bool, n_prompt: int, tag: dict) -> JSONResponse:
         start = time.perf_counter()
@@ -154,14 +168,16 @@ class Ingress:
             raise self._replica_error(exc, tag) from None
         self._check_final(final, tag)
         n = len(final["token_ids"])
-        text, stopped = cut_at_stop(self.tokenizer.decode(final["token_ids"], skip_special_tokens=True),
-                                    body.stop)
+        text, stopped = cut_at_stop(
+            self.tokenizer.decode(final["token_ids"], skip_special_tokens=True), body.stop
+        )
         finish = "stop" if stopped else final.get("finish_reason", "stop")
         self._record(tag, n, start, "ok")
         usage = api.Usage(prompt_tokens=n_prompt, completion_tokens=n, total_tokens=n_prompt + n)
         make = api.chat_response if chat else api.completion_response
-        return JSONResponse(make(body.model, text, finish, usage),
-                            headers={"x-lorafleet-replica": final.get("replica", "")})
+        return JSONResponse(
+            make(body.model, text, finish, usage), headers={"x-lorafleet-replica": final.get("replica", "")}
+        )
 
     async def _sse(self, stream: Any, body: Any, chat: bool, tag: dict):
         cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
@@ -176,7 +192,7 @@ class Ingress:
                 n += len(item)
                 full, stopped = cut_at_stop(sent + "".join(decoder.push(t) for t in item), body.stop)
                 if full != sent:
-                    yield f"data: {json.dumps(chunk(cid, body.model, full[len(sent):], None))}\n\n"
+                    yield f"data: {json.dumps(chunk(cid, body.model, full[len(sent) :], None))}\n\n"
                     sent = full
                 if stopped:
                     finish = "stop"
@@ -220,8 +236,12 @@ class Ingress:
         auth = request.headers.get("authorization", "")
         tenant = self.keys.get(key_hash(auth.removeprefix("Bearer ").strip()))
         if tenant is None:
-            raise api.ApiError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
-                               "authentication_error", code="invalid_api_key")
+            raise api.ApiError(
+                401,
+                "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                "authentication_error",
+                code="invalid_api_key",
+            )
         return tenant
 
     def _resolve(self, name: str, tenant: Any) -> str | None:
@@ -243,8 +263,11 @@ class Ingress:
             raise self._unknown(name, tenant)  # another tenant's adapter does not exist for you
         mv = self._version(name, ref)
         try:
-            registry.check_base(registry.ResolvedAdapter(f"{mv.name}/{mv.version}", None, mv),
-                                self.base_fingerprint, self.base_name)
+            registry.check_base(
+                registry.ResolvedAdapter(f"{mv.name}/{mv.version}", None, mv),
+                self.base_fingerprint,
+                self.base_name,
+            )
         except BaseMismatchError as exc:
             raise api.ApiError(409, str(exc), code="adapter_base_mismatch", param="model") from None
         return f"{mv.name}/{mv.version}"
@@ -258,13 +281,17 @@ class Ingress:
             try:
                 mv = registry.resolve_version(tracking.client(), ref)
             except RegistryError as exc:
-                raise api.ApiError(404, f"{exc}; the base is '{self.base_name}'",
-                                   code="model_not_found", param="model") from None
+                raise api.ApiError(
+                    404, f"{exc}; the base is '{self.base_name}'", code="model_not_found", param="model"
+                ) from None
             self.resolved[name] = (time.time(), mv)
         return mv
 
     def _unknown(self, name: str, tenant: Any) -> api.ApiError:
         names = ([self.base_name] if tenant.base else []) + sorted(tenant.adapters)
-        return api.ApiError(404, f"model '{name}' does not exist; available: {', '.join(names)}",
-                            code="model_not_found", param="model")
-
+        return api.ApiError(
+            404,
+            f"model '{name}' does not exist; available: {', '.join(names)}",
+            code="model_not_found",
+            param="model",
+        )

@@ -82,8 +82,11 @@ class BaseReplica:
         self.base_fingerprint = fingerprint(base_path)
         # slots beyond the LRU size absorb adapters evicted while requests still use them
         self.engine = GatheredLoraEngine.from_pretrained(
-            base_path, quantization=self.args.quantization,
-            max_adapters=2 * self.args.max_adapters_per_replica)
+            base_path,
+            quantization=self.args.quantization,
+            max_adapters=2 * self.args.max_adapters_per_replica,
+            max_rank=self.args.max_rank,
+        )
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.residency = Residency()
         self.queue: asyncio.Queue[Pending] | None = None
@@ -93,11 +96,13 @@ class BaseReplica:
         self.decoder = self.engine.decoder(lambda pending, token: pending.put(token))
         self.loads = metrics.Counter("lorafleet_adapter_loads", "adapters loaded on this replica")
         self.evictions = metrics.Counter("lorafleet_adapter_evictions", "adapters evicted on this replica")
+
         async def load(model_id: str) -> LoadedAdapter:  # a plain function: Serve stores its LRU on it
             return await self._load(model_id)
 
-        self.get_adapter = serve.multiplexed(
-            max_num_models_per_replica=self.args.max_adapters_per_replica)(load)
+        self.get_adapter = serve.multiplexed(max_num_models_per_replica=self.args.max_adapters_per_replica)(
+            load
+        )
 
     async def _load(self, model_id: str) -> LoadedAdapter:
         """Registry -> verified local folder -> checked base -> engine slot."""

@@ -16,8 +16,13 @@ from lorafleet.serve.config import AppArgs
 APP_NAME = "lorafleet"
 
 
-def start(args: AppArgs, host: str = "127.0.0.1", port: int = 8000,
-          ray_address: str | None = None, timeout_s: float = 300) -> str:
+def start(
+    args: AppArgs,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    ray_address: str | None = None,
+    timeout_s: float = 300,
+) -> str:
     """Deploy the app and wait until it answers; returns the OpenAI base URL."""
     from ray import serve
 

@@ -101,9 +101,13 @@ class ProgressCallback(TrainerCallback):
             # the node of rank 0 tells users (and tests) where the job ran; a restart after a lost
             # node begins a new attempt, usually elsewhere
             self.board.attempt_started.remote(
-                self.customer, state="running", total_steps=state.max_steps,
-                start_step=state.global_step, started=time.time(),
-                node_id=ray.get_runtime_context().get_node_id())
+                self.customer,
+                state="running",
+                total_steps=state.max_steps,
+                start_step=state.global_step,
+                started=time.time(),
+                node_id=ray.get_runtime_context().get_node_id(),
+            )
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.rank == 0 and self.board is not None:

@@ -27,10 +27,15 @@ from lorafleet.validate import FleetCheck, check_fleet
 
 # Ray Train gives a worker group 60 s to start; importing torch, transformers and trl took longer
 # than that on a loaded 2-core machine (jobs failed with a ControllerError), and can on a busy node.
-RAY_ENV = {"env_vars": {
-    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TOKENIZERS_PARALLELISM": "false",
-    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600"),
-}}
+RAY_ENV = {
+    "env_vars": {
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        "TOKENIZERS_PARALLELISM": "false",
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get(
+            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600"
+        ),
+    }
+}
 
 
 @dataclass
@@ -76,22 +81,26 @@ def ray_run_name(job: JobSpec, jhash: str) -> str:
     return f"{job.fleet}-{job.customer}-{jhash[:8]}"
 
 
-def prepare(fleet_file: Path, fail_at_step: dict[str, int] | None = None,
-            register: bool = True) -> Submission:
+def prepare(
+    fleet_file: Path, fail_at_step: dict[str, int] | None = None, register: bool = True
+) -> Submission:
     """Validate spec and data, open the MLflow runs; bad jobs fail here, before any training."""
     check = check_fleet(fleet_file)
     fleet, base_fp = check.fleet, check.base_fingerprint
     c = tracking.client()
     exp_id = tracking.ensure_experiment(c, fleet.name)
-    sub = Submission(fleet.name, tracking.start_fleet_run(c, exp_id, fleet.name, fleet_file, base_fp),
-                     exp_id, fleet.registry if register else None)
+    sub = Submission(
+        fleet.name,
+        tracking.start_fleet_run(c, exp_id, fleet.name, fleet_file, base_fp),
+        exp_id,
+        fleet.registry if register else None,
+    )
     for job in check.jobs:
         _prepare_job(c, sub, job, check, (fail_at_step or {}).get(job.customer))
     return sub
 
 
-def _prepare_job(c: Any, sub: Submission, job: JobSpec, check: FleetCheck,
-                 fail_at_step: int | None) -> None:
+def _prepare_job(c: Any, sub: Submission, job: JobSpec, check: FleetCheck, fail_at_step: int | None) -> None:
     base_fp = check.base_fingerprint
     tags = {"spec_hash": job.spec_hash(), "base_fingerprint": base_fp}
     if job.customer in check.errors:
@@ -105,8 +114,13 @@ def _prepare_job(c: Any, sub: Submission, job: JobSpec, check: FleetCheck,
     prior = tracking.find_succeeded(c, sub.exp_id, job.customer, tags["job_hash"])
     run_id = tracking.start_job_run(c, sub.exp_id, sub.fleet_run_id, job, tags)
     c.log_dict(run_id, report.as_dict(), "dataset_report.json")
-    plan = JobPlan(job=job, base_fingerprint=base_fp, job_hash=tags["job_hash"],
-                   fleet_board=board_name(sub.fleet), fail_at_step=fail_at_step)
+    plan = JobPlan(
+        job=job,
+        base_fingerprint=base_fp,
+        job_hash=tags["job_hash"],
+        fleet_board=board_name(sub.fleet),
+        fail_at_step=fail_at_step,
+    )
     if prior:
         tracking.set_state(c, run_id, "succeeded")
         sub.done[job.customer] = _reuse(c, sub, plan, run_id, prior)
@@ -116,9 +130,14 @@ def _prepare_job(c: Any, sub: Submission, job: JobSpec, check: FleetCheck,
 
 def _reuse(c: Any, sub: Submission, plan: JobPlan, run_id: str, prior: Any) -> JobOutcome:
     """Same spec, data and base already trained: point at that run; register it if it never was."""
-    outcome = JobOutcome(plan.job.customer, "succeeded", run_id,
-                         metrics=dict(prior.data.metrics), reused_from=prior.info.run_id,
-                         registered=prior.data.tags.get("lorafleet.registered_version"))
+    outcome = JobOutcome(
+        plan.job.customer,
+        "succeeded",
+        run_id,
+        metrics=dict(prior.data.metrics),
+        reused_from=prior.info.run_id,
+        registered=prior.data.tags.get("lorafleet.registered_version"),
+    )
     c.set_tag(run_id, "lorafleet.reused_from", prior.info.run_id)
     if outcome.registered is None and sub.registry is not None:
         folder = c.download_artifacts(prior.info.run_id, "adapter", tempfile.mkdtemp())
@@ -173,8 +192,8 @@ def _announce_placement(config: dict[str, Any]) -> None:
     board = config.get("fleet_board")
     if board and ray.train.get_context().get_world_rank() == 0:
         ray.get_actor(board, namespace=NAMESPACE).begin_attempt.remote(
-            config["job"]["customer"], placed=time.time(),
-            node_id=ray.get_runtime_context().get_node_id())
+            config["job"]["customer"], placed=time.time(), node_id=ray.get_runtime_context().get_node_id()
+        )
 
 
 @ray.remote(num_cpus=0, max_retries=0)
@@ -189,15 +208,20 @@ def run_job(plan_json: dict[str, Any], run_name: str, storage: str) -> dict[str,
     res = JobPlan.model_validate(plan_json).job.resources
     per_worker = {"CPU": res.cpus_per_worker} | ({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})
     trainer = TorchTrainer(
-        train_loop, train_loop_config=plan_json,
+        train_loop,
+        train_loop_config=plan_json,
         torch_config=TorchConfig(backend=torch_backend(res.gpus_per_worker)),
         # use_gpu only reserves the GPU (ScalingConfig requires it with a GPU resource) and sets
         # CUDA_VISIBLE_DEVICES; Ray Train touches CUDA only if torch sees a device
-        scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0,
-                                     resources_per_worker=per_worker),
-        run_config=RunConfig(name=run_name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=res.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        scaling_config=ScalingConfig(
+            num_workers=res.workers, use_gpu=res.gpus_per_worker > 0, resources_per_worker=per_worker
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=res.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
     )
     start = time.perf_counter()
     result = trainer.fit()
@@ -237,8 +261,11 @@ class FleetMonitor:
         one after a crash or a lost node). Only changed tags are written."""
         if not attempts:
             return
-        tags = {"lorafleet.node_id": attempts[-1]["node_id"], "lorafleet.attempts": str(len(attempts)),
-                "lorafleet.node_ids": ",".join(a["node_id"] for a in attempts)}
+        tags = {
+            "lorafleet.node_id": attempts[-1]["node_id"],
+            "lorafleet.attempts": str(len(attempts)),
+            "lorafleet.node_ids": ",".join(a["node_id"] for a in attempts),
+        }
         resumed = [a["start_step"] for a in attempts if a.get("start_step")]
         if resumed:
             tags["lorafleet.resumed_from_step"] = str(resumed[-1])
@@ -298,8 +325,13 @@ def _register(c: Any, sub: Submission, plan: JobPlan, outcome: JobOutcome) -> No
 
 def init_ray(address: str | None) -> None:
     if not ray.is_initialized():
-        ray.init(address=address, namespace=NAMESPACE, runtime_env=RAY_ENV,
-                 log_to_driver=False, include_dashboard=False)
+        ray.init(
+            address=address,
+            namespace=NAMESPACE,
+            runtime_env=RAY_ENV,
+            log_to_driver=False,
+            include_dashboard=False,
+        )
 
 
 def queue_depth() -> float:
@@ -346,20 +378,26 @@ class Launcher:
                 used[k] = used.get(k, 0) + v
             plan = self.sub.plans[cust][0]
             ref = run_job.options(scheduling_strategy=self.placement).remote(
-                plan.model_dump(mode="json"), ray_run_name(plan.job, plan.job_hash), self.storage)
+                plan.model_dump(mode="json"), ray_run_name(plan.job, plan.job_hash), self.storage
+            )
             self.refs[ref] = cust
 
     def busy(self) -> bool:
         return bool(self.pending or self.refs)
 
 
-def run_fleet(sub: Submission, storage: str, on_tick: Callable[[dict], None] | None = None,
-              on_finished: Callable[[JobOutcome], None] | None = None) -> FleetResult:
+def run_fleet(
+    sub: Submission,
+    storage: str,
+    on_tick: Callable[[dict], None] | None = None,
+    on_finished: Callable[[JobOutcome], None] | None = None,
+) -> FleetResult:
     """Launch the planned jobs (as many as the cluster can place or queue) and wait."""
     c = tracking.client()
     here = driver_node_affinity()
-    board = ProgressBoard.options(name=board_name(sub.fleet), namespace=NAMESPACE,
-                                  scheduling_strategy=here).remote()
+    board = ProgressBoard.options(
+        name=board_name(sub.fleet), namespace=NAMESPACE, scheduling_strategy=here
+    ).remote()
     monitor = FleetMonitor(c, sub, board)
     launcher = Launcher(sub, storage, here)
     outcomes = dict(sub.done)
@@ -427,10 +465,16 @@ def _rows(sub: Submission, states: dict[str, str], snapshot: dict, outcomes: dic
     return rows
 
 
-def submit(fleet_file: str | Path, *, ray_address: str | None = None, storage: str | None = None,
-           on_tick: Callable[[dict], None] | None = None,
-           on_finished: Callable[[JobOutcome], None] | None = None,
-           fail_at_step: dict[str, int] | None = None, register: bool = True) -> FleetResult:
+def submit(
+    fleet_file: str | Path,
+    *,
+    ray_address: str | None = None,
+    storage: str | None = None,
+    on_tick: Callable[[dict], None] | None = None,
+    on_finished: Callable[[JobOutcome], None] | None = None,
+    fail_at_step: dict[str, int] | None = None,
+    register: bool = True,
+) -> FleetResult:
     """Validate, train every job of a fleet file, register each new adapter; returns outcomes."""
     sub = prepare(Path(fleet_file), fail_at_step, register)
     if not sub.plans:

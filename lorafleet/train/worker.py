@@ -43,14 +43,19 @@ def lora_config(job: JobSpec) -> Any:
 
     lora = job.lora
     return LoraConfig(
-        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=lora.target_modules, use_dora=lora.use_dora, use_rslora=lora.use_rslora,
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
         task_type="CAUSAL_LM",
     )
 
 
-def sft_config(job: JobSpec, output_dir: str, on_gpu: bool, has_eval: bool,
-               deepspeed: dict[str, Any] | None = None) -> Any:
+def sft_config(
+    job: JobSpec, output_dir: str, on_gpu: bool, has_eval: bool, deepspeed: dict[str, Any] | None = None
+) -> Any:
     from trl import SFTConfig
 
     from lorafleet.models import compute_dtype
@@ -58,17 +63,33 @@ def sft_config(job: JobSpec, output_dir: str, on_gpu: bool, has_eval: bool,
     t = job.training
     bf16 = str(compute_dtype(job.quantization.compute_dtype, on_gpu)) == "torch.bfloat16"
     return SFTConfig(
-        output_dir=output_dir, max_steps=t.max_steps or -1, num_train_epochs=t.epochs,
-        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio, per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation,
-        max_length=t.max_length, optim=t.optimizer, seed=t.seed, data_seed=t.seed,
+        output_dir=output_dir,
+        max_steps=t.max_steps or -1,
+        num_train_epochs=t.epochs,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation,
+        max_length=t.max_length,
+        optim=t.optimizer,
+        seed=t.seed,
+        data_seed=t.seed,
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": _reentrant_checkpointing(deepspeed)},
-        save_strategy="steps", save_steps=t.save_steps, save_total_limit=2,
-        eval_strategy="steps" if has_eval else "no", eval_steps=t.save_steps,
-        logging_steps=t.logging_steps, report_to=[], use_cpu=not on_gpu, bf16=bf16,
-        assistant_only_loss=False, dataset_num_proc=None, deepspeed=deepspeed,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=2,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=t.save_steps,
+        logging_steps=t.logging_steps,
+        report_to=[],
+        use_cpu=not on_gpu,
+        bf16=bf16,
+        assistant_only_loss=False,
+        dataset_num_proc=None,
+        deepspeed=deepspeed,
         disable_tqdm=True,
     )
 
@@ -122,8 +143,13 @@ def build_trainer(plan: JobPlan, output_dir: str, device: str, callbacks: list[A
         # loss on assistant tokens only needs {% generation %} markers in the chat template
         args.assistant_only_loss = "{% generation %}" in (tokenizer.chat_template or "")
     trainer = SFTTrainer(
-        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-        processing_class=tokenizer, peft_config=lora_config(job), callbacks=callbacks,
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=lora_config(job),
+        callbacks=callbacks,
     )
     if not args.bf16:
         _lora_to_fp32(trainer.model)
