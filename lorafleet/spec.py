@@ -75,7 +75,6 @@ class LoraSpec(_Strict):
     rank: int = Field(
         16,
         gt=0,
-        le=MAX_SERVE_RANK,
         description="LoRA rank r; higher learns more, costs "
         f"memory; at most {MAX_SERVE_RANK}, the largest the endpoint serves",
     )
@@ -86,6 +85,17 @@ class LoraSpec(_Strict):
     )
     use_dora: bool = Field(False, description="weight-decomposed LoRA (DoRA)")
     use_rslora: bool = Field(False, description="rank-stabilised scaling alpha/sqrt(rank)")
+
+    @field_validator("rank")
+    @classmethod
+    def _servable(cls, v: int) -> int:
+        # a job the endpoint would refuse must not train, register and get promoted first
+        if v > MAX_SERVE_RANK:
+            raise ValueError(
+                f"must be <= {MAX_SERVE_RANK}, the largest rank the endpoint serves "
+                "(lorafleet.limits.MAX_SERVE_RANK); lower the rank"
+            )
+        return v
 
 
 class QuantizationSpec(_Strict):

@@ -70,6 +70,7 @@ def test_spec_hash_ignores_resources_but_not_training(tmp_path):
         ),
         ({"training": {"learnin_rate": 1e-4}}, "jobs[2].training.learnin_rate: unknown field"),
         ({"lora": {"rank": 0}}, "jobs[2].lora.rank: must be > 0"),
+        ({"lora": {"rank": 128}}, "jobs[2].lora.rank: must be <= 64, the largest rank the endpoint serves"),
         ({"quantization": {"quant_type": "int3"}}, "jobs[2].quantization.quant_type: Input should be"),
         ({"resources": {"gpus_per_worker": 1.5}}, "above 1 GPU must be a whole number"),
         ({"epochs": 3}, "jobs[2].epochs: unknown field"),
@@ -91,6 +92,10 @@ def test_bad_override_names_file_and_field(tmp_path, job_fields, expected):
             "jobs[2].customer: 'Bad_Id' is not a slug",
         ),
         (lambda d: d.update(base_modle="x"), "base_modle: unknown field"),
+        (
+            lambda d: d.update(registry={"model_prefix": "team/"}),
+            "registry.model_prefix: model_prefix 'team/'",
+        ),
         (lambda d: d.pop("jobs"), "jobs: required field is missing"),
         (lambda d: d.update(jobs=[]), "jobs: List should have at least 1 item"),
         (lambda d: d["defaults"]["training"].update(batch_size="eight"), "defaults.training.batch_size"),
@@ -135,3 +140,15 @@ def test_shipped_fleet_files_validate():
     for path in files:
         assert path.read_text().startswith("#"), f"{path} opens with the command that uses it"
         resolve_jobs(load_fleet(path), path)
+
+
+def test_prefixed_names_resolve_back_to_their_model():
+    """Every prefix the fleet file accepts gives names the endpoint can parse back (an 'lf_' prefix
+    once registered adapters nobody could reach)."""
+    from lorafleet.registry import parse_ref
+    from lorafleet.spec import RegistrySpec
+
+    for prefix in ("", "lf_", "team.a-", "Acme2_"):
+        name = RegistrySpec(model_prefix=prefix).model_prefix + "acme"
+        assert parse_ref(f"{name}/3").model == name
+        assert parse_ref("acme@candidate", prefix).model == name
