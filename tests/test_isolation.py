@@ -470,3 +470,10 @@ def test_a_malformed_adapter_is_refused_at_load_naming_the_problem(engine, tmp_p
         engine.add_adapter("cust-x", folder)
     assert str(info.value).startswith("cust-x: ") and isinstance(info.value, ValueError)
     assert engine.adapters() == loaded and engine.free == free
+
+
+def test_openai_json_forms_are_normalised():
+    r = GenerationRequest([1], None, stop="END", logit_bias={"12": 1.0, 3: -2.0})
+    assert (r.stop, r.logit_bias) == (["END"], {12: 1.0, 3: -2.0})
+    r = GenerationRequest([1], None, stop=None, logit_bias=None)
+    assert (r.stop, r.logit_bias) == ([], {})

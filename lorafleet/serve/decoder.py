@@ -51,6 +51,19 @@ class GenerationRequest:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     tenant: str | None = None  # for the replica's fair admission; the decoder ignores it
 
+    def __post_init__(self) -> None:
+        """OpenAI's JSON forms: stop may be null or one string; logit_bias keys are strings."""
+        if self.stop is None or isinstance(self.stop, str):
+            self.stop = [self.stop] if self.stop else []
+        if self.logit_bias is None:
+            self.logit_bias = {}
+        elif isinstance(self.logit_bias, dict):
+            self.logit_bias = {_token_id(t): v for t, v in self.logit_bias.items()}
+
+
+def _token_id(key: Any) -> Any:
+    return int(key) if isinstance(key, str) and key.isdigit() else key
+
 
 @dataclass
 class GenerationResult:
@@ -257,8 +270,8 @@ class Decoder:
     def _sample(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
         """Each row's next token; returns the indices of the rows that go on. A row whose logits
         are not finite, or whose sampling, callback or stop check raises, fails alone."""
-        finite = torch.isfinite(logits).all(-1).tolist()  # one op (and one sync) for the batch
-        greedy = logits.argmax(-1).tolist()
+        # each row's argmax and whether its logits are finite, in one transfer (one device sync)
+        greedy, finite = torch.stack([logits.argmax(-1), torch.isfinite(logits).all(-1)]).tolist()
         keep = []
         for k, row in enumerate(rows):
             try:

@@ -42,8 +42,10 @@ def validate_request(r: GenerationRequest, vocab_size: int | None = None) -> Non
         value = getattr(r, name)
         if not (isinstance(value, int | float) and -MAX_PENALTY <= value <= MAX_PENALTY):
             raise ValueError(f"{name} {value!r} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]")
+    if not isinstance(r.logit_bias, dict):
+        raise ValueError(f"logit_bias {r.logit_bias!r} must map token ids to numbers")
     _check_logit_bias(r.logit_bias, vocab_size)
-    if any(not isinstance(s, str) or not s for s in r.stop):
+    if not isinstance(r.stop, list) or any(not isinstance(s, str) or not s for s in r.stop):
         raise ValueError(f"stop {r.stop!r} must be non-empty strings")
 
 
