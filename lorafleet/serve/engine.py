@@ -28,6 +28,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from lorafleet.limits import MAX_SERVE_RANK
 from lorafleet.serve.decoder import Decoder, GenerationRequest, GenerationResult, KVBatch, Row
 from lorafleet.serve.gathered_lora import (
     AdapterInvalidError,
@@ -163,7 +164,7 @@ class GatheredLoraEngine(_DecodingEngine):
         max_adapters: int = 16,
         target_modules: str | list[str] = "all-linear",
         *,
-        max_rank: int = 64,
+        max_rank: int = MAX_SERVE_RANK,
         lora_dtype: torch.dtype | None = None,
         bank_cache_mb: float = 512,
     ):
@@ -188,7 +189,7 @@ class GatheredLoraEngine(_DecodingEngine):
         device: str = "auto",
         max_adapters: int = 16,
         *,
-        max_rank: int = 64,
+        max_rank: int = MAX_SERVE_RANK,
         target_modules: str | list[str] = "all-linear",
     ) -> GatheredLoraEngine:
         """Load the base (bitsandbytes NF4 with double quantisation, or full precision) and wrap it.
