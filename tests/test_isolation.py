@@ -65,8 +65,8 @@ def write_adapter(
 
 
 class FaultyEngine(GatheredLoraEngine):
-    """Faults on demand: for a marked request (marks[id(request)] = 'bind' | 'forward' | 'sample' |
-    'nan'), or at the n-th call of a hook (fail_at['bind' | 'forward'] = n)."""
+    """Faults on demand: for a marked request (marks[id(request)] = 'bind' | 'forward' | 'step' |
+    'sample' | 'nan'), or at the n-th call of a hook (fail_at['bind' | 'forward'] = n)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -91,6 +91,8 @@ class FaultyEngine(GatheredLoraEngine):
 
     def _forward(self, ids, batch):
         self._fault("forward", self.bound)
+        if ids.shape[1] == 1 and any(self.marks.get(id(r)) == "step" for r in self.bound):
+            raise RuntimeError("injected step fault")  # only at decode steps (prompts are >= 2 long)
         logits = super()._forward(ids, batch)  # (B, V)
         for k, r in enumerate(self.bound):
             if self.marks.get(id(r)) == "nan" and ids.shape[1] == 1:  # a decode step: NaN mid-run
@@ -206,7 +208,8 @@ HOSTILE = [  # (request changes, or a fault mark; whether the row fails)
     ({"max_new_tokens": 0}, False),
     ({"stop": ["t1"], "temperature": 0.9, "seed": 9}, False),
     ("bind", True),
-    ("forward", True),
+    ("forward", True),  # its prefill raises
+    ("step", True),  # its decode steps raise: the running batch's forward fails
     ("sample", True),
     ("nan", True),  # NaN logits at a decode step
     ("callback", True),
@@ -287,8 +290,8 @@ def test_every_good_row_gets_its_solo_tokens_whatever_its_batch_mates_do(engine,
 @pytest.mark.parametrize("hook,call", [("forward", 3), ("forward", 6), ("bind", 2), ("bind", 5)])
 def test_a_fault_at_any_call_fails_rows_loudly_never_silently(engine, hook, call):
     """A fault no row can be blamed for (the n-th bind or forward, wherever it lands): rows it
-    hits fail with row.error, every other row gets its solo tokens, and the binding stays right
-    (drive checks it after every call)."""
+    hits fail with row.error (a forward retried row by row may save them all), every other row
+    gets its solo tokens, and the binding stays right (drive checks it after every call)."""
     rng = random.Random(call)
     plan = [{"request": good_request(rng), "join": rng.randint(0, 4)} for _ in range(8)]
     engine.fail_at = {hook: call}
@@ -325,6 +328,23 @@ def test_the_running_rows_keep_their_adapters_after_a_newcomer_fails(engine):
     assert {row.key: row.result.token_ids for row in finished} == {
         "run": alone,
         "tiny": solo(engine, GenerationRequest([40, 41], "b", 8)).token_ids,
+    }
+
+
+def test_a_row_whose_decode_step_raises_leaves_the_running_batch_alone(engine):
+    good = [GenerationRequest([5 + i, 17, 99, 3][: 2 + i], a, max_new_tokens=7) for i, a in enumerate("ab")]
+    bad = GenerationRequest([40, 41, 42], "a", max_new_tokens=7)
+    engine.marks[id(bad)] = "step"
+    decoder = engine.decoder()
+    assert decoder.admit([(0, good[0]), ("bad", bad), (1, good[1])]) == []
+    (row,) = decoder.step()
+    assert row.key == "bad" and row.error == "decode step failed: injected step fault"
+    assert bound_slots(engine) == [engine.slots["a"], engine.slots["b"]]
+    finished = []
+    while decoder:
+        finished += decoder.step()
+    assert {row.key: row.result.token_ids for row in finished} == {
+        i: solo(engine, r).token_ids for i, r in enumerate(good)
     }
 
 
