@@ -401,6 +401,9 @@ def test_logit_bias_steers_one_row_only(engine):
         ({"frequency_penalty": 2.5}, "frequency_penalty 2.5"),
         ({"stop": [""]}, "non-empty strings"),
         ({"prompt_ids": [VOCAB]}, "prompt token ids"),
+        ({"prompt_ids": [3, 4.5]}, "list of token ids"),
+        ({"max_new_tokens": None}, "max_new_tokens None"),
+        ({"stop_token_ids": None}, "stop_token_ids must be"),
     ],
 )
 def test_bad_values_are_named(engine, change, message):

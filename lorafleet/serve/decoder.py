@@ -53,7 +53,10 @@ class GenerationRequest:
     tenant: str | None = None  # for the replica's fair admission; the decoder ignores it
 
     def __post_init__(self) -> None:
-        """OpenAI's JSON forms: stop may be null or one string; logit_bias keys are strings."""
+        """OpenAI's JSON forms: stop may be null or one string; logit_bias keys are strings. A
+        tokenizer without an eos token gives stop_token_ids [None]: nothing to stop on."""
+        if isinstance(self.stop_token_ids, list):
+            self.stop_token_ids = [t for t in self.stop_token_ids if t is not None]
         if self.stop is None or isinstance(self.stop, str):
             self.stop = [self.stop] if self.stop else []
         if self.logit_bias is None:
