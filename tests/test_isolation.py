@@ -524,3 +524,8 @@ def test_a_stream_never_sends_part_of_a_stop_string(seed):
         assert not any(s in "".join(sent) for s in stops)
     sent.append(stream.finish())
     assert "".join(sent) == cut_at_stop(text, stops)[0]
+
+
+def test_an_unknown_adapter_error_names_no_other_adapter(engine):
+    row = solo(engine, GenerationRequest([3, 4], "zz", 4))
+    assert row.error == "adapter 'zz' is not loaded"

@@ -60,7 +60,8 @@ class AdapterSlotsFullError(RuntimeError):
 
 
 class UnknownAdapterError(KeyError):
-    """A request names an adapter that is not loaded."""
+    """A request names an adapter that is not loaded. The message names that adapter only: it
+    may reach a tenant, who must not learn the other tenants' adapter names."""
 
     def __str__(self) -> str:
         return str(self.args[0])
@@ -123,9 +124,7 @@ class _DecodingEngine:
         unknown adapter: UnknownAdapterError). Never binds: the running rows keep their adapters."""
         validate_request(request, self.vocab_size)
         if request.adapter is not None and request.adapter not in self.adapters():
-            raise UnknownAdapterError(
-                f"adapter '{request.adapter}' is not loaded; loaded: {sorted(self.adapters())}"
-            )
+            raise UnknownAdapterError(f"adapter '{request.adapter}' is not loaded")
 
     def generate(
         self,
@@ -257,7 +256,7 @@ class GatheredLoraEngine(_DecodingEngine):
         if adapter is None:
             return 0
         if adapter not in self.slots:
-            raise UnknownAdapterError(f"adapter '{adapter}' is not loaded; loaded: {sorted(self.slots)}")
+            raise UnknownAdapterError(f"adapter '{adapter}' is not loaded")
         return self.slots[adapter]
 
     def _bind(self, requests: list[GenerationRequest]) -> None:
