@@ -16,6 +16,7 @@ and its batch mates go on; a caller that hangs up has its row dropped before the
 Replies. `tokens()` yields lists of token ids, then one final dict; `complete()` returns
 `{"token_ids": [...], **final}`. The final dict is one of
     {"finish_reason": "stop" | "length"}
+    {"finish_reason": "stop", "stop_text": "<the stop string that ended it>"}
     {"finish_reason": "error", "error": "<message>", "code": "invalid_request" | "server_error"}
 "invalid_request" (answer 400): the request failed the engine's check before any work (bad
 sampling values, an unknown adapter). "server_error" (answer 500): its row failed while decoding.
@@ -332,10 +333,13 @@ class Batcher:
 
     @staticmethod
     def _finish(rows: list[Any]) -> None:
+        """Tell each caller how its row ended. A row that failed after passing the check failed
+        while decoding: a server error (the decoder already kept it from its batch mates)."""
         for row in rows:
-            error = getattr(row, "error", None)
-            if error:
-                row.key.put(error_final(error, getattr(row, "error_code", None) or SERVER_ERROR))
+            if getattr(row, "error", None):
+                row.key.put(error_final(row.error, SERVER_ERROR))
+            elif getattr(row.result, "stop_text", None) is not None:
+                row.key.put({"finish_reason": row.result.finish_reason, "stop_text": row.result.stop_text})
             else:
                 row.key.put({"finish_reason": row.result.finish_reason})
 
