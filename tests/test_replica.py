@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import random
 import time
 from collections import OrderedDict
@@ -315,9 +316,11 @@ def test_a_dead_mlflow_registry_fails_fast_as_unavailable(base, folders, monkeyp
     from lorafleet.serve.replica import fail_fast_mlflow
 
     for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
-        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "unset")  # recorded, so what fail_fast_mlflow sets is undone after
+        monkeypatch.delenv(var)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
     fail_fast_mlflow(2)
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"
     engine = GatheredLoraEngine.from_pretrained(base, quantization="none", max_adapters=1)
     fetch = lambda name: registry.fetch(MlflowClient("http://127.0.0.1:9"), name).path  # noqa: E731
     batcher = Batcher(engine, fetch, fetch_timeout_s=5)
@@ -388,31 +391,39 @@ def test_a_caller_that_hangs_up_frees_its_row(base, folders, reference):
     batcher.close()
 
 
-def test_a_flooding_tenant_does_not_starve_a_trickle(base, folders):
-    batcher = make_batcher(base, folders, max_batch_size=4)
-    flood = [GenerationRequest(list(PROMPTS[i % 5]), None, 6, tenant="flood") for i in range(50)]
-    trickle = GenerationRequest(PROMPTS[3], None, 6, tenant="trickle")
-    started: list[str] = []
+@pytest.mark.parametrize("reserved_rows", [0, 1])
+def test_a_flooding_tenant_does_not_starve_a_trickle(base, folders, reserved_rows):
+    """50 queued requests of one tenant, then one of another: round-robin admits the second at
+    the next rows that free (not 47th); with a reserved row it does not even wait for those."""
+    batcher = make_batcher(base, folders, max_batch_size=4, reserved_rows=reserved_rows)
+    flood = [GenerationRequest(list(PROMPTS[i % 5]), None, 12, tenant="flood") for i in range(50)]
+    trickle = GenerationRequest(PROMPTS[3], None, 4, tenant="trickle")
+    events: list[str] = []
 
     async def run(r: GenerationRequest, label: str):
         async with contextlib.aclosing(batcher.tokens(r)) as items:
             async for item in items:
-                if label not in started:
-                    started.append(label)
+                if f"start {label}" not in events:
+                    events.append(f"start {label}")
                 if isinstance(item, dict):
+                    events.append(f"done {label}")
                     return item
 
     async def main():
         tasks = [asyncio.create_task(run(r, f"flood{i}")) for i, r in enumerate(flood)]
-        while len(started) < 4:  # the first batch runs the flood
+        while len(events) < 4 - reserved_rows:  # the first batch runs the flood
             await asyncio.sleep(0.001)
-        at = len(started)
+        at = len(events)
+        assert len(batcher.decoder) == 4 - reserved_rows
         await run(trickle, "trickle")
         await asyncio.gather(*tasks)
         return at
 
     at = asyncio.run(main())
-    assert started.index("trickle") - at < 4  # admitted at the next rows that freed, not 46th
+    starts = [e for e in events if e.startswith("start")]
+    assert starts.index("start trickle") - at < 4
+    if reserved_rows:  # admitted beside the flood's rows: done before any of them
+        assert [e for e in events if e.startswith("done")][0] == "done trickle"
     batcher.close()
 
 
@@ -425,5 +436,7 @@ def test_fair_queue_round_robin_weights_and_dropped_items():
     q.put(None, "n0")  # no tenant is a tenant: it joins the turn
     assert q.take(4, drop=lambda item: item == "s2") == ["B6", "B7", "B8", "s3"]  # a drop costs no turn
     assert q.take(3) == ["n0", "B9", "s4"] and len(q) == 5
+    q.put("big", "B10")
+    assert q.take(5, eligible=lambda tenant: tenant != "small") == ["B10"] and len(q) == 5
     with pytest.raises(ValueError, match="integers >= 1"):
         FairQueue({"x": 0})

@@ -115,7 +115,9 @@ class Batcher:
     """Continuous batching over an injected engine; adapters come from an injected fetcher.
 
     tenant_weights: rows a tenant takes per admission turn (default 1; request.tenant None is a
-    tenant too). on_load / on_evict: called after each adapter load / removal (metrics)."""
+    tenant too). reserved_rows: rows that only tenants with no running row may take (a tenant
+    that floods then holds at most max_batch_size - reserved_rows). on_load / on_evict: called
+    after each adapter load / removal (metrics)."""
 
     def __init__(
         self,
@@ -126,13 +128,16 @@ class Batcher:
         batch_wait_timeout_s: float = 0.01,
         fetch_timeout_s: float = REGISTRY_TIMEOUT_S,
         tenant_weights: Mapping[Tenant, int] | None = None,
+        reserved_rows: int = 0,
         fetch_threads: int = 4,
         on_load: Callable[[], None] = lambda: None,
         on_evict: Callable[[], None] = lambda: None,
     ):
         self.engine, self.fetcher = engine, fetcher
         self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
-        self.fetch_timeout_s = fetch_timeout_s
+        if not 0 <= reserved_rows < max_batch_size:
+            raise ValueError(f"reserved_rows {reserved_rows} must be in [0, max_batch_size {max_batch_size})")
+        self.fetch_timeout_s, self.reserved_rows = fetch_timeout_s, reserved_rows
         self.on_load, self.on_evict = on_load, on_evict
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.fetch_pool = ThreadPoolExecutor(max_workers=fetch_threads, thread_name_prefix="fetch")
@@ -263,13 +268,25 @@ class Batcher:
                 if not self.decoder:
                     await self._first_arrivals()
                 if self.decoder.accepting:
-                    room = self.max_batch_size - len(self.decoder)
-                    new = self.waiting.take(room, drop=lambda p: p.gone)
+                    new = self._newcomers()
                 await loop.run_in_executor(self.worker, self._step, new)
             except Exception as exc:  # never let the loop die: every later request would hang
                 log.exception("batching loop step failed")
                 self._fail(new + self._abort(), exc, SERVER_ERROR)
                 await asyncio.sleep(0.05)  # an engine thread that is gone must not spin the loop
+
+    def _newcomers(self) -> list[Pending]:
+        """Free rows go first to tenants with no running row (one each, in turn), then
+        round-robin to every tenant, less the reserved rows. Read between steps: the decoder's
+        rows do not change meanwhile."""
+        running = Counter(getattr(row.request, "tenant", None) for row in self.decoder.rows)
+        room = self.max_batch_size - len(self.decoder)
+        gone = lambda p: p.gone  # noqa: E731
+        new: list[Pending] = []
+        while len(new) < room and (got := self.waiting.take(1, gone, lambda t: running[t] == 0)):
+            new += got
+            running[getattr(got[0].request, "tenant", None)] += 1
+        return new + self.waiting.take(room - len(new) - self.reserved_rows, drop=gone)
 
     async def _first_arrivals(self) -> None:
         """Idle: wait for a request, then up to batch_wait_timeout_s for company."""
