@@ -26,6 +26,7 @@ from lorafleet.serve.batcher import INVALID_REQUEST, SERVER_ERROR, Batcher
 from lorafleet.serve.engine import (
     AdapterInvalidError,
     AdapterNotSupportedError,
+    AdapterSlotsFullError,
     GatheredLoraEngine,
     GenerationRequest,
 )
@@ -115,21 +116,24 @@ def fetcher_for(folders: dict[str, Path]):
 
 
 class Lru:
-    """Serve's multiplex cache in miniature: one load per name, `size` handles, oldest dropped."""
+    """Serve's multiplex cache in miniature (ray/serve/multiplex.py): a hit returns at once; a miss
+    takes the cache lock, drops the least recently used handle, then loads."""
 
     def __init__(self, batcher: Batcher, size: int):
         self.batcher, self.size = batcher, size
         self.held: OrderedDict = OrderedDict()
-        self.locks: dict[str, asyncio.Lock] = {}
+        self.lock = asyncio.Lock()
 
     async def get(self, name: str) -> None:
-        async with self.locks.setdefault(name, asyncio.Lock()):
+        if name in self.held:
+            self.held.move_to_end(name)
+            return
+        async with self.lock:
             if name in self.held:
-                self.held.move_to_end(name)
                 return
-            self.held[name] = await self.batcher.load(name)
-            while len(self.held) > self.size:
+            if len(self.held) >= self.size:
                 self.held.popitem(last=False)[1].release()
+            self.held[name] = await self.batcher.load(name)
 
 
 async def ask(batcher: Batcher, lru: Lru, request: GenerationRequest) -> dict:
@@ -159,8 +163,8 @@ def reference(base, folders):
     return lambda r: engine.generate([dataclasses.replace(r)])[0].token_ids
 
 
-def make_batcher(base, folders, **kw) -> Batcher:
-    engine = FaultyEngine.from_pretrained(base, quantization="none", max_adapters=6)
+def make_batcher(base, folders, max_adapters=6, **kw) -> Batcher:
+    engine = FaultyEngine.from_pretrained(base, quantization="none", max_adapters=max_adapters)
     return Batcher(engine, fetcher_for(folders), **{"max_batch_size": 6, "fetch_timeout_s": 0.5} | kw)
 
 
@@ -372,6 +376,31 @@ def test_eviction_never_removes_an_adapter_in_use(base, folders, reference):
     batcher.close()
 
 
+def test_a_load_waits_for_a_slot_held_by_a_running_row_then_gives_up(base, folders, reference):
+    """One slot, held by a's running row: b's load waits for it to finish; a load that would
+    wait longer than the timeout is refused as overload, and nothing is left half-loaded."""
+    long = GenerationRequest(PROMPTS[2], "a", max_new_tokens=300, stop_token_ids=[])
+    short = GenerationRequest(PROMPTS[0], "b", max_new_tokens=3)
+
+    async def main(batcher):
+        lru = Lru(batcher, size=1)
+        running = asyncio.create_task(ask(batcher, lru, long))
+        while not batcher.decoder:
+            await asyncio.sleep(0.005)
+        return await ask(batcher, lru, short), await running
+
+    waited = make_batcher(base, folders, max_adapters=1, fetch_timeout_s=30)
+    second, first = asyncio.run(main(waited))
+    assert first["token_ids"] == reference(long) and second["token_ids"] == reference(short)
+    assert waited.loaded_adapters() == ["b"]
+    waited.close()
+    refused = make_batcher(base, folders, max_adapters=1, fetch_timeout_s=0.1)
+    second, first = asyncio.run(main(refused))
+    assert isinstance(second["raised"], AdapterSlotsFullError)
+    assert first["token_ids"] == reference(long) and refused.loaded_adapters() == ["a"]
+    refused.close()
+
+
 def test_a_caller_that_hangs_up_frees_its_row(base, folders, reference):
     stays = GenerationRequest(PROMPTS[2], "b", max_new_tokens=12)
     leaves = GenerationRequest(PROMPTS[0], "a", max_new_tokens=200)
@@ -393,37 +422,36 @@ def test_a_caller_that_hangs_up_frees_its_row(base, folders, reference):
 
 @pytest.mark.parametrize("reserved_rows", [0, 1])
 def test_a_flooding_tenant_does_not_starve_a_trickle(base, folders, reserved_rows):
-    """50 queued requests of one tenant, then one of another: round-robin admits the second at
-    the next rows that free (not 47th); with a reserved row it does not even wait for those."""
+    """50 queued requests of one tenant, then one of another: the second is among the first rows
+    taken after it arrives (FIFO: the 47th); with a reserved row it does not even wait for a
+    flood row to finish."""
     batcher = make_batcher(base, folders, max_batch_size=4, reserved_rows=reserved_rows)
     flood = [GenerationRequest(list(PROMPTS[i % 5]), None, 12, tenant="flood") for i in range(50)]
     trickle = GenerationRequest(PROMPTS[3], None, 4, tenant="trickle")
-    events: list[str] = []
+    taken, done = [], []
+    take = batcher.waiting.take
+    batcher.waiting.take = lambda *a, **kw: taken.extend(got := take(*a, **kw)) or got
 
-    async def run(r: GenerationRequest, label: str):
-        async with contextlib.aclosing(batcher.tokens(r)) as items:
-            async for item in items:
-                if f"start {label}" not in events:
-                    events.append(f"start {label}")
-                if isinstance(item, dict):
-                    events.append(f"done {label}")
-                    return item
+    async def run(r: GenerationRequest):
+        reply = await batcher.complete(r)
+        done.append(r.tenant)
+        return reply
 
     async def main():
-        tasks = [asyncio.create_task(run(r, f"flood{i}")) for i, r in enumerate(flood)]
-        while len(events) < 4 - reserved_rows:  # the first batch runs the flood
+        tasks = [asyncio.create_task(run(r)) for r in flood]
+        while not taken:  # the flood holds the batch
             await asyncio.sleep(0.001)
-        at = len(events)
-        assert len(batcher.decoder) == 4 - reserved_rows
-        await run(trickle, "trickle")
+        at = len(taken)
+        await run(trickle)
         await asyncio.gather(*tasks)
         return at
 
     at = asyncio.run(main())
-    starts = [e for e in events if e.startswith("start")]
-    assert starts.index("start trickle") - at < 4
+    tenants = [p.request.tenant for p in taken]
+    assert at == 4 - reserved_rows and len(taken) == 51
+    assert tenants.index("trickle") - at < 4  # in the first admission after it arrived
     if reserved_rows:  # admitted beside the flood's rows: done before any of them
-        assert [e for e in events if e.startswith("done")][0] == "done trickle"
+        assert done[0] == "trickle"
     batcher.close()
 
 

@@ -23,8 +23,10 @@ sampling values, an unknown adapter). "server_error" (answer 500): its row faile
 Token lists yielded before an error final dict are valid tokens of that request.
 Loading an adapter raises instead (before any token): `RegistryUnavailableError` when the
 fetcher timed out or could not reach the registry (answer 503), other `LorafleetError`s as the
-fetcher raised them (`RegistryError` 404, `BaseMismatchError` 409, `ChecksumError`), and the
-engine's load errors for a malformed or unsupported adapter (`AdapterNotSupportedError`, 4xx).
+fetcher raised them (`RegistryError` 404, `BaseMismatchError` 409, `ChecksumError`), the
+engine's load errors for a malformed or unsupported adapter (`AdapterInvalidError`,
+`AdapterNotSupportedError`: 4xx), and `AdapterSlotsFullError` when every engine slot stayed
+held by adapters in use for fetch_timeout_s (overloaded: 503 with Retry-After).
 """
 
 from __future__ import annotations
@@ -41,11 +43,13 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.errors import LorafleetError, RegistryUnavailableError
+from lorafleet.serve.engine import AdapterSlotsFullError
 from lorafleet.serve.fair import FairQueue, Tenant
 
 log = logging.getLogger(__name__)
 INVALID_REQUEST, SERVER_ERROR = "invalid_request", "server_error"
 REGISTRY_TIMEOUT_S = 10.0
+SLOT_POLL_S = 0.05
 Fetcher = Callable[[str], Path]  # adapter name -> local folder; called on a fetch thread
 
 
@@ -151,16 +155,30 @@ class Batcher:
 
     async def load(self, name: str) -> LoadedAdapter:
         """Registry -> local folder (off the event loop, with a timeout) -> engine slot.
-        The adapter stays resident until the returned handle is released."""
+        The adapter stays resident until the returned handle is released. With every slot
+        held by adapters in use, waits up to fetch_timeout_s for running rows to free one, then
+        raises AdapterSlotsFullError (the replica is overloaded: retry later)."""
         folder = await self._fetch(name)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.fetch_timeout_s
+        while True:
+            try:
+                await self._add_resident(name, folder)
+                break
+            except AdapterSlotsFullError:
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(SLOT_POLL_S)  # rows finishing free their adapters at each step
+        self.on_load()
+        return LoadedAdapter(self.residency, name)
+
+    async def _add_resident(self, name: str, folder: Path) -> None:
         added = asyncio.get_running_loop().run_in_executor(self.worker, self._add, name, folder)
         try:
             await asyncio.shield(added)  # once added it is resident: a cancelled caller releases it
         except asyncio.CancelledError:
             added.add_done_callback(lambda job: self._unresident(job, name))
             raise
-        self.on_load()
-        return LoadedAdapter(self.residency, name)
 
     def _unresident(self, added: asyncio.Future, name: str) -> None:
         if not added.cancelled() and added.exception() is None:

@@ -14,7 +14,8 @@ What the ingress gets (see `batcher` for the details):
   (invalid_request -> 400, server_error -> 500);
 - loading the adapter raises before any token: `RegistryUnavailableError` (503: the registry
   timed out or is unreachable), `RegistryError` (404), `BaseMismatchError` (409), the engine's
-  load errors for a malformed adapter (`AdapterNotSupportedError`, 4xx).
+  load errors for a malformed adapter (`AdapterInvalidError` / `AdapterNotSupportedError`, 4xx),
+  `AdapterSlotsFullError` (503: every slot held by adapters in use; retry later).
 """
 
 from __future__ import annotations
