@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +44,7 @@ from typing import Any
 from lorafleet.errors import LorafleetError, RegistryUnavailableError
 from lorafleet.serve.engine import AdapterSlotsFullError
 from lorafleet.serve.fair import FairQueue, Tenant
+from lorafleet.serve.residency import LoadedAdapter, Residency
 
 log = logging.getLogger(__name__)
 INVALID_REQUEST, SERVER_ERROR = "invalid_request", "server_error"
@@ -59,42 +59,6 @@ def error_final(message: str, code: str) -> dict:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
-
-
-class Residency:
-    """Which adapters may leave the engine. The LRU says what is resident (a live LoadedAdapter);
-    requests say what is in use. An adapter is removed, on the engine thread, only when it is
-    neither: eviction never pulls weights from under a queued request, and a reload of the same
-    name never loses its slot to an older eviction."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.resident: Counter[str] = Counter()
-        self.in_use: Counter[str] = Counter()
-
-    def change(self, counter: Counter[str], name: str, delta: int) -> None:
-        with self.lock:
-            counter[name] += delta
-
-    def removable(self, loaded: list[str]) -> list[str]:
-        with self.lock:
-            return [n for n in loaded if self.resident[n] <= 0 and self.in_use[n] <= 0]
-
-
-class LoadedAdapter:
-    """What an LRU holds (Serve's multiplex cache): released on eviction, which Serve signals
-    by dropping it (__del__, maybe called again by the GC later)."""
-
-    def __init__(self, residency: Residency, name: str):  # counted resident by Batcher._add
-        self.residency, self.name, self.released = residency, name, False
-
-    def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self.residency.change(self.residency.resident, self.name, -1)
-
-    def __del__(self) -> None:
-        self.release()
 
 
 @dataclass(eq=False)
