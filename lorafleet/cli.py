@@ -497,6 +497,31 @@ def _bench_parsers(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--gpus-per-job", type=float, default=1, help="scale: gpus_per_worker of each job")
     b.add_argument("--cpus-per-job", type=float, default=1, help="scale: cpus_per_worker of each job")
     b.add_argument("--out", default=None, help="also write the JSON here")
+    _bench_serve_trust_parsers(b)
+
+
+def _bench_serve_trust_parsers(b: argparse.ArgumentParser) -> None:
+    """`bench serve` modes for issue 11's figures; any of them replaces the throughput bench."""
+    for mode, what in (
+        ("hostile", "good throughput with 10%% hostile requests mixed in, misrouted answers, 5xx"),
+        ("fairness", "a flooding tenant against one sending a request at a time"),
+        ("overload", "arrivals at 2x capacity: share of 429s, p95 of the admitted"),
+        ("registry-outage", "a real mlflow server killed for --outage-s under traffic"),
+    ):
+        b.add_argument(f"--{mode}", action="store_true", help=f"serve: {what}")
+    b.add_argument("--max-tokens", type=int, default=32, help="serve modes: max_tokens of a request")
+    b.add_argument("--long-tokens", type=int, default=128, help="fairness: max_tokens of a flood request")
+    b.add_argument("--flood", type=int, default=64, help="fairness: flood requests in flight")
+    b.add_argument("--trickle", type=int, default=20, help="fairness: one-at-a-time requests")
+    b.add_argument("--overload-s", type=float, default=20, help="overload: seconds of 2x arrivals")
+    b.add_argument("--outage-s", type=float, default=30, help="registry-outage: seconds stopped")
+    b.add_argument("--outage-before-s", type=float, default=5, help="registry-outage: traffic before")
+    b.add_argument("--outage-after-s", type=float, default=10, help="registry-outage: traffic after")
+    b.add_argument("--timeout-s", type=float, default=120, help="serve modes: client timeout")
+    b.add_argument("--port", type=int, default=8123, help="serve modes: endpoint port")
+    b.add_argument(
+        "--app-arg", action="append", default=[], metavar="KEY=VALUE", help="serve modes: an AppArgs field"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

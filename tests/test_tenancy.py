@@ -256,3 +256,21 @@ def test_serve_cli_refuses_an_open_public_endpoint(capsys):
     # refused before Ray starts: cheap, and nothing is left listening
     assert main(["serve", "--host", "0.0.0.0", "--port", "8999"]) == 2
     assert "refusing to listen on 0.0.0.0" in capsys.readouterr().err
+
+
+# ---- the trust bench's request mix (the bench itself runs the endpoint: `lorafleet bench serve`) --
+
+
+def test_hostile_mix_keeps_good_order_and_share():
+    from lorafleet.bench.hostile import HOSTILE, good_call, mix_hostile
+    from lorafleet.bench.trust_bench import parse_app_args
+
+    good = [good_call(i, "tenant-0", "k", 8) for i in range(90)]
+    mixed = mix_hostile(good, 0.1, ["tenant-0", "tenant-1"], "k", 8, seed=1)
+    assert len(mixed) == 100 and [c for c in mixed if c.kind == "good"] == good
+    kinds = {c.kind for c in mix_hostile(good * 20, 0.1, ["tenant-0"], "k", 8)}
+    assert {f"hostile:{k}" for k in HOSTILE} <= kinds  # every kind is drawn and constructible
+    assert parse_app_args(["max_queued_requests=32", "keys_reload_s=0.5"]) == {
+        "max_queued_requests": 32,
+        "keys_reload_s": 0.5,
+    }
