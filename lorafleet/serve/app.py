@@ -11,12 +11,15 @@ from typing import Any
 from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig
 
 from lorafleet.errors import SpecError
 from lorafleet.serve.config import AppArgs
 from lorafleet.serve.ingress import Ingress
 from lorafleet.serve.replica import BaseReplica
 from lorafleet.spec import format_validation_error
+
+RETRY_AFTER_S = 1  # what a client is told to wait when the endpoint is full
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -40,6 +43,8 @@ def build_app(args: dict[str, Any]) -> Application:
                 "look_back_period_s": cfg.autoscale_look_back_s,
             },
             max_ongoing_requests=cfg.max_ongoing_requests,
+            # past this many waiting at a caller, the handle raises BackPressureError: 429 at once
+            max_queued_requests=cfg.max_queued_requests,
             ray_actor_options={"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus},
         )
         .bind(plain)
@@ -49,6 +54,9 @@ def build_app(args: dict[str, Any]) -> Application:
         .options(
             ray_actor_options={"num_cpus": 0},
             max_ongoing_requests=4 * cfg.max_ongoing_requests,
+            # the proxy's own queue in front of the ingress: answered by Serve (429, Retry-After)
+            max_queued_requests=cfg.max_queued_requests,
+            backpressure_config=BackpressureConfig(status_code=429, retry_after_s=RETRY_AFTER_S),
         )
         .bind(replica, plain)
     )
