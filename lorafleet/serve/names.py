@@ -34,22 +34,27 @@ class Directory(Protocol):
 
 
 class MlflowDirectory:
-    """The real registry (lorafleet.registry over the configured MLflow)."""
+    """The real registry: lorafleet.registry over an MlflowClient (default: the configured store)."""
+
+    def __init__(self, client: Callable[[], Any] | None = None):
+        from lorafleet import tracking
+
+        self.client = client or tracking.client
 
     def resolve(self, ref: Any) -> Any:
-        from lorafleet import registry, tracking
+        from lorafleet import registry
 
-        return registry.resolve_version(tracking.client(), ref)
+        return registry.resolve_version(self.client(), ref)
 
     def exists(self, model: str) -> bool:
-        from lorafleet import registry, tracking
+        from lorafleet import registry
 
-        return any(m.name == model for m in registry.adapter_models(tracking.client()))
+        return any(m.name == model for m in registry.adapter_models(self.client()))
 
     def served(self) -> list[str]:
-        from lorafleet import registry, tracking
+        from lorafleet import registry
 
-        models = registry.adapter_models(tracking.client())
+        models = registry.adapter_models(self.client())
         return [m.name for m in models if registry.PRODUCTION in (m.aliases or {})]
 
 
