@@ -314,43 +314,116 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from lorafleet.serve.run import app_args_from, serve_forever
 
-    overrides = {}
+    overrides, http = {}, {}
     if args.config:  # a Serve config file: take the args of its lorafleet application
-        apps = yaml.safe_load(Path(args.config).read_text())["applications"]
-        overrides = next(a.get("args", {}) for a in apps if "lorafleet.serve" in a["import_path"])
+        config = yaml.safe_load(Path(args.config).read_text())
+        overrides = next(
+            a.get("args", {}) for a in config["applications"] if "lorafleet.serve" in a["import_path"]
+        )
+        http = config.get("http_options") or {}
     overrides |= {
         "base_model": args.base_model,
         "adapter_prefix": args.prefix,
         "api_keys_file": args.api_keys,
     }
-    serve_forever(app_args_from(overrides), args.host, args.port, args.ray_address)
+    if args.allow_unauthenticated:  # only when asked: older AppArgs have no such field
+        overrides["allow_unauthenticated"] = True
+    host = args.host or http.get("host", "127.0.0.1")
+    port = args.port or int(http.get("port", 8000))
+    serve_forever(app_args_from(overrides), host, port, args.ray_address)
     return 0
 
 
 @command("keys")
 def cmd_keys(args: argparse.Namespace) -> int:
+    return KEY_ACTIONS[args.action](args)
+
+
+def keys_create(args: argparse.Namespace) -> int:
     from lorafleet.serve.keys import add_key
 
-    key = add_key(args.file, args.tenant, args.adapters.split(","), base=not args.no_base)
+    key = add_key(
+        args.file,
+        args.tenant,
+        args.adapters.split(","),
+        base=not args.no_base,
+        max_concurrent=args.max_concurrent,
+        tokens_per_minute=args.tokens_per_minute,
+        weight=args.weight,
+    )
     print(f"API key for tenant {args.tenant} (shown once; only its hash is stored in {args.file}):")
     print(key)
     return 0
 
 
+def keys_revoke(args: argparse.Namespace) -> int:
+    from lorafleet.serve.keys import revoke
+
+    n = revoke(args.file, args.tenant)
+    print(f"revoked {n} key(s) of tenant {args.tenant}; a running endpoint drops them within keys_reload_s")
+    return 0
+
+
+def keys_list(args: argparse.Namespace) -> int:
+    from lorafleet.serve.keys import tenant_rows
+    from lorafleet.ui import console, print_json, table
+
+    rows = tenant_rows(args.file)
+    if args.json:
+        print_json(rows)
+        return 0
+    cols = ["tenant", "keys", "adapters", "base", "max_concurrent", "tokens_per_minute", "weight"]
+    cells = [[",".join(r[c]) if c == "adapters" else r[c] for c in cols] for r in rows]
+    console.print(table(f"tenants in {args.file}", cols, cells))
+    return 0
+
+
+KEY_ACTIONS = {"create": keys_create, "revoke": keys_revoke, "list": keys_list}
+
+
+def legacy_keys_form(argv: list[str]) -> list[str]:
+    """`lorafleet keys TENANT --adapters ...` (the form before create/revoke/list) means create."""
+    if len(argv) >= 2 and argv[0] == "keys" and argv[1] not in (*KEY_ACTIONS, "-h", "--help"):
+        return ["keys", "create", *argv[1:]]
+    return argv
+
+
 def _serve_parsers(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="run the OpenAI-compatible endpoint in the foreground")
-    s.add_argument("--config", default=None, help="a serve_apps/*.yaml file to take args from")
+    s.add_argument("--config", default=None, help="a serve_apps/*.yaml file to take args and host from")
     s.add_argument("--base-model", default=None)
     s.add_argument("--prefix", default=None, help="registered model name prefix")
-    s.add_argument("--api-keys", default=None, help="tenant keys file (see `lorafleet keys`)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--keys-file", "--api-keys", dest="api_keys", default=None, help="tenant keys (`lorafleet keys`)"
+    )
+    s.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="serve without keys on a non-loopback host (anyone who reaches the port may call any adapter)",
+    )
+    s.add_argument("--host", default=None, help="default: the config's http_options.host, else 127.0.0.1")
+    s.add_argument("--port", type=int, default=None, help="default: the config's, else 8000")
     s.add_argument("--ray-address", default=None)
-    k = sub.add_parser("keys", help="create a tenant API key limited to some adapters")
-    k.add_argument("tenant")
-    k.add_argument("--adapters", required=True, help="comma-separated customers, or '*'")
-    k.add_argument("--file", default="api-keys.json")
-    k.add_argument("--no-base", action="store_true", help="deny the bare base model")
+    _keys_parsers(sub)
+
+
+def _keys_parsers(sub: argparse._SubParsersAction) -> None:
+    k = sub.add_parser("keys", help="tenant API keys: create (default), revoke, list")
+    acts = k.add_subparsers(dest="action", required=True)
+    create = acts.add_parser("create", help="a new key for a tenant (`lorafleet keys TENANT ...` also works)")
+    create.add_argument("tenant")
+    create.add_argument("--adapters", required=True, help="comma-separated customers, or '*'")
+    create.add_argument("--no-base", action="store_true", help="deny the bare base model")
+    limits = "the tenant's limits, on all its keys; default: no limit"
+    create.add_argument("--max-concurrent", type=int, default=None, help=f"requests in flight ({limits})")
+    create.add_argument("--tokens-per-minute", type=int, default=None, help=f"max_tokens a minute ({limits})")
+    create.add_argument("--weight", type=float, default=1.0, help="share of batch slots against others")
+    revoke = acts.add_parser("revoke", help="remove every key of a tenant")
+    revoke.add_argument("tenant")
+    listing = acts.add_parser("list", help="tenants, adapters and limits (never keys or hashes)")
+    listing.add_argument("--json", action="store_true")
+    for p in (create, revoke, listing):
+        p.add_argument("--file", default="api-keys.json", help="the keys file")
 
 
 @command("demo")
@@ -424,6 +497,31 @@ def _bench_parsers(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--gpus-per-job", type=float, default=1, help="scale: gpus_per_worker of each job")
     b.add_argument("--cpus-per-job", type=float, default=1, help="scale: cpus_per_worker of each job")
     b.add_argument("--out", default=None, help="also write the JSON here")
+    _bench_serve_trust_parsers(b)
+
+
+def _bench_serve_trust_parsers(b: argparse.ArgumentParser) -> None:
+    """`bench serve` modes for issue 11's figures; any of them replaces the throughput bench."""
+    for mode, what in (
+        ("hostile", "good throughput with 10%% hostile requests mixed in, misrouted answers, 5xx"),
+        ("fairness", "a flooding tenant against one sending a request at a time"),
+        ("overload", "arrivals at 2x capacity: share of 429s, p95 of the admitted"),
+        ("registry-outage", "a real mlflow server killed for --outage-s under traffic"),
+    ):
+        b.add_argument(f"--{mode}", action="store_true", help=f"serve: {what}")
+    b.add_argument("--max-tokens", type=int, default=32, help="serve modes: max_tokens of a request")
+    b.add_argument("--long-tokens", type=int, default=128, help="fairness: max_tokens of a flood request")
+    b.add_argument("--flood", type=int, default=64, help="fairness: flood requests in flight")
+    b.add_argument("--trickle", type=int, default=20, help="fairness: one-at-a-time requests")
+    b.add_argument("--overload-s", type=float, default=20, help="overload: seconds of 2x arrivals")
+    b.add_argument("--outage-s", type=float, default=30, help="registry-outage: seconds stopped")
+    b.add_argument("--outage-before-s", type=float, default=5, help="registry-outage: traffic before")
+    b.add_argument("--outage-after-s", type=float, default=10, help="registry-outage: traffic after")
+    b.add_argument("--timeout-s", type=float, default=120, help="serve modes: client timeout")
+    b.add_argument("--port", type=int, default=8123, help="serve modes: endpoint port")
+    b.add_argument(
+        "--app-arg", action="append", default=[], metavar="KEY=VALUE", help="serve modes: an AppArgs field"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -458,7 +556,7 @@ EXTENSIONS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(legacy_keys_form(sys.argv[1:] if argv is None else argv))
     try:
         return COMMANDS[args.command](args)
     except LorafleetError as exc:

@@ -7,6 +7,10 @@
   `set_adapter` before each request;
 - continuous against batch-synchronous decoding on the same requests (bench.batching_bench);
 - p50/p95 latency, and cold start of an adapter from the registry to its first token.
+
+With --hostile, --fairness, --overload or --registry-outage it runs those instead
+(lorafleet.bench.trust_bench: a multi-tenant endpoint under hostile input, floods, overload and
+a registry outage).
 """
 
 import asyncio
@@ -129,6 +133,14 @@ def _cold_start(url: str, c: Any, base: Path, tmp: Path, base_name: str) -> dict
 
 
 def run_serve_bench(args: Any) -> dict[str, Any]:
+    from lorafleet.bench.trust_bench import run_trust_bench, selected_modes
+
+    if selected_modes(args):
+        return run_trust_bench(args)
+    return run_throughput_bench(args)
+
+
+def run_throughput_bench(args: Any) -> dict[str, Any]:
     from lorafleet import registry, tracking
     from lorafleet.bench.batching_bench import run_batching_bench
     from lorafleet.bench.engine_bench import run_engine_bench

@@ -1,39 +1,172 @@
-"""Per-tenant API keys: a key lists the adapters (customers) it may use. Only sha256 hashes of
-keys are stored, so the file can be read without exposing a key."""
+"""Per-tenant API keys: a key lists the adapters (customers) it may use and carries its tenant's
+limits. Only sha256 hashes of keys are stored, so the file can be read without exposing a key;
+it is still written readable by its owner only (0600), and atomically, so an endpoint that
+re-reads it never sees half a file.
+
+File format (JSON): {"<sha256 of key>": {"tenant": ..., "adapters": [...], "base": true,
+"max_concurrent": null, "tokens_per_minute": null, "weight": 1.0}, ...}. One tenant may hold
+several keys (rotation); its limits are the same on each (`add_key` keeps them in step).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
+import tempfile
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lorafleet.errors import LorafleetError
+
+LIMIT_FIELDS = ("max_concurrent", "tokens_per_minute", "weight")
+
+
+class KeysFileError(LorafleetError):
+    """A keys file that cannot be read or does not validate."""
 
 
 class Tenant(BaseModel):
-    tenant: str
-    adapters: list[str]  # customer ids; "*" = all
-    base: bool = True  # may call the bare base model
+    # forbid: a misspelt limit in a hand-edited file must not silently mean "no limit"
+    model_config = ConfigDict(extra="forbid")
+
+    tenant: str = Field(min_length=1, description="who the key belongs to; limits are counted per tenant")
+    adapters: list[str] = Field(description="customer ids this key may call; '*' = all")
+    base: bool = Field(True, description="may call the bare base model")
+    max_concurrent: int | None = Field(
+        None, ge=1, le=100_000, description="requests in flight at once for this tenant; past it: 429"
+    )
+    tokens_per_minute: int | None = Field(
+        None,
+        ge=1,
+        le=10**12,
+        description="max_tokens requested per sliding minute (corrected by tokens used); past it: 429",
+    )
+    weight: float = Field(
+        1.0, gt=0, le=1000, description="share of a replica's batch slots against other tenants in a queue"
+    )
+
+    def limits(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in LIMIT_FIELDS}
 
 
 def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def load_keys(path: str | Path) -> dict[str, Tenant]:
-    raw = json.loads(Path(path).read_text())
-    return {h: Tenant.model_validate(t) for h, t in raw.items()}
-
-
-def add_key(path: str | Path, tenant: str, adapters: list[str], base: bool = True) -> str:
-    """Create a key for a tenant; returns the key (shown once), stores only its hash."""
+def read_raw(path: str | Path) -> dict[str, dict]:
+    """The file as stored; {} when it does not exist yet."""
     path = Path(path)
-    keys = json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise KeysFileError(f"keys file {path}: cannot read it as JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise KeysFileError(f"keys file {path}: expected an object of key hash -> tenant")
+    return raw
+
+
+def load_keys(path: str | Path) -> dict[str, Tenant]:
+    """key hash -> Tenant; raises KeysFileError naming the bad entry."""
+    if not Path(path).is_file():
+        raise KeysFileError(f"keys file {path} does not exist: create it with `lorafleet keys create`")
+    keys = {}
+    for h, t in read_raw(path).items():
+        try:
+            keys[h] = Tenant.model_validate(t)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise KeysFileError(f"keys file {path}: entry {h[:12]}...: {where}: {first['msg']}") from None
+    return keys
+
+
+def write_keys(path: str | Path, raw: dict[str, dict]) -> None:
+    """Atomic and private: a temp file in the same folder (mkstemp creates it 0600), fsynced, then
+    renamed over the old file, so a reader sees the old or the new file whole, and a file that
+    had wider permissions is replaced by a 0600 one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(raw, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """The rename itself survives a crash only once the folder is synced."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def add_key(
+    path: str | Path,
+    tenant: str,
+    adapters: list[str],
+    base: bool = True,
+    max_concurrent: int | None = None,
+    tokens_per_minute: int | None = None,
+    weight: float = 1.0,
+) -> str:
+    """Create a key for a tenant; returns the key (shown once), stores only its hash. The limits
+    given become the tenant's limits on all of its keys."""
+    try:
+        entry = Tenant(
+            tenant=tenant,
+            adapters=adapters,
+            base=base,
+            max_concurrent=max_concurrent,
+            tokens_per_minute=tokens_per_minute,
+            weight=weight,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise KeysFileError(f"key for {tenant!r}: {first['loc'][0]}: {first['msg']}") from None
+    raw = read_raw(path)
+    for other in raw.values():
+        if other.get("tenant") == tenant:
+            other.update(entry.limits())
     key = "lf-" + secrets.token_urlsafe(24)
-    keys[key_hash(key)] = Tenant(tenant=tenant, adapters=adapters, base=base).model_dump()
-    path.write_text(json.dumps(keys, indent=2))
+    raw[key_hash(key)] = entry.model_dump()
+    write_keys(path, raw)
     return key
+
+
+def revoke(path: str | Path, tenant: str) -> int:
+    """Remove every key of a tenant; returns how many. An endpoint drops them on its next reload."""
+    raw = read_raw(path)
+    kept = {h: t for h, t in raw.items() if t.get("tenant") != tenant}
+    if len(kept) == len(raw):
+        known = sorted({t.get("tenant", "?") for t in raw.values()})
+        raise KeysFileError(f"no keys for tenant {tenant!r} in {path}; tenants: {', '.join(known) or 'none'}")
+    write_keys(path, kept)
+    return len(raw) - len(kept)
+
+
+def tenant_rows(path: str | Path) -> list[dict[str, Any]]:
+    """One row per tenant for `lorafleet keys list`: never a hash or a key."""
+    rows: dict[str, dict[str, Any]] = {}
+    for t in load_keys(path).values():
+        row = rows.setdefault(
+            t.tenant, {"tenant": t.tenant, "keys": 0, "adapters": t.adapters, "base": t.base, **t.limits()}
+        )
+        row["keys"] += 1
+    return sorted(rows.values(), key=lambda r: r["tenant"])
 
 
 def allows(tenant: Tenant, customer: str | None) -> bool:

@@ -3,6 +3,7 @@ started and left running for the demo and tests."""
 
 from __future__ import annotations
 
+import ipaddress
 import signal
 import threading
 import time
@@ -11,6 +12,7 @@ from typing import Any
 import httpx
 
 from lorafleet import settings
+from lorafleet.errors import LorafleetError
 from lorafleet.serve.config import AppArgs
 
 APP_NAME = "lorafleet"
@@ -24,6 +26,7 @@ def start(
     timeout_s: float = 300,
 ) -> str:
     """Deploy the app and wait until it answers; returns the OpenAI base URL."""
+    check_exposure(host, args.api_keys_file, getattr(args, "allow_unauthenticated", False))
     from ray import serve
 
     from lorafleet.serve.app import build_app
@@ -37,6 +40,33 @@ def start(
     url = f"http://{host}:{port}"
     _wait_healthy(url, timeout_s)
     return f"{url}/v1"
+
+
+class OpenEndpointError(LorafleetError):
+    """An endpoint about to listen beyond this machine with no API keys."""
+
+
+def is_loopback(host: str) -> bool:
+    """Only this machine can connect. A name other than 'localhost' may resolve to anything, so it
+    counts as reachable from outside; '0.0.0.0' and '::' listen on every interface."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, api_keys_file: str | None, allow_unauthenticated: bool) -> None:
+    """Refuse to serve every adapter to anyone who can reach the port, unless the config says so."""
+    if api_keys_file or allow_unauthenticated or is_loopback(host):
+        return
+    raise OpenEndpointError(
+        f"refusing to listen on {host} without API keys: anyone who can reach it could call every "
+        "adapter. Create keys (`lorafleet keys create TENANT --adapters ...`) and pass --keys-file "
+        "(api_keys_file in a Serve config), or set allow_unauthenticated: true in the app args "
+        "(--allow-unauthenticated) if the endpoint is meant to be open; or bind to 127.0.0.1"
+    )
 
 
 def _wait_healthy(url: str, timeout_s: float) -> None:
