@@ -305,8 +305,9 @@ def test_a_bad_newcomer_leaves_the_running_batch_intact(base, adapters):
     alone = engine.generate([good])[0].token_ids
     decoder = engine.decoder()
     assert decoder.admit([("good", good)]) == []
-    with pytest.raises(UnknownAdapterError, match="'zz' is not loaded"):
-        decoder.admit([("bad", GenerationRequest(PROMPTS[0], "zz"))])
+    (bad,) = decoder.admit([("bad", GenerationRequest(PROMPTS[0], "zz"))])  # fails alone, no raise
+    assert "'zz' is not loaded" in bad.error and bad.result.finish_reason == "error"
+    assert isinstance(bad.exception, UnknownAdapterError)
     with pytest.raises(UnknownAdapterError, match="'zz' is not loaded"):
         engine.check(GenerationRequest(PROMPTS[0], "zz"))
     engine.check(GenerationRequest(PROMPTS[1], "b"))  # a passing check leaves the running rows' adapters

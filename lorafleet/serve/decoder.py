@@ -9,18 +9,31 @@ masked out. Leading columns that every row has as padding are trimmed when rows 
 cache does not grow with the batch's history. Each row keeps its own sampler (seeded rows draw
 the same tokens whatever their batch mates), its own positions and its own stop conditions.
 
-An engine plugs in through three hooks: `_bind(requests)` routes each row of the next forward to
-its adapter, `_unbind()` clears that, `_forward(ids, batch)` runs the model on the KV cache.
+A batch is shared, a request is alone. `admit()` and `step()` never raise for one row's problem:
+a request that fails its check, its prefill, its sampling (NaN logits included), its stop check
+or its caller's callback leaves the batch with `row.error` set and finish_reason "error", and its
+batch mates decode on as if it had never been there. A prefill that fails for a group is retried
+row by row, so only the bad row fails. The batch's adapter binding is restored on every path. A
+failure that cannot be pinned on one row (the running batch's forward) fails the running rows,
+each with `row.error`, and clears the batch: still no exception.
+
+An engine plugs in through four hooks: `check(request)` raises what admitting it would raise,
+`_bind(requests)` routes each row of the next forward to its adapter, `_unbind()` clears that,
+`_forward(ids, batch)` runs the model on the KV cache.
 Call a Decoder from one thread only (the replica's engine thread).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+
+from lorafleet.serve import sampling
+from lorafleet.serve.text import first_stop, stop_window
 
 
 @dataclass
@@ -32,12 +45,19 @@ class GenerationRequest:
     top_p: float = 1.0
     seed: int | None = None  # per request: a row's sample does not depend on its batch mates
     stop_token_ids: list[int] = field(default_factory=list)  # not included in the result
+    stop: list[str] = field(default_factory=list)  # stop strings: the row ends once its text holds one
+    frequency_penalty: float = 0.0  # OpenAI's: minus count x this on each generated token's logit
+    presence_penalty: float = 0.0  # OpenAI's: minus this once a token has been generated
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    tenant: str | None = None  # for the replica's fair admission; the decoder ignores it
 
 
 @dataclass
 class GenerationResult:
     token_ids: list[int]
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "error"
+    error: str | None = None  # one line naming what failed, when finish_reason is "error"
+    stop_text: str | None = None  # the stop string that ended the row (its text holds it; cut there)
 
 
 class DecodingEngine(Protocol):
@@ -45,18 +65,27 @@ class DecodingEngine(Protocol):
     tokenizer: Any
     device: torch.device
 
+    def check(self, request: GenerationRequest) -> None: ...
     def _bind(self, requests: list[GenerationRequest]) -> None: ...
     def _unbind(self) -> None: ...
     def _forward(self, ids: torch.Tensor, batch: KVBatch) -> torch.Tensor: ...
 
 
-@dataclass
+@dataclass(eq=False)  # rows are compared by identity
 class Row:
     key: Any  # the caller's handle for this request
     request: GenerationRequest
     gen: torch.Generator | None
     result: GenerationResult = field(default_factory=lambda: GenerationResult([], "length"))
     next_token: int = -1  # sampled and emitted, fed at the next step
+    error: str | None = None  # set when the row failed (then result.finish_reason == "error")
+    exception: Exception | None = None  # what failed it, for callers that map error types
+
+    def fail(self, exc: Exception, context: str = "") -> Row:
+        self.exception = exc
+        self.error = context + (" ".join(str(exc).split()) or type(exc).__name__)
+        self.result.finish_reason, self.result.error = "error", self.error
+        return self
 
 
 @dataclass
@@ -108,12 +137,15 @@ def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 
 
 class Decoder:
-    """admit() new requests, step() the running batch; both return the rows that finished."""
+    """admit() new requests, step() the running batch; both return the rows that left the batch
+    (finished, or failed with row.error set) and never raise for one row's problem."""
 
     def __init__(self, engine: DecodingEngine, on_token: Callable[[Any, int], None] | None = None):
         self.engine, self.on_token = engine, on_token
         self.rows: list[Row] = []
         self.batch: KVBatch | None = None
+        self._out: list[Row] = []  # rows that left the batch since admit/step last returned
+        self._joining: list[Row] = []  # newcomers of the admit() under way
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -124,51 +156,150 @@ class Decoder:
 
     @torch.inference_mode()
     def admit(self, items: list[tuple[Any, GenerationRequest]]) -> list[Row]:
-        """Prefill (key, request) pairs and add the rows not finished by their first token.
-        A bad request raises before any work and leaves the running batch as it was."""
-        validate([r for _, r in items])
-        new = [Row(key, r, _generator(r.seed)) for key, r in items]
-        done = [row for row in new if row.request.max_new_tokens <= 0]
-        new = [row for row in new if row.request.max_new_tokens > 0]
-        if not new:
-            return done
+        """Check and prefill (key, request) pairs; rows not finished by their first token join the
+        running batch. A request that fails (its check, its prefill, its first token) fails alone."""
+        self._joining = [Row(key, r, None) for key, r in items]
         try:
-            self.engine._bind([row.request for row in new])  # unknown adapters raise here
-            batch = self._prefill_batch(new)
-            logits = self.engine._forward(self._prefill_ids(new), batch)  # (B, V)
-        except BaseException:
-            self._rebind()  # the running rows keep their adapters
-            raise
-        keep, finished = self._sample(new, logits)
-        if keep:
-            if len(keep) < len(new):
-                batch.select(keep)
-            if self.batch is None:
-                self.batch = batch
-            else:
-                self.batch.join(batch)
-            self.rows += [new[k] for k in keep]
-        self._rebind()
-        return done + finished
+            new = [row for row in self._joining if self._checked(row)]
+            self._out += [row for row in new if row.request.max_new_tokens <= 0]
+            new = [row for row in new if row.request.max_new_tokens > 0]
+            if new:
+                self._prefill(new)
+        except Exception as exc:  # a join or a rebind that broke the batch itself
+            self._fail_all(exc, "admission")
+        self._joining = []
+        return self._drain()
 
     @torch.inference_mode()
     def step(self) -> list[Row]:
         """One token for every live row."""
         if not self.rows:
-            return []
-        ids = torch.tensor([row.next_token for row in self.rows], device=self.engine.device)[:, None]
-        self.batch.advance()
-        logits = self.engine._forward(ids, self.batch)  # (B, V)
-        keep, finished = self._sample(self.rows, logits)
-        self._keep(keep)
-        return finished
+            return self._drain()
+        try:
+            ids = torch.tensor([row.next_token for row in self.rows], device=self.engine.device)[:, None]
+            self.batch.advance()
+            logits = self.engine._forward(ids, self.batch)  # (B, V)
+        except Exception as exc:  # no row to pin it on, and the KV cache may be half updated
+            self._fail_all(exc, "decode step")
+            return self._drain()
+        self._guarded(self._keep, self._sample(self.rows, logits))
+        return self._drain()
 
     def drop(self, gone: Callable[[Any], bool]) -> list[Row]:
         """Remove the rows whose key says so (their caller went away) before the next step."""
         keep = [k for k, row in enumerate(self.rows) if not gone(row.key)]
         dropped = [row for row in self.rows if gone(row.key)]
-        self._keep(keep)
+        self._guarded(self._keep, keep)
         return dropped
+
+    def abort(self) -> list[Row]:
+        """Drop every live row and the rows not yet returned; returns them so their callers hear."""
+        rows, self.rows, self.batch = self.rows + self._drain(), [], None
+        self.engine._unbind()
+        return rows
+
+    # ---- admission -------------------------------------------------------------------------
+
+    def _checked(self, row: Row) -> bool:
+        try:
+            self.engine.check(row.request)  # bad values, unknown adapter: this row alone
+            row.gen = sampling.generator(row.request.seed)
+            return True
+        except Exception as exc:
+            self._out.append(row.fail(exc))
+            return False
+
+    def _prefill(self, rows: list[Row], retry: bool = True) -> None:
+        """Prefill rows as one group; if that fails, find the rows that fail alone, then prefill
+        the others as a group again (a prefill runs on its own fresh cache, so a retry is safe)."""
+        try:
+            batch, logits = self._prefill_forward(rows)
+        except Exception as exc:
+            if len(rows) > 1 and retry:
+                good = [row for row in rows if self._prefills_alone(row)]
+                if good:
+                    self._prefill(good, retry=False)
+            else:
+                self._out += [row.fail(exc, "prefill failed: ") for row in rows]
+            return
+        keep = self._sample(rows, logits)
+        if not keep:
+            return
+        if len(keep) < len(rows):
+            batch.select(keep)
+        if self.batch is None:
+            self.batch = batch
+        else:
+            self.batch.join(batch)
+        self.rows += [rows[k] for k in keep]
+        self._rebind()
+
+    def _prefills_alone(self, row: Row) -> bool:
+        try:
+            self._prefill_forward([row])
+            return True
+        except Exception as exc:
+            self._out.append(row.fail(exc, "prefill failed: "))
+            return False
+
+    def _prefill_forward(self, rows: list[Row]) -> tuple[KVBatch, torch.Tensor]:
+        """The newcomers' forward with their adapters bound; the running rows' binding comes back
+        whatever happens (else they would decode their next token on the newcomers' adapters)."""
+        try:
+            self.engine._bind([row.request for row in rows])  # unknown adapters raise here
+            batch = self._prefill_batch(rows)
+            return batch, self.engine._forward(self._prefill_ids(rows), batch)  # (B, V)
+        finally:
+            self._rebind()
+
+    # ---- per-row sampling and stop conditions ------------------------------------------------
+
+    def _sample(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
+        """Each row's next token; returns the indices of the rows that go on. A row whose logits
+        are not finite, or whose sampling, callback or stop check raises, fails alone."""
+        finite = torch.isfinite(logits).all(-1).tolist()  # one op (and one sync) for the batch
+        greedy = logits.argmax(-1).tolist()
+        keep = []
+        for k, row in enumerate(rows):
+            try:
+                if not finite[k]:
+                    raise sampling.NonFiniteLogitsError(
+                        f"non-finite logits (NaN or inf) on adapter {row.request.adapter or 'base'!r}"
+                    )
+                tok = self._next_token(row, logits[k], greedy[k])
+                if self._emit(row, tok):
+                    row.next_token = tok
+                    keep.append(k)
+                else:
+                    self._out.append(row)
+            except Exception as exc:
+                self._out.append(row.fail(exc))
+        return keep
+
+    def _next_token(self, row: Row, logits: torch.Tensor, greedy: int) -> int:
+        return sampling.next_token(logits, row.request, row.gen, row.result.token_ids, greedy)
+
+    def _emit(self, row: Row, tok: int) -> bool:
+        """Record one token; False when the row is finished."""
+        r = row.request
+        if tok in r.stop_token_ids:
+            row.result.finish_reason = "stop"
+            return False
+        row.result.token_ids.append(tok)
+        if self.on_token is not None:
+            self.on_token(row.key, tok)
+        if r.stop and (hit := self._stop_hit(row)) is not None:
+            row.result.finish_reason, row.result.stop_text = "stop", hit
+            return False
+        return len(row.result.token_ids) < r.max_new_tokens
+
+    def _stop_hit(self, row: Row) -> str | None:
+        """A stop string in the row's text: only the tail that the last token could complete one
+        in is decoded (earlier matches would have ended the row before)."""
+        tail = row.result.token_ids[-stop_window(row.request.stop) :]
+        return first_stop(self.engine.tokenizer.decode(tail, skip_special_tokens=True), row.request.stop)
+
+    # ---- the batch's rows, binding and failures -----------------------------------------------
 
     def _keep(self, keep: list[int]) -> None:
         if len(keep) == len(self.rows):
@@ -180,38 +311,31 @@ class Decoder:
             self.batch = None
         self._rebind()
 
-    def abort(self) -> list[Row]:
-        """Drop every live row (after an engine error); returns them so their callers hear."""
-        rows, self.rows, self.batch = self.rows, [], None
-        self.engine._unbind()
-        return rows
-
     def _rebind(self) -> None:
         if self.rows:
             self.engine._bind([row.request for row in self.rows])
         else:
             self.engine._unbind()
 
-    def _sample(self, rows: list[Row], logits: torch.Tensor) -> tuple[list[int], list[Row]]:
-        tokens = _sample_rows(logits, [r.request for r in rows], [r.gen for r in rows])
-        keep, finished = [], []
-        for k, (row, tok) in enumerate(zip(rows, tokens, strict=True)):
-            if self._emit(row, tok):
-                row.next_token = tok
-                keep.append(k)
-            else:
-                finished.append(row)
-        return keep, finished
+    def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:  # selecting or rebinding the running batch broke it
+            self._fail_all(exc, "batch update")
 
-    def _emit(self, row: Row, tok: int) -> bool:
-        """Record one token; False when the row is finished."""
-        if tok in row.request.stop_token_ids:
-            row.result.finish_reason = "stop"
-            return False
-        row.result.token_ids.append(tok)
-        if self.on_token is not None:
-            self.on_token(row.key, tok)
-        return len(row.result.token_ids) < row.request.max_new_tokens
+    def _fail_all(self, exc: Exception, stage: str) -> None:
+        """A failure no single row explains: the running rows (and newcomers still in flight)
+        fail with it, the batch is cleared and unbound."""
+        gone = {id(row) for row in self._out}
+        victims = self.rows + [row for row in self._joining if id(row) not in gone and row not in self.rows]
+        self._out += [row.fail(exc, f"{stage} failed for the whole batch: ") for row in victims]
+        self.rows, self.batch = [], None
+        with contextlib.suppress(Exception):  # nothing left to route; the next bind sets every row
+            self.engine._unbind()
+
+    def _drain(self) -> list[Row]:
+        out, self._out = self._out, []
+        return out
 
     def _prefill_batch(self, rows: list[Row]) -> KVBatch:
         from transformers import DynamicCache
@@ -232,35 +356,3 @@ class Decoder:
         for k, r in enumerate(rows):
             ids[k, width - len(r.request.prompt_ids) :] = torch.tensor(r.request.prompt_ids)
         return ids.to(self.engine.device)
-
-
-def validate(requests: list[GenerationRequest]) -> None:
-    for i, r in enumerate(requests):
-        if not r.prompt_ids:
-            raise ValueError(f"request {i}: empty prompt")
-        if r.temperature < 0 or not 0 < r.top_p <= 1:
-            raise ValueError(f"request {i}: temperature must be >= 0 and top_p in (0, 1]")
-
-
-def _generator(seed: int | None) -> torch.Generator | None:
-    return torch.Generator().manual_seed(seed) if seed is not None else None
-
-
-def _sample_rows(
-    logits: torch.Tensor, requests: list[GenerationRequest], gens: list[torch.Generator | None]
-) -> list[int]:
-    greedy = logits.argmax(-1).tolist()  # one op (and one device sync) for every greedy row
-    return [
-        greedy[k] if r.temperature == 0 else _sample(logits[k], r, gens[k]) for k, r in enumerate(requests)
-    ]
-
-
-def _sample(logits: torch.Tensor, r: GenerationRequest, gen: torch.Generator | None) -> int:
-    """Nucleus sampling on the CPU with the row's own generator (same draw on any device)."""
-    probs = torch.softmax(logits.float().cpu() / r.temperature, dim=-1)  # (V,)
-    if r.top_p < 1:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < r.top_p
-        keep[0] = True  # the top token always stays
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=gen))

@@ -28,17 +28,27 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from lorafleet.serve.decoder import Decoder, GenerationRequest, GenerationResult, KVBatch, validate
-from lorafleet.serve.gathered_lora import AdapterNotSupportedError, BatchRows, read_adapter, wrap_linears
+from lorafleet.serve.decoder import Decoder, GenerationRequest, GenerationResult, KVBatch, Row
+from lorafleet.serve.gathered_lora import (
+    AdapterInvalidError,
+    AdapterNotSupportedError,
+    BatchRows,
+    read_adapter,
+    wrap_linears,
+)
+from lorafleet.serve.sampling import NonFiniteLogitsError, validate_request
 
 __all__ = [
+    "AdapterInvalidError",
     "AdapterNotSupportedError",
     "AdapterSlotsFullError",
     "GatheredLoraEngine",
     "GenerationRequest",
     "GenerationResult",
     "MultiLoraEngine",
+    "NonFiniteLogitsError",
     "PeftEngine",
+    "Row",
     "UnknownAdapterError",
 ]
 BASE = "__base__"  # peft's adapter_names entry for "no adapter"
@@ -62,7 +72,10 @@ class MultiLoraEngine(Protocol):
     def remove_adapter(self, name: str) -> None: ...
     def adapters(self) -> list[str]: ...
     def generate(
-        self, requests: list[GenerationRequest], on_token: Callable[[int, int], None] | None = None
+        self,
+        requests: list[GenerationRequest],
+        on_token: Callable[[int, int], None] | None = None,
+        raise_errors: bool = True,
     ) -> list[GenerationResult]: ...
     def decoder(self, on_token: Callable[[Any, int], None] | None = None) -> Decoder: ...
     def check(self, request: GenerationRequest) -> None: ...
@@ -100,23 +113,35 @@ class _DecodingEngine:
     def decoder(self, on_token: Callable[[Any, int], None] | None = None) -> Decoder:
         return Decoder(self, on_token)
 
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_input_embeddings().num_embeddings
+
     def check(self, request: GenerationRequest) -> None:
-        """Raise what admitting this request would raise (bad sampling values, unknown adapter).
-        Never binds: the running batch's rows keep their adapters (check runs between steps)."""
-        validate([request])
+        """Raise what admitting this request would fail it with (a bad value: ValueError; an
+        unknown adapter: UnknownAdapterError). Never binds: the running rows keep their adapters."""
+        validate_request(request, self.vocab_size)
         if request.adapter is not None and request.adapter not in self.adapters():
             raise UnknownAdapterError(
                 f"adapter '{request.adapter}' is not loaded; loaded: {sorted(self.adapters())}"
             )
 
     def generate(
-        self, requests: list[GenerationRequest], on_token: Callable[[int, int], None] | None = None
+        self,
+        requests: list[GenerationRequest],
+        on_token: Callable[[int, int], None] | None = None,
+        raise_errors: bool = True,
     ) -> list[GenerationResult]:
-        """Generate for a mixed-adapter batch; on_token(request_index, token_id) streams."""
+        """Generate for a mixed-adapter batch; on_token(request_index, token_id) streams. A row
+        that failed raises its error at the end (raise_errors), or comes back with
+        finish_reason "error" and result.error; its batch mates' results are unaffected."""
         decoder = self.decoder(on_token)
         done = decoder.admit(list(enumerate(requests)))
         while decoder:
             done += decoder.step()
+        failed = [row for row in done if row.exception is not None]
+        if failed and raise_errors:
+            raise failed[0].exception
         results = {row.key: row.result for row in done}
         return [results[i] for i in range(len(requests))]
 
@@ -175,12 +200,16 @@ class GatheredLoraEngine(_DecodingEngine):
 
     def add_adapter(self, name: str, folder: Path) -> None:
         """Load into a free slot (or over the same name's slot: a new version replaces the old)."""
-        weights = read_adapter(Path(folder), self.max_rank)
+        weights = read_adapter(Path(folder), self.max_rank, name)
         self._check_fits(name, weights.modules)
         slot = self.slots.get(name) or self._take_slot()
         try:
             for module, layer in self.layers.items():
                 layer.fill(slot, weights.modules.get(module))  # modules it lacks stay zero
+        except AdapterInvalidError as exc:
+            self._release(slot)
+            self.slots.pop(name, None)
+            raise AdapterInvalidError(f"{name}: {exc}") from None
         except Exception:
             self._release(slot)
             self.slots.pop(name, None)
@@ -201,9 +230,9 @@ class GatheredLoraEngine(_DecodingEngine):
         for module, w in modules.items():
             layer = self.layers[module]
             if (w.a.shape[1], w.b.shape[0]) != (layer.A.shape[2], layer.B.shape[2]):
-                raise AdapterNotSupportedError(
-                    f"{name}: {module} has shape {tuple(w.b.shape)}x"
-                    f"{tuple(w.a.shape)}: trained on another base?"
+                raise AdapterInvalidError(
+                    f"{name}: {module} has lora_B {tuple(w.b.shape)} x lora_A {tuple(w.a.shape)}, the base "
+                    f"layer is {layer.B.shape[2]} x {layer.A.shape[2]}: trained on another base?"
                 )
 
     def remove_adapter(self, name: str) -> None:

@@ -19,6 +19,7 @@ only when the batch holds a DoRA row. (peft itself refuses DoRA in `adapter_name
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,12 @@ UNSUPPORTED = {
 class AdapterNotSupportedError(ValueError):
     """An adapter the gathered path cannot serve exactly (a LoRA variant it does not implement,
     embedding LoRA, a rank above max_rank, a module the base lacks or the engine did not wrap)."""
+
+
+class AdapterInvalidError(AdapterNotSupportedError):
+    """A malformed adapter folder: a missing file, a config without a numeric lora_alpha or r,
+    lora_A and lora_B that disagree on the rank or with the base layer, NaN or inf weights.
+    Refused at load; a ValueError, so callers answer it as the client's fault (4xx)."""
 
 
 @dataclass
@@ -176,6 +183,8 @@ class GatheredLoraLinear(nn.Module):
         self._ensure_rank(r)
         if w.magnitude is not None:
             g = w.magnitude.to(dev, torch.float32) / self._dora_norm(a, b)  # (out,)
+            if not torch.isfinite(g).all():  # ||W + s B A|| = 0 somewhere
+                raise AdapterInvalidError("DoRA magnitude over a zero weight norm is infinite")
             b = b * g[:, None]
             self.G[slot] = (g - 1).to(self.G.dtype)
             self.dora[slot] = True
@@ -268,6 +277,28 @@ def _scaling(config: dict, module: str, rank: int) -> float:
     return alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_numbers(name: str, config: dict) -> None:
+    """lora_alpha and r (and their per-module patterns) must be finite numbers, r > 0."""
+    for key in ("lora_alpha", "r"):
+        if not _number(config.get(key)):
+            raise AdapterInvalidError(
+                f"{name}: adapter_config.json {key} is {config.get(key)!r}, not a number"
+            )
+    if config["r"] <= 0:
+        raise AdapterInvalidError(f"{name}: adapter_config.json r is {config['r']!r}; it must be > 0")
+    for key in ("alpha_pattern", "rank_pattern"):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise AdapterInvalidError(f"{name}: adapter_config.json {key} is {patterns!r}, not an object")
+        bad = {k: v for k, v in patterns.items() if not _number(v)}
+        if bad:
+            raise AdapterInvalidError(f"{name}: adapter_config.json {key} has non-numeric values {bad!r}")
+
+
 def check_config(name: str, config: dict) -> None:
     """Refuse what the gathered path would serve wrongly, naming it."""
     if config.get("peft_type", "LORA") != "LORA":
@@ -294,33 +325,72 @@ def _split_key(key: str) -> tuple[str, str]:
     return body, ""
 
 
-def read_adapter(folder: Path, max_rank: int) -> AdapterWeights:
+def read_adapter(folder: Path, max_rank: int, name: str | None = None) -> AdapterWeights:
     """{module: A, B*scaling, magnitude} from a peft folder (adapter_config.json +
-    adapter_model.safetensors; pickled .bin files are never read)."""
+    adapter_model.safetensors; pickled .bin files are never read). name (default: the folder's)
+    is the adapter named in every refusal."""
     folder = Path(folder)
-    config = json.loads((folder / "adapter_config.json").read_text())
-    check_config(folder.name, config)
-    tensors = load_file(folder / "adapter_model.safetensors")
+    name = name or folder.name
+    config = _read_config(name, folder)
+    check_config(name, config)
+    check_numbers(name, config)
     parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
+    for key, tensor in _read_tensors(name, folder).items():
         module, kind = _split_key(key)
         if kind not in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector"):
             raise AdapterNotSupportedError(
-                f"{folder.name}: unsupported adapter tensor '{key}' (embedding LoRA or saved base modules)"
+                f"{name}: unsupported adapter tensor '{key}' (embedding LoRA or saved base modules)"
             )
+        if not torch.isfinite(tensor).all():
+            raise AdapterInvalidError(f"{name}: tensor '{key}' holds NaN or infinite values")
         parts.setdefault(module, {})[kind] = tensor
-    modules = {m: _module_weights(folder.name, config, m, p, max_rank) for m, p in parts.items()}
+    modules = {m: _module_weights(name, config, m, p, max_rank) for m, p in parts.items()}
     return AdapterWeights(modules, dora=bool(config.get("use_dora")))
+
+
+def _read_config(name: str, folder: Path) -> dict:
+    path = folder / "adapter_config.json"
+    if not path.is_file():
+        raise AdapterInvalidError(f"{name}: no adapter_config.json in {folder}")
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise AdapterInvalidError(f"{name}: adapter_config.json is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise AdapterInvalidError(f"{name}: adapter_config.json is not a JSON object")
+    return config
+
+
+def _read_tensors(name: str, folder: Path) -> dict[str, torch.Tensor]:
+    path = folder / "adapter_model.safetensors"
+    if not path.is_file():
+        raise AdapterInvalidError(
+            f"{name}: no adapter_model.safetensors in {folder} (.bin files are never read)"
+        )
+    try:
+        return load_file(path)
+    except Exception as exc:  # safetensors raises its own error types for a corrupt header
+        raise AdapterInvalidError(f"{name}: adapter_model.safetensors cannot be read ({exc})") from None
 
 
 def _module_weights(
     name: str, config: dict, module: str, p: dict[str, torch.Tensor], max_rank: int
 ) -> ModuleWeights:
     if "lora_A.weight" not in p or "lora_B.weight" not in p:
-        raise AdapterNotSupportedError(f"{name}: {module} lacks lora_A or lora_B")
+        raise AdapterInvalidError(f"{name}: {module} lacks lora_A or lora_B")
     a, b = p["lora_A.weight"].float(), p["lora_B.weight"].float()  # (r, in), (out, r)
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[0] == 0:
+        raise AdapterInvalidError(
+            f"{name}: {module} lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not share a rank "
+            "(expected (r, in) and (out, r), r > 0)"
+        )
     r = a.shape[0]
     if r > max_rank:
         raise AdapterNotSupportedError(f"{name}: rank {r} at {module} > the engine's max_rank {max_rank}")
+    scaled = b * _scaling(config, module, r)
+    if not torch.isfinite(scaled).all():
+        raise AdapterInvalidError(f"{name}: {module}'s lora_alpha scaling makes lora_B infinite")
     mag = p.get("lora_magnitude_vector")
-    return ModuleWeights(a, b * _scaling(config, module, r), None if mag is None else mag.float())
+    if mag is not None and tuple(mag.shape) != (b.shape[0],):
+        raise AdapterInvalidError(f"{name}: {module} DoRA magnitude {tuple(mag.shape)} != ({b.shape[0]},)")
+    return ModuleWeights(a, scaled, None if mag is None else mag.float())

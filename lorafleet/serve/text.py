@@ -27,3 +27,24 @@ def cut_at_stop(text: str, stops: list[str] | None) -> tuple[str, bool]:
     """Text up to the first stop sequence, and whether one was found."""
     cut = min((i for s in stops or [] if s and (i := text.find(s)) >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def stop_window(stops: list[str]) -> int:
+    """How many trailing tokens to decode to see any of these stop strings end at the last token:
+    a token is at least one byte, a character at most four."""
+    return 4 * max((len(s) for s in stops), default=0) + 4
+
+
+def first_stop(text: str, stops: list[str]) -> str | None:
+    """The stop string that occurs earliest in text, or None."""
+    found = [(i, s) for s in stops if s and (i := text.find(s)) >= 0]
+    return min(found)[1] if found else None
+
+
+def stop_holdback(text: str, stops: list[str] | None) -> int:
+    """How many trailing characters of text a stream must hold back: the longest tail of text that
+    begins some stop string (it may complete with the next token, and then must never be sent)."""
+    return max(
+        (n for s in stops or [] for n in range(min(len(s) - 1, len(text)), 0, -1) if s.startswith(text[-n:])),
+        default=0,
+    )
