@@ -157,14 +157,6 @@ class IngressCore:
     def _request(self, body: Any, ids: list[int], max_new: int, tenant: Any) -> Any:
         from lorafleet.serve.decoder import GenerationRequest
 
-        extra = {
-            "stop": body.stop,
-            "frequency_penalty": body.frequency_penalty,
-            "presence_penalty": body.presence_penalty,
-            "logit_bias": body.bias(),
-            "tenant": getattr(tenant, "tenant", None),
-        }
-        fields = GenerationRequest.__dataclass_fields__  # the parameters this engine knows
         return GenerationRequest(
             prompt_ids=ids,
             adapter=None,
@@ -173,7 +165,11 @@ class IngressCore:
             top_p=body.top_p,
             seed=body.seed,
             stop_token_ids=[self.tokenizer.eos_token_id],
-            **{k: v for k, v in extra.items() if k in fields},
+            stop=body.stop,
+            frequency_penalty=body.frequency_penalty,
+            presence_penalty=body.presence_penalty,
+            logit_bias=body.bias(),
+            tenant=getattr(tenant, "tenant", None),
         )
 
     # ---- names ---------------------------------------------------------------------------

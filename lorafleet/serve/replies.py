@@ -65,6 +65,7 @@ def replica_error(exc: BaseException) -> api.ApiError:
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
     from lorafleet.errors import BaseMismatchError, LorafleetError, RegistryError, RegistryUnavailableError
+    from lorafleet.serve.gathered_lora import AdapterNotSupportedError
 
     if isinstance(exc, api.ApiError):
         return exc
@@ -86,7 +87,7 @@ def replica_error(exc: BaseException) -> api.ApiError:
         return api.ApiError(409, _message(exc), code="adapter_base_mismatch", param="model")
     if isinstance(exc, RegistryError):
         return api.ApiError(404, _message(exc), code="model_not_found", param="model")
-    if isinstance(exc, LorafleetError | ValueError):  # incl. the engine's AdapterNotSupportedError
+    if isinstance(exc, LorafleetError | AdapterNotSupportedError):  # a malformed adapter, at load
         return api.ApiError(
             422, f"the adapter cannot be served: {_message(exc)}", code="invalid_adapter", param="model"
         )

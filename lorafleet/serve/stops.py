@@ -8,6 +8,8 @@ pieces' boundaries (a stop string split over two tokens included).
 
 from __future__ import annotations
 
+from lorafleet.serve.text import stop_holdback
+
 
 class StopScanner:
     """push() the new text of each step, get back what may be sent now; flush() at the end."""
@@ -25,7 +27,7 @@ class StopScanner:
         if cut is not None:
             self.stopped, self.pending = True, ""
             return text[:cut]
-        keep = _held(text, self.stops)
+        keep = stop_holdback(text, self.stops)
         self.pending = text[len(text) - keep :]
         return text[: len(text) - keep]
 
@@ -40,17 +42,6 @@ def first_stop(text: str, stops: list[str]) -> int | None:
     earlier), or None. Each stop's first occurrence is also the first it completes."""
     found = [(i + len(s), i) for s in stops if (i := text.find(s)) >= 0]
     return min(found)[1] if found else None
-
-
-def _held(text: str, stops: list[str]) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of some stop string."""
-    best = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:k]):
-                best = k
-                break
-    return best
 
 
 def cut_at_stop(text: str, stops: list[str] | None) -> tuple[str, bool]:
