@@ -49,15 +49,21 @@ class FakeReplica:
         self.model_ids.append(multiplexed_model_id)
         return self
 
-    async def _complete(self, gen: Any) -> dict:
+    def _take(self, gen: Any) -> None:
+        from lorafleet.serve.sampling import validate_request
+
+        validate_request(gen)  # what the real engine checks first: the ingress must pass it
         self.requests.append(gen)
+
+    async def _complete(self, gen: Any) -> dict:
+        self._take(gen)
         if self.raises:
             raise self.raises
         await asyncio.sleep(self.delay_s)
         return {"token_ids": list(self.token_ids), **self.final}
 
     async def _generate(self, gen: Any):
-        self.requests.append(gen)
+        self._take(gen)
         if self.raises:
             raise self.raises
         for i in range(0, len(self.token_ids), self.per_step):

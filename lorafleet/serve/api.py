@@ -64,7 +64,7 @@ class _Request(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> -100..100")
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, validate_default=True, description="at most 4 strings")
     seed: int | None = Field(None, ge=SEED_RANGE[0], lt=SEED_RANGE[1])
     stream: bool = False
     n: int = 1
