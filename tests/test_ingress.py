@@ -102,7 +102,7 @@ def register(c: MlflowClient, name: str, tags: dict[str, str] | None = None) -> 
     """A registered adapter version as the ingress sees it (its weights are never read here)."""
     c.create_registered_model(name, tags={f"{registry.T}kind": "adapter"})
     mv = c.create_model_version(
-        name, "file:///nonexistent", tags={"base_fingerprint": FP} if tags is None else tags
+        name, "s3://lorafleet-test/never-read", tags={"base_fingerprint": FP} if tags is None else tags
     )
     c.set_registered_model_alias(name, registry.PRODUCTION, mv.version)
 
@@ -137,9 +137,11 @@ class Endpoint:
 
 @pytest.fixture
 def make(store, tokenizer):
-    def build(replica: FakeReplica | None = None, tok: Any = None, **args: Any) -> Endpoint:
+    def build(
+        replica: FakeReplica | None = None, tok: Any = None, uri: str | None = None, **args: Any
+    ) -> Endpoint:
         cfg = AppArgs(**{"base_model": "micro", "max_new_tokens": 32, **args})
-        directory = Flaky(MlflowDirectory(lambda: MlflowClient(store)))
+        directory = Flaky(MlflowDirectory(lambda: MlflowClient(uri or store)))
         names = NameCache(directory, cfg.registry_timeout_s, cfg.registry_retry_s, cfg.alias_refresh_s)
         replica = replica or FakeReplica(tokenizer("the answer is 42")["input_ids"])
         core = IngressCore(cfg, replica, tok or tokenizer, 256, FP, names)
@@ -442,6 +444,55 @@ def test_a_hung_registry_never_blocks_the_event_loop(make):
     start = time.perf_counter()
     error_of(run(ep.chat(model="initech")), 503)  # known down: answered at once, no new call
     assert time.perf_counter() - start < 0.2 and ep.directory.calls == calls
+
+
+@pytest.mark.integration
+def test_a_real_mlflow_server_killed_and_restarted_under_traffic(make, tmp_path, monkeypatch):
+    """Known names never fail while the server is gone; a new name gets a quick 503; both work
+    again once it is back, with nothing restarted on the ingress side."""
+    from lorafleet.bench.registry_server import RegistryServer
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # as the Serve ingress sets them
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    server = RegistryServer(tmp_path)
+    server.start()
+    try:
+        for name in ("acme", "globex"):
+            register(MlflowClient(server.url), name)
+        ep = make(uri=server.url, alias_refresh_s=0, registry_timeout_s=2, registry_retry_s=1)
+
+        async def scenario() -> tuple[list[int], httpx.Response, float, httpx.Response]:
+            assert (await ep.chat(model="acme")).status_code == 200
+            codes: list[int] = []
+            stop = asyncio.Event()
+
+            async def traffic() -> None:
+                while not stop.is_set():
+                    codes.append((await ep.chat(model="acme")).status_code)
+                    await asyncio.sleep(0.05)
+
+            task = asyncio.create_task(traffic())
+            await asyncio.to_thread(server.kill)
+            t0 = time.perf_counter()
+            new = await ep.chat(model="globex")
+            t_new = time.perf_counter() - t0
+            assert (await ep.http.get("/health")).status_code == 200
+            await asyncio.to_thread(server.start)
+            for _ in range(60):  # it recovers by itself: the first calls to a fresh server may be slow
+                back = await ep.chat(model="globex")
+                if back.status_code != 503:
+                    break
+                await asyncio.sleep(0.5)
+            stop.set()
+            await task
+            return codes, new, t_new, back
+
+        codes, new, t_new, back = run(scenario())
+    finally:
+        server.kill()
+    assert codes and set(codes) == {200}, codes
+    assert error_of(new, 503)["code"] == "registry_unavailable" and t_new < 3
+    assert back.status_code == 200, back.text
 
 
 # ---- stop strings -----------------------------------------------------------------------------
