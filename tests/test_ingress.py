@@ -589,5 +589,10 @@ def test_tenants_see_only_their_own_models_and_their_limits(make, keys, tokenize
 
     codes = sorted(r.status_code for r in run(two_at_once()))
     assert codes == [200, 429]  # max_concurrent=1
+    for stream in (True, True, False):  # each answer gives its slot back, streams included
+        assert run(ep.chat(model="acme", headers=auth, stream=stream)).status_code == 200
+    assert (
+        error_of(run(ep.chat(model="acme", headers=auth, max_tokens=10**6 + 1)), 400)["param"] == "max_tokens"
+    )
     assert run(ep.chat(model="globex", headers={"authorization": f"Bearer {other}"})).status_code == 200
     assert getattr(ep.replica.requests[-1], "tenant", "globex-inc") == "globex-inc"

@@ -319,9 +319,9 @@ class Ingress:
         cfg = AppArgs.model_validate(args)
         if cfg.tracking_uri:
             os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking_uri
-        # MLflow retries a dead server for minutes by default: fail fast, the cache covers it
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, int(cfg.registry_timeout_s))))
+        from lorafleet.serve.replica import fail_fast_mlflow
+
+        fail_fast_mlflow(cfg.registry_timeout_s)  # a dead server must not hold a thread for minutes
         self.core = IngressCore.from_args(cfg, replica, Metrics.serve())
 
     def __serve_build_asgi_app__(self) -> FastAPI:

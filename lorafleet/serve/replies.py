@@ -12,6 +12,7 @@ import asyncio
 import json
 import time
 import uuid
+import weakref
 from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -139,6 +140,12 @@ async def _close(stream: Any) -> None:
         await stream.aclose()
 
 
+def _abandon(stream: Any, lease: Any) -> None:
+    lease.release(0)  # a no-op when the stream ended normally
+    if hasattr(stream, "cancel"):
+        stream.cancel()
+
+
 def _event(body: dict) -> str:
     return f"data: {json.dumps(body)}\n\n"
 
@@ -207,6 +214,8 @@ class Replies:
         if isinstance(first, dict) and (err := final_error(first)) is not None:
             raise err
         events = self._sse(stream, first, body, chat, deadline, lease, tag)
+        # a client gone before the body starts: the generator never runs its finally
+        weakref.finalize(events, _abandon, stream, lease)
         return StreamingResponse(events, media_type="text/event-stream")
 
     async def _sse(
