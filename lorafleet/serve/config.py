@@ -71,10 +71,10 @@ class AppArgs(BaseModel):
         description="longest a request may take end to end; past it: 504 (an error event in a stream)",
     )
     max_queued_requests: int = Field(
-        128,
+        512,
         ge=-1,
-        description="requests each caller queues for busy replicas beyond max_ongoing_requests; "
-        "past it: 429 with Retry-After at once (-1: no bound)",
+        description="requests each caller queues for busy replicas beyond max_ongoing_requests; past it: "
+        "429 with Retry-After at once (-1: no bound); lower it if queued requests miss request_timeout_s",
     )
     min_replicas: int = Field(1, ge=0, description="replicas kept up with no traffic (0: scale to zero)")
     max_replicas: int = Field(1, ge=1, description="replicas the autoscaler may start")
