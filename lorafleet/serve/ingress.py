@@ -40,12 +40,8 @@ class IngressCore:
         names: NameCache | None = None,
         metrics: Metrics | None = None,
     ):
-        self.args, self.tokenizer, self.context, self.base_fingerprint = (
-            args,
-            tokenizer,
-            context,
-            base_fingerprint,
-        )
+        self.args, self.tokenizer, self.context = args, tokenizer, context
+        self.base_fingerprint = base_fingerprint
         self.base_name = args.display_base_name()
         self.names = names or NameCache(
             MlflowDirectory(), args.registry_timeout_s, args.registry_retry_s, args.alias_refresh_s
@@ -59,15 +55,8 @@ class IngressCore:
 
         base_path = resolve_base(args.base_model)
         tokenizer = load_tokenizer(base_path)
-        return cls(
-            args,
-            replica,
-            tokenizer,
-            _context_length(base_path, tokenizer),
-            fingerprint(base_path),
-            None,
-            metrics,
-        )
+        context = _context_length(base_path, tokenizer)
+        return cls(args, replica, tokenizer, context, fingerprint(base_path), metrics=metrics)
 
     # ---- routes ------------------------------------------------------------------------
 
@@ -177,7 +166,7 @@ class IngressCore:
     async def _resolve(self, name: str, tenant: Any) -> str | None:
         """None for the base, else the canonical '<model>/<version>' the name points at now."""
         from lorafleet import registry
-        from lorafleet.errors import BaseMismatchError, RegistryError
+        from lorafleet.errors import RegistryError
 
         if name == self.base_name:
             if not self.tenants.allows(tenant, None):
@@ -197,24 +186,29 @@ class IngressCore:
             raise _registry_down(exc) from None
         except RegistryError as exc:  # an alias or version of the caller's own adapter
             raise api.ApiError(404, str(exc), code="model_not_found", param="model") from None
+        self._check_base(mv)
+        return f"{mv.name}/{mv.version}"
+
+    def _check_base(self, mv: Any) -> None:
+        """Refuse a version trained on another base, or one whose base cannot be told (409)."""
+        from lorafleet import registry
+        from lorafleet.errors import BaseMismatchError
+
+        name = f"{mv.name}/{mv.version}"
         if "base_fingerprint" not in (mv.tags or {}):
             raise api.ApiError(
                 409,
-                f"adapter {mv.name}/{mv.version} has no lineage tags (base_fingerprint): it was not "
-                "registered by lorafleet, so its base cannot be checked; register it again or use another "
-                "version",
+                f"adapter {name} has no lineage tags (base_fingerprint): it was not registered by "
+                "lorafleet, so its base cannot be checked; register it again or use another version",
                 code="adapter_lineage_missing",
                 param="model",
             )
         try:
             registry.check_base(
-                registry.ResolvedAdapter(f"{mv.name}/{mv.version}", None, mv),
-                self.base_fingerprint,
-                self.base_name,
+                registry.ResolvedAdapter(name, None, mv), self.base_fingerprint, self.base_name
             )
         except BaseMismatchError as exc:
             raise api.ApiError(409, str(exc), code="adapter_base_mismatch", param="model") from None
-        return f"{mv.name}/{mv.version}"
 
     def _unknown(self, name: str, tenant: Any) -> api.ApiError:
         """Names only the caller's own models: other tenants' adapter names are not theirs to see."""
