@@ -43,3 +43,17 @@ def test_a_bad_arg_is_refused_with_its_name():
 
     with pytest.raises(SpecError, match="max_queued_requests"):
         build_app({"max_queued_requests": "lots"})
+
+
+def test_queues_are_bounded_where_the_ingress_answers_overload():
+    """The replica's queue is the tight bound (its BackPressureError becomes the ingress's JSON 429);
+    the ingress takes all of that and more, so Serve's plain-text 429 is only a last resort."""
+    from lorafleet.serve.app import build_app
+
+    ingress = build_app({"max_queued_requests": 3, "max_ongoing_requests": 2})._bound_deployment
+    replica = ingress.init_args[0]._bound_deployment
+    assert (replica.max_ongoing_requests, replica.max_queued_requests) == (2, 3)
+    assert ingress.max_ongoing_requests >= 4 * 2 + 3 and ingress.max_queued_requests >= 3
+    assert ingress.backpressure_config.status_code == 429
+    unbounded = build_app({"max_queued_requests": -1})._bound_deployment
+    assert unbounded.max_queued_requests == -1

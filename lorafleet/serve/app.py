@@ -51,13 +51,22 @@ def build_app(args: dict[str, Any]) -> Application:
     )
     ingress = (
         serve.deployment(Ingress, name="Ingress")
-        .options(
-            ray_actor_options={"num_cpus": 0},
-            max_ongoing_requests=4 * cfg.max_ongoing_requests,
-            # the proxy's own queue in front of the ingress: answered by Serve (429, Retry-After)
-            max_queued_requests=cfg.max_queued_requests,
-            backpressure_config=BackpressureConfig(status_code=429, retry_after_s=RETRY_AFTER_S),
-        )
+        .options(ray_actor_options={"num_cpus": 0}, **_ingress_bounds(cfg))
         .bind(replica, plain)
     )
     return ingress
+
+
+def _ingress_bounds(cfg: AppArgs) -> dict[str, Any]:
+    """The ingress takes everything the replicas may hold or queue, so overload is answered by the
+    ingress itself (429 in OpenAI's shape, from the replica handle's BackPressureError). The proxy's
+    queue in front of it stays a last bound (Serve's plain-text 429). Serve counts a burst's
+    requests as queued until each is routed, so a tight proxy bound would refuse bursts that fit."""
+    if cfg.max_queued_requests < 0:
+        return {"max_ongoing_requests": 4 * cfg.max_ongoing_requests, "max_queued_requests": -1}
+    ongoing = 4 * cfg.max_ongoing_requests + cfg.max_queued_requests
+    return {
+        "max_ongoing_requests": ongoing,
+        "max_queued_requests": ongoing,
+        "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=RETRY_AFTER_S),
+    }
