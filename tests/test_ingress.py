@@ -368,6 +368,26 @@ def test_backpressure_is_a_429_with_retry_after(make, tokenizer):
         assert error_of(r, 429)["code"] == "overloaded" and r.headers["retry-after"] == "3"
 
 
+def test_backpressure_on_a_serve_like_stream_is_a_429(make):
+    """Serve's stream raises BackPressureError at the first read, and its cancel() raises it again."""
+    from ray.serve.exceptions import BackPressureError
+
+    class Refused:
+        def __init__(self) -> None:
+            self.error = BackPressureError(4, 4, retry_after_s=1)
+
+        async def __anext__(self) -> Any:
+            raise self.error
+
+        def cancel(self) -> None:
+            raise self.error
+
+    replica = FakeReplica([5])
+    replica.generate = _Method(lambda gen: Refused())
+    r = run(make(replica=replica).chat(stream=True))
+    assert error_of(r, 429)["code"] == "overloaded" and r.headers["retry-after"] == "1"
+
+
 def test_a_slow_request_is_a_504(make, tokenizer):
     ids = tokenizer("one two three four")["input_ids"]
     ep = make(replica=FakeReplica(ids, delay_s=1.0), request_timeout_s=0.2)

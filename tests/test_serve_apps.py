@@ -53,7 +53,7 @@ def test_queues_are_bounded_where_the_ingress_answers_overload():
     ingress = build_app({"max_queued_requests": 3, "max_ongoing_requests": 2})._bound_deployment
     replica = ingress.init_args[0]._bound_deployment
     assert (replica.max_ongoing_requests, replica.max_queued_requests) == (2, 3)
-    assert ingress.max_ongoing_requests >= 4 * 2 + 3 and ingress.max_queued_requests >= 3
+    assert ingress.max_ongoing_requests >= 4 * 2 + 3 and ingress.max_queued_requests >= 4 * (4 * 2 + 3)
     assert ingress.backpressure_config.status_code == 429
     unbounded = build_app({"max_queued_requests": -1})._bound_deployment
     assert unbounded.max_queued_requests == -1

@@ -67,6 +67,6 @@ def _ingress_bounds(cfg: AppArgs) -> dict[str, Any]:
     ongoing = 4 * cfg.max_ongoing_requests + cfg.max_queued_requests
     return {
         "max_ongoing_requests": ongoing,
-        "max_queued_requests": ongoing,
+        "max_queued_requests": 4 * ongoing,
         "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=RETRY_AFTER_S),
     }

@@ -9,6 +9,7 @@ what fails later travels as an error event.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -134,16 +135,23 @@ async def _with_one_retry(call: Any) -> Any:
 
 async def _close(stream: Any) -> None:
     """Stop the replica's work for a stream we no longer read (its row is dropped at the next step)."""
-    if hasattr(stream, "cancel"):
-        stream.cancel()
-    elif hasattr(stream, "aclose"):
+    if hasattr(stream, "aclose"):
         await stream.aclose()
+    else:
+        _cancel(stream)
+
+
+def _cancel(stream: Any) -> None:
+    """Best effort: Serve's cancel() re-raises a call's own failure (a BackPressureError) when
+    the call never reached a replica; that error is already being answered."""
+    with contextlib.suppress(Exception):
+        stream.cancel()
 
 
 def _abandon(stream: Any, lease: Any) -> None:
     lease.release(0)  # a no-op when the stream ended normally
-    if hasattr(stream, "cancel"):
-        stream.cancel()
+    if not hasattr(stream, "aclose"):
+        _cancel(stream)
 
 
 def _event(body: dict) -> str:
