@@ -42,16 +42,49 @@ class AppArgs(BaseModel):
         ge=0,
         description="how long a resolved alias is trusted: a promotion reaches the endpoint within this time",
     )
-    api_keys_file: str | None = Field(None, description="tenant keys (hashed); unset = open")
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
+    api_keys_file: str | None = Field(
+        None, description="tenant keys file (hashed keys, limits); unset = open (loopback only)"
+    )
+    keys_reload_s: float = Field(
+        2.0,
+        gt=0,
+        description="how often the keys file is checked: new keys, limits, revocations apply within it",
+    )
+    allow_unauthenticated: bool = Field(
+        False, description="serve a non-loopback address without a keys file (an endpoint open to anyone)"
+    )
+    registry_timeout_s: float = Field(
+        10,
+        gt=0,
+        description="longest wait for one MLflow call; past it, a known alias serves its last version",
+    )
+    registry_retry_s: float = Field(
+        5,
+        gt=0,
+        description="after a failed registry call, new names get 503 at once for this long (Retry-After)",
+    )
+    max_request_bytes: int = Field(1_000_000, gt=0, description="largest request body; larger: 413")
+    max_messages: int = Field(256, gt=0, description="most messages in one chat request; more: 413")
+    request_timeout_s: float = Field(
+        120,
+        gt=0,
+        description="longest a request may take end to end; past it: 504 (an error event in a stream)",
+    )
+    max_queued_requests: int = Field(
+        512,
+        ge=-1,
+        description="requests each caller queues for busy replicas beyond max_ongoing_requests; past it: "
+        "429 with Retry-After at once (-1: no bound); lower it if queued requests miss request_timeout_s",
+    )
+    min_replicas: int = Field(1, ge=0, description="replicas kept up with no traffic (0: scale to zero)")
+    max_replicas: int = Field(1, ge=1, description="replicas the autoscaler may start")
     target_ongoing_requests: float = Field(8, gt=0, description="autoscaling target per replica")
-    upscale_delay_s: float = Field(5, ge=0)
-    downscale_delay_s: float = Field(30, ge=0)
+    upscale_delay_s: float = Field(5, ge=0, description="load must stay high this long before a scale-up")
+    downscale_delay_s: float = Field(30, ge=0, description="load must stay low this long before a scale-down")
     autoscale_look_back_s: float = Field(30, gt=0, description="window the load is averaged over")
-    replica_cpus: float = Field(1, ge=0)
-    replica_gpus: float = Field(0, ge=0)
-    max_ongoing_requests: int = Field(64, gt=0, description="per replica; more queue at the proxy")
+    replica_cpus: float = Field(1, ge=0, description="CPUs reserved per replica")
+    replica_gpus: float = Field(0, ge=0, description="GPUs reserved per replica (fractions share one)")
+    max_ongoing_requests: int = Field(64, gt=0, description="per replica; more queue at the caller")
 
     def display_base_name(self) -> str:
         return self.base_name or self.base_model.rstrip("/").split("/")[-1]

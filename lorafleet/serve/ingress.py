@@ -1,135 +1,135 @@
-"""The OpenAI-compatible HTTP ingress: resolves `model` to a registry version (or the base),
-enforces tenant keys, tokenizes, and streams from the replica that holds the adapter.
+"""The OpenAI-compatible HTTP ingress: checks the key, bounds and validates the request, resolves
+`model` to a registry version (or the base), tokenizes, and streams from a replica.
 
-(No `from __future__ import annotations` here: FastAPI must see the real types.)
+`IngressCore` holds all of it without Ray Serve: the replica handle and the registry are
+constructor arguments, so tests drive `make_app(core)` in process. `Ingress` is the thin Serve
+deployment around it. The order of a request matters and is kept in `_prepare`: the key first
+(a stranger's 5 MB body costs nothing), then the body's size, then parsing, then tokenising off
+the event loop.
 """
 
+from __future__ import annotations
+
+import asyncio
 import json
 import os
 import time
-import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from ray import serve
-from ray.serve.metrics import Counter, Histogram
+from starlette.exceptions import HTTPException
 
 from lorafleet.serve import api
+from lorafleet.serve.access import Tenants
 from lorafleet.serve.config import AppArgs
-from lorafleet.serve.text import IncrementalDecoder, cut_at_stop
-
-app = FastAPI(title="lorafleet", docs_url=None, redoc_url=None)
-
-
-@app.exception_handler(api.ApiError)
-async def _api_error(_: Request, exc: api.ApiError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+from lorafleet.serve.names import MlflowDirectory, NameCache, RegistryDown, UnknownModel
+from lorafleet.serve.replies import Metrics, Replies, replica_error
 
 
-@app.exception_handler(RequestValidationError)
-async def _bad_body(_: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"] if p != "body")
-    err = api.ApiError(400, f"invalid request: {where}: {first['msg']}", param=where or None)
-    return JSONResponse(err.body(), status_code=400)
+class IngressCore:
+    def __init__(
+        self,
+        args: AppArgs,
+        replica: Any,
+        tokenizer: Any,
+        context: int,
+        base_fingerprint: str,
+        names: NameCache | None = None,
+        metrics: Metrics | None = None,
+    ):
+        self.args, self.tokenizer, self.context = args, tokenizer, context
+        self.base_fingerprint = base_fingerprint
+        self.base_name = args.display_base_name()
+        self.names = names or NameCache(
+            MlflowDirectory(), args.registry_timeout_s, args.registry_retry_s, args.alias_refresh_s
+        )
+        self.tenants = Tenants(args)
+        self.replies = Replies(args, replica, tokenizer, metrics or Metrics())
 
-
-def _context_length(base_path: Any, tokenizer: Any) -> int:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(base_path)
-    return int(getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length)
-
-
-def _message(exc: Exception) -> str:
-    """The user-facing line of an error that crossed Ray (which wraps it in a traceback)."""
-    cause = getattr(exc, "cause", None) or exc
-    return str(cause).strip().splitlines()[-1]
-
-
-# helpers above the class: serve.ingress copies the class when it is defined
-
-
-async def _with_one_retry(call: Any) -> Any:
-    """A non-streaming answer is all or nothing, so when its replica dies under it (a lost node)
-    asking again is safe: Serve routes the retry to a live replica. Streams are not retried
-    (tokens may already be out)."""
-    from ray.exceptions import RayActorError  # the actor died or is unreachable
-
-    try:
-        return await call()
-    except RayActorError:
-        return await call()
-
-
-@serve.ingress(app)
-class Ingress:
-    def __init__(self, replica: Any, args: dict[str, Any]):
+    @classmethod
+    def from_args(cls, args: AppArgs, replica: Any, metrics: Metrics | None = None) -> IngressCore:
         from lorafleet.models import fingerprint, load_tokenizer, resolve_base
 
-        self.args = AppArgs.model_validate(args)
-        if self.args.tracking_uri:
-            os.environ["MLFLOW_TRACKING_URI"] = self.args.tracking_uri
-        self.replica = replica
-        base_path = resolve_base(self.args.base_model)
-        self.base_fingerprint = fingerprint(base_path)
-        self.tokenizer = load_tokenizer(base_path)
-        self.context = _context_length(base_path, self.tokenizer)
-        self.base_name = self.args.display_base_name()
-        self.resolved: dict[str, tuple[float, Any]] = {}  # name -> (when, ModelVersion)
-        self.keys = self._load_keys()
-        self.requests = Counter("lorafleet_requests", "requests", tag_keys=("adapter", "status"))
-        self.tokens = Counter("lorafleet_generated_tokens", "tokens generated", tag_keys=("adapter",))
-        self.latency = Histogram(
-            "lorafleet_request_latency_s",
-            "request latency",
-            boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30],
-            tag_keys=("adapter",),
-        )
-
-    def _load_keys(self) -> dict | None:
-        from lorafleet.serve.keys import load_keys
-
-        return load_keys(self.args.api_keys_file) if self.args.api_keys_file else None
+        base_path = resolve_base(args.base_model)
+        tokenizer = load_tokenizer(base_path)
+        context = _context_length(base_path, tokenizer)
+        return cls(args, replica, tokenizer, context, fingerprint(base_path), metrics=metrics)
 
     # ---- routes ------------------------------------------------------------------------
 
-    @app.get("/v1/models")
-    async def models(self, request: Request) -> dict:
-        from lorafleet import registry, tracking
-        from lorafleet.serve.keys import allows
+    async def chat(self, request: Request) -> Any:
+        deadline = time.monotonic() + self.args.request_timeout_s
+        tenant, body = await self._prepare(request, api.ChatCompletionRequest)
+        ids = await asyncio.to_thread(self._chat_ids, [m.template_dict() for m in body.messages])
+        return await self._complete(body, tenant, ids, True, deadline)
 
-        tenant = self._tenant(request)
-        cards = [api.model_card(self.base_name, "lorafleet")] if tenant is None or tenant.base else []
-        for model in registry.adapter_models(tracking.client()):
-            customer = model.name.removeprefix(self.args.adapter_prefix)
-            if "production" in (model.aliases or {}) and (tenant is None or allows(tenant, customer)):
+    async def completions(self, request: Request) -> Any:
+        deadline = time.monotonic() + self.args.request_timeout_s
+        tenant, body = await self._prepare(request, api.CompletionRequest)
+        ids = (await asyncio.to_thread(self.tokenizer, body.prompt))["input_ids"]
+        return await self._complete(body, tenant, ids, False, deadline)
+
+    async def models(self, request: Request) -> dict:
+        tenant = self.tenants.check(request)
+        cards = [api.model_card(self.base_name, "lorafleet")] if self.tenants.allows(tenant, None) else []
+        try:
+            served = await self.names.served()
+        except RegistryDown as exc:
+            raise _registry_down(exc) from None
+        for name in served:
+            customer = name.removeprefix(self.args.adapter_prefix)
+            if name.startswith(self.args.adapter_prefix) and self.tenants.allows(tenant, customer):
                 cards.append(api.model_card(customer, "lorafleet"))
         return {"object": "list", "data": cards}
 
-    @app.post("/v1/chat/completions")
-    async def chat(self, body: api.ChatCompletionRequest, request: Request) -> Any:
-        messages = [m.model_dump() for m in body.messages]
-        ids = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-        return await self._complete(body, request, ids, chat=True)
-
-    @app.post("/v1/completions")
-    async def completions(self, body: api.CompletionRequest, request: Request) -> Any:
-        ids = self.tokenizer(body.prompt)["input_ids"]
-        return await self._complete(body, request, ids, chat=False)
-
-    @app.get("/health")
-    async def health(self) -> dict:
+    async def health(self) -> dict:  # never touches the registry: it must answer while MLflow is down
         return {"status": "ok", "base": self.base_name}
 
-    # ---- the path every completion takes -----------------------------------------------
+    # ---- before the replica --------------------------------------------------------------
 
-    async def _complete(self, body: Any, request: Request, ids: list[int], chat: bool) -> Any:
-        adapter_id = self._resolve(body.model, self._tenant(request))
+    async def _prepare(self, request: Request, schema: type[api._Request]) -> tuple[Any, Any]:
+        tenant = self.tenants.check(request)
+        raw = await _read_json(request, self.args.max_request_bytes)
+        messages = raw.get("messages")
+        if isinstance(messages, list) and len(messages) > self.args.max_messages:
+            raise api.ApiError(
+                413,
+                f"{len(messages)} messages; this endpoint takes at most {self.args.max_messages}",
+                code="too_many_messages",
+                param="messages",
+            )
+        try:
+            body = schema.model_validate(raw)
+        except ValidationError as exc:
+            raise _invalid(exc) from None
+        self._check_bias(body)
+        return tenant, body
+
+    def _check_bias(self, body: Any) -> None:
+        vocab = len(self.tokenizer)
+        bad = sorted(t for t in body.bias() if t >= vocab)
+        if bad:
+            raise api.ApiError(
+                400,
+                f"logit_bias: token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})",
+                param="logit_bias",
+            )
+
+    def _chat_ids(self, messages: list[dict]) -> list[int]:
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        except Exception as exc:  # the template's own checks (e.g. roles must alternate)
+            raise api.ApiError(
+                400, f"the model's chat template refused these messages: {exc}", param="messages"
+            ) from None
+
+    async def _complete(self, body: Any, tenant: Any, ids: list[int], chat: bool, deadline: float) -> Any:
+        adapter_id = await self._resolve(body.model, tenant)
         max_new = min(body.new_tokens(self.args.max_new_tokens), self.args.max_new_tokens)
         if len(ids) + max_new > self.context:
             raise api.ApiError(
@@ -139,159 +139,184 @@ class Ingress:
                 code="context_length_exceeded",
                 param="messages" if chat else "prompt",
             )
-        gen = self._request(body, ids, max_new)
-        tag = {"adapter": adapter_id or self.base_name}
-        replica = self.replica.options(multiplexed_model_id=adapter_id or "", stream=body.stream)
-        if body.stream:
-            stream = replica.generate.remote(gen)
-            return StreamingResponse(self._sse(stream, body, chat, tag), media_type="text/event-stream")
-        return await self._collect(lambda: replica.complete.remote(gen), body, chat, len(ids), tag)
+        gen = self._request(body, ids, max_new, tenant)
+        lease = self.tenants.acquire(tenant, len(ids) + max_new)
+        return await self.replies.answer(gen, adapter_id or "", body, chat, deadline, lease)
 
-    def _request(self, body: Any, ids: list[int], max_new: int) -> Any:
-        from lorafleet.serve.engine import GenerationRequest
+    def _request(self, body: Any, ids: list[int], max_new: int, tenant: Any) -> Any:
+        from lorafleet.serve.decoder import GenerationRequest
 
         return GenerationRequest(
             prompt_ids=ids,
             adapter=None,
             max_new_tokens=max_new,
-            temperature=body.temperature,
+            temperature=body.sampling_temperature(),
             top_p=body.top_p,
             seed=body.seed,
             stop_token_ids=[self.tokenizer.eos_token_id],
+            stop=body.stop,
+            frequency_penalty=body.frequency_penalty,
+            presence_penalty=body.presence_penalty,
+            logit_bias=body.bias(),
+            tenant=getattr(tenant, "tenant", None),
         )
 
-    async def _collect(self, call: Any, body: Any, chat: bool, n_prompt: int, tag: dict) -> JSONResponse:
-        start = time.perf_counter()
-        try:
-            final = await _with_one_retry(call)
-        except Exception as exc:  # the replica could not load or run the adapter
-            raise self._replica_error(exc, tag) from None
-        self._check_final(final, tag)
-        n = len(final["token_ids"])
-        text, stopped = cut_at_stop(
-            self.tokenizer.decode(final["token_ids"], skip_special_tokens=True), body.stop
-        )
-        finish = "stop" if stopped else final.get("finish_reason", "stop")
-        self._record(tag, n, start, "ok")
-        usage = api.Usage(prompt_tokens=n_prompt, completion_tokens=n, total_tokens=n_prompt + n)
-        make = api.chat_response if chat else api.completion_response
-        return JSONResponse(
-            make(body.model, text, finish, usage), headers={"x-lorafleet-replica": final.get("replica", "")}
-        )
+    # ---- names ---------------------------------------------------------------------------
 
-    async def _sse(self, stream: Any, body: Any, chat: bool, tag: dict):
-        cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        chunk = api.chat_chunk if chat else api.completion_chunk
-        start, decoder, sent, n, finish = time.perf_counter(), IncrementalDecoder(self.tokenizer), "", 0, None
-        try:
-            async for item in stream:
-                if isinstance(item, dict):
-                    self._check_final(item, tag)
-                    finish = item.get("finish_reason", "stop")
-                    break
-                n += len(item)
-                full, stopped = cut_at_stop(sent + "".join(decoder.push(t) for t in item), body.stop)
-                if full != sent:
-                    yield f"data: {json.dumps(chunk(cid, body.model, full[len(sent) :], None))}\n\n"
-                    sent = full
-                if stopped:
-                    finish = "stop"
-                    break
-        except Exception as exc:  # headers are sent: the error travels as an event
-            err = exc if isinstance(exc, api.ApiError) else self._replica_error(exc, tag)
-            yield f"data: {json.dumps(err.body())}\n\n"
-            return
-        self._record(tag, n, start, "ok")
-        yield f"data: {json.dumps(chunk(cid, body.model, None, finish or 'stop'))}\n\n"
-        yield "data: [DONE]\n\n"
-
-    def _replica_error(self, exc: Exception, tag: dict) -> api.ApiError:
-        from lorafleet.errors import BaseMismatchError, RegistryError
-
-        self.requests.inc(tags={**tag, "status": "error"})
-        if isinstance(exc, BaseMismatchError):
-            return api.ApiError(409, _message(exc), code="adapter_base_mismatch", param="model")
-        if isinstance(exc, RegistryError):
-            return api.ApiError(404, _message(exc), code="model_not_found", param="model")
-        return api.ApiError(500, f"generation failed: {_message(exc)}", "server_error")
-
-    def _check_final(self, final: dict, tag: dict) -> None:
-        if "error" in final:
-            self.requests.inc(tags={**tag, "status": "error"})
-            raise api.ApiError(500, f"generation failed: {final['error']}", "server_error")
-
-    def _record(self, tag: dict, n_tokens: int, start: float, status: str) -> None:
-        self.requests.inc(tags={**tag, "status": status})
-        if n_tokens:  # Ray's Counter refuses 0, and an answer may be empty (EOS first)
-            self.tokens.inc(n_tokens, tags=tag)
-        self.latency.observe(time.perf_counter() - start, tags=tag)
-
-    # ---- names and tenants -------------------------------------------------------------
-
-    def _tenant(self, request: Request) -> Any:
-        if self.keys is None:
-            return None
-        from lorafleet.serve.keys import key_hash
-
-        auth = request.headers.get("authorization", "")
-        tenant = self.keys.get(key_hash(auth.removeprefix("Bearer ").strip()))
-        if tenant is None:
-            raise api.ApiError(
-                401,
-                "invalid or missing API key: send 'Authorization: Bearer <key>'",
-                "authentication_error",
-                code="invalid_api_key",
-            )
-        return tenant
-
-    def _resolve(self, name: str, tenant: Any) -> str | None:
-        """'' for the base, else the canonical '<model>/<version>' the name points at now.
-        Aliases are trusted for alias_refresh_s, so a promotion arrives without a redeploy."""
+    async def _resolve(self, name: str, tenant: Any) -> str | None:
+        """None for the base, else the canonical '<model>/<version>' the name points at now."""
         from lorafleet import registry
-        from lorafleet.errors import BaseMismatchError, RegistryError
-        from lorafleet.serve.keys import allows
+        from lorafleet.errors import RegistryError
 
         if name == self.base_name:
-            if tenant is not None and not tenant.base:
+            if not self.tenants.allows(tenant, None):
                 raise self._unknown(name, tenant)
             return None
         try:
             ref = registry.parse_ref(name, self.args.adapter_prefix)
-        except RegistryError as exc:
-            raise api.ApiError(404, str(exc), code="model_not_found", param="model") from None
-        if tenant is not None and not allows(tenant, ref.model.removeprefix(self.args.adapter_prefix)):
+        except RegistryError:
+            raise self._unknown(name, tenant) from None
+        if not self.tenants.allows(tenant, ref.model.removeprefix(self.args.adapter_prefix)):
             raise self._unknown(name, tenant)  # another tenant's adapter does not exist for you
-        mv = self._version(name, ref)
+        try:
+            mv = await self.names.version(name, ref)
+        except UnknownModel:
+            raise self._unknown(name, tenant) from None
+        except RegistryDown as exc:
+            raise _registry_down(exc) from None
+        except RegistryError as exc:  # an alias or version of the caller's own adapter
+            raise api.ApiError(404, str(exc), code="model_not_found", param="model") from None
+        self._check_base(mv)
+        return f"{mv.name}/{mv.version}"
+
+    def _check_base(self, mv: Any) -> None:
+        """Refuse a version trained on another base, or one whose base cannot be told (409)."""
+        from lorafleet import registry
+        from lorafleet.errors import BaseMismatchError
+
+        name = f"{mv.name}/{mv.version}"
+        if "base_fingerprint" not in (mv.tags or {}):
+            raise api.ApiError(
+                409,
+                f"adapter {name} has no lineage tags (base_fingerprint): it was not registered by "
+                "lorafleet, so its base cannot be checked; register it again or use another version",
+                code="adapter_lineage_missing",
+                param="model",
+            )
         try:
             registry.check_base(
-                registry.ResolvedAdapter(f"{mv.name}/{mv.version}", None, mv),
-                self.base_fingerprint,
-                self.base_name,
+                registry.ResolvedAdapter(name, None, mv), self.base_fingerprint, self.base_name
             )
         except BaseMismatchError as exc:
             raise api.ApiError(409, str(exc), code="adapter_base_mismatch", param="model") from None
-        return f"{mv.name}/{mv.version}"
-
-    def _version(self, name: str, ref: Any) -> Any:
-        from lorafleet import registry, tracking
-        from lorafleet.errors import RegistryError
-
-        when, mv = self.resolved.get(name, (0.0, None))
-        if mv is None or time.time() - when > self.args.alias_refresh_s or ref.version is not None:
-            try:
-                mv = registry.resolve_version(tracking.client(), ref)
-            except RegistryError as exc:
-                raise api.ApiError(
-                    404, f"{exc}; the base is '{self.base_name}'", code="model_not_found", param="model"
-                ) from None
-            self.resolved[name] = (time.time(), mv)
-        return mv
 
     def _unknown(self, name: str, tenant: Any) -> api.ApiError:
-        names = ([self.base_name] if tenant.base else []) + sorted(tenant.adapters)
+        """Names only the caller's own models: other tenants' adapter names are not theirs to see."""
+        hint = "GET /v1/models lists the models you can use"
+        own = self.tenants.own_models(tenant, self.base_name)
+        if own is not None and len(own) <= 20:
+            hint = f"your models: {', '.join(own) or 'none'}"
         return api.ApiError(
-            404,
-            f"model '{name}' does not exist; available: {', '.join(names)}",
-            code="model_not_found",
-            param="model",
+            404, f"model '{name}' does not exist; {hint}", code="model_not_found", param="model"
         )
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def _context_length(base_path: Any, tokenizer: Any) -> int:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base_path)
+    return int(getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length)
+
+
+async def _read_json(request: Request, limit: int) -> dict:
+    """The body as a JSON object, read no further than `limit` bytes (413 past it)."""
+    too_big = api.ApiError(
+        413, f"request body over {limit} bytes (max_request_bytes)", code="request_too_large"
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    try:
+        raw = json.loads(b"".join(chunks))
+    except (ValueError, RecursionError):
+        raise api.ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(raw, dict):
+        raise api.ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    return raw
+
+
+def _invalid(exc: ValidationError) -> api.ApiError:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    param = str(first["loc"][0]) if first["loc"] else None
+    return api.ApiError(400, f"invalid request: {where}: {first['msg']}", param=param)
+
+
+def _registry_down(exc: RegistryDown) -> api.ApiError:
+    return api.ApiError(
+        503,
+        f"{exc}; adapters already in use keep serving",
+        "server_error",
+        code="registry_unavailable",
+        retry_after_s=exc.retry_after_s,
+    )
+
+
+# ---- the HTTP app ----------------------------------------------------------------------------
+
+
+def make_app(core: IngressCore) -> FastAPI:
+    app = FastAPI(title="lorafleet", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_exception_handler(api.ApiError, _api_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _server_error)  # nothing answers text/plain
+    app.add_api_route("/v1/chat/completions", core.chat, methods=["POST"])
+    app.add_api_route("/v1/completions", core.completions, methods=["POST"])
+    app.add_api_route("/v1/models", core.models, methods=["GET"])
+    app.add_api_route("/health", core.health, methods=["GET"])
+    return app
+
+
+async def _api_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, api.ApiError)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    what = {404: "no such route", 405: "method not allowed on this route"}.get(exc.status_code, exc.detail)
+    err = api.ApiError(
+        exc.status_code, f"{what}; the API is under /v1 (chat/completions, completions, models)"
+    )
+    return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+async def _server_error(_: Request, exc: Exception) -> JSONResponse:
+    err = replica_error(exc)
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
+
+
+@serve.ingress()
+class Ingress:
+    """The Serve deployment: the core over the real base, registry and replica handle."""
+
+    def __init__(self, replica: Any, args: dict[str, Any]):
+        cfg = AppArgs.model_validate(args)
+        if cfg.tracking_uri:
+            os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking_uri
+        from lorafleet.serve.replica import fail_fast_mlflow
+
+        fail_fast_mlflow(cfg.registry_timeout_s)  # a dead server must not hold a thread for minutes
+        self.core = IngressCore.from_args(cfg, replica, Metrics.serve())
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return make_app(self.core)
