@@ -76,12 +76,11 @@ def _with_nan(src: Path, dest: Path) -> Path:
 
 
 class FaultyEngine(GatheredLoraEngine):
-    """The real engine with injected faults: binding 'poison' fails, a prompt that starts with
-    PREFILL_FAULT fails its prefill forward, and the decode step number fail_step fails."""
+    """The real engine with injected faults: binding 'poison' fails; a forward fails when a row
+    whose prompt starts with PREFILL_FAULT is in its prefill, or one starting with STEP_FAULT is
+    in its decode step. Counts decode steps."""
 
-    PREFILL_FAULT = 466
-
-    fail_step: int | None = None
+    PREFILL_FAULT, STEP_FAULT = 466, 467
     steps = 0
 
     def _bind(self, requests):
@@ -91,12 +90,10 @@ class FaultyEngine(GatheredLoraEngine):
         self.bound = list(requests)
 
     def _forward(self, ids, batch):
-        if ids.shape[1] > 1 and any(r.prompt_ids[0] == self.PREFILL_FAULT for r in self.bound):
-            raise RuntimeError("injected prefill fault")
-        if ids.shape[1] == 1:
-            self.steps += 1
-            if self.steps == self.fail_step:
-                raise RuntimeError("injected decode-step fault")
+        marker = self.PREFILL_FAULT if ids.shape[1] > 1 else self.STEP_FAULT
+        if any(r.prompt_ids[0] == marker for r in self.bound):
+            raise RuntimeError("injected prefill fault" if ids.shape[1] > 1 else "injected decode-step fault")
+        self.steps += ids.shape[1] == 1
         return super()._forward(ids, batch)
 
 
@@ -207,6 +204,7 @@ HOSTILE = {  # request fields that must fail (or finish) their own row and nobod
     "empty stop string": {"stop": [""]},
     "bind fault": {"adapter": "poison"},
     "prefill fault": {"prompt_ids": [FaultyEngine.PREFILL_FAULT, 5, 6]},
+    "decode-step fault": {"prompt_ids": [FaultyEngine.STEP_FAULT, 5, 6], "max_new_tokens": 8},
     "NaN adapter": {"adapter": "nan"},
     "registry timeout": {"adapter": "slow"},
     "registry down": {"adapter": "down"},
@@ -284,6 +282,8 @@ def test_hostile_requests_get_the_answer_that_names_their_fault(base, folders):
         assert replies[name]["finish_reason"] in ("stop", "length"), replies[name]
     assert replies["bind fault"]["code"] == SERVER_ERROR and "bind fault" in replies["bind fault"]["error"]
     assert replies["prefill fault"]["code"] == SERVER_ERROR
+    assert replies["decode-step fault"]["code"] == SERVER_ERROR
+    assert "decode-step fault" in replies["decode-step fault"]["error"]
     raised = {n: r["raised"] for n, r in replies.items() if "raised" in r}
     assert isinstance(raised["registry timeout"], RegistryUnavailableError)
     assert "did not answer within 0.3 s" in str(raised["registry timeout"])
@@ -335,20 +335,26 @@ def test_a_dead_mlflow_registry_fails_fast_as_unavailable(base, folders, monkeyp
     batcher.close()
 
 
-def test_a_failed_decode_step_fails_its_rows_and_the_loop_goes_on(base, folders, reference):
+def test_rows_whose_decode_step_fails_fail_alone_and_the_loop_goes_on(base, folders, reference):
+    """A decode step that raises: the decoder retries its rows one by one, so only the rows
+    that fail alone end (server_error); their batch mates and later requests keep their tokens."""
     rng = random.Random(1)
-    first = [dataclasses.replace(good_request(rng), max_new_tokens=10, stop_token_ids=[]) for _ in range(4)]
-    later = [good_request(rng) for _ in range(8)]
+    faulty = [
+        dataclasses.replace(good_request(rng), prompt_ids=[FaultyEngine.STEP_FAULT, 5, 6], max_new_tokens=8)
+        for _ in range(3)
+    ]
+    mates = [dataclasses.replace(good_request(rng), max_new_tokens=10) for _ in range(3)]
+    later = [good_request(rng) for _ in range(6)]
     batcher = make_batcher(base, folders)
-    batcher.engine.fail_step = 3
 
     async def main():
         lru = Lru(batcher, size=2)
-        hit = await asyncio.gather(*(ask(batcher, lru, r) for r in first))
+        hit = await asyncio.gather(*(ask(batcher, lru, r) for r in faulty + mates))
         return hit, await asyncio.gather(*(ask(batcher, lru, r) for r in later))
 
     hit, after = asyncio.run(main())
-    assert all(h["code"] == SERVER_ERROR and "decode-step fault" in h["error"] for h in hit), hit
+    assert all(h["code"] == SERVER_ERROR and "decode-step fault" in h["error"] for h in hit[:3]), hit
+    assert [h.get("token_ids") for h in hit[3:]] == [reference(r) for r in mates]
     assert [a["token_ids"] for a in after] == [reference(r) for r in later]
     batcher.close()
 
@@ -379,7 +385,7 @@ def test_eviction_never_removes_an_adapter_in_use(base, folders, reference):
 def test_a_load_waits_for_a_slot_held_by_a_running_row_then_gives_up(base, folders, reference):
     """One slot, held by a's running row: b's load waits for it to finish; a load that would
     wait longer than the timeout is refused as overload, and nothing is left half-loaded."""
-    long = GenerationRequest(PROMPTS[2], "a", max_new_tokens=300, stop_token_ids=[])
+    long = GenerationRequest(PROMPTS[2], "a", max_new_tokens=150, stop_token_ids=[])
     short = GenerationRequest(PROMPTS[0], "b", max_new_tokens=3)
 
     async def main(batcher):
