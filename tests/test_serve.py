@@ -233,13 +233,14 @@ def test_tenant_keys(endpoint, tmp_path, monkeypatch):
         ),
         port=PORT,
     )
+    http = httpx.Client(timeout=120)  # the first answer after a redeploy waits for the replica
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     auth = {"authorization": f"Bearer {key}"}
-    assert httpx.post(f"{url}/chat/completions", json={"model": "acme", **body}).status_code == 401
-    ok = httpx.post(f"{url}/chat/completions", json={"model": "acme", **body}, headers=auth)
+    assert http.post(f"{url}/chat/completions", json={"model": "acme", **body}).status_code == 401
+    ok = http.post(f"{url}/chat/completions", json={"model": "acme", **body}, headers=auth)
     assert ok.status_code == 200
-    r = httpx.post(f"{url}/chat/completions", json={"model": "globex", **body}, headers=auth)
+    r = http.post(f"{url}/chat/completions", json={"model": "globex", **body}, headers=auth)
     assert r.status_code == 404 and "does not exist" in error_of(r)["message"]
-    listed = [m["id"] for m in httpx.get(f"{url}/models", headers=auth).json()["data"]]
+    listed = [m["id"] for m in http.get(f"{url}/models", headers=auth).json()["data"]]
     assert listed == ["tiny-llama", "acme"]
     assert json.loads(keys.read_text())
