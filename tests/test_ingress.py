@@ -310,6 +310,15 @@ def test_bodies_and_message_counts_are_bounded(make):
     assert error_of(run(ep.http.post(CHAT, json=[1, 2])), 400)["code"] == "invalid_json"
 
 
+def test_a_prompt_too_long_for_any_tokenisation_is_refused_untokenised(make, tokenizer):
+    ep = make()
+    longest = max(len(t) for t in tokenizer.get_vocab())
+    body = {"model": BASE, "messages": [{"role": "user", "content": "x" * (256 * longest + 1)}]}
+    assert error_of(run(ep.http.post(CHAT, json=body)), 400)["code"] == "context_length_exceeded"
+    body = {"model": BASE, "prompt": "x" * (256 * longest + 1)}
+    assert error_of(run(ep.http.post("/v1/completions", json=body)), 400)["param"] == "prompt"
+
+
 def test_routes_and_methods_answer_json(make):
     ep = make()
     assert "/v1" in error_of(run(ep.http.get("/v2/chat")), 404)["message"]
