@@ -345,7 +345,7 @@ def keys_create(args: argparse.Namespace) -> int:
     key = add_key(
         args.file,
         args.tenant,
-        args.adapters.split(","),
+        [a.strip() for a in args.adapters.split(",") if a.strip()],
         base=not args.no_base,
         max_concurrent=args.max_concurrent,
         tokens_per_minute=args.tokens_per_minute,
@@ -516,7 +516,7 @@ def _bench_serve_trust_parsers(b: argparse.ArgumentParser) -> None:
     b.add_argument("--overload-s", type=float, default=20, help="overload: seconds of 2x arrivals")
     b.add_argument("--outage-s", type=float, default=30, help="registry-outage: seconds stopped")
     b.add_argument("--outage-before-s", type=float, default=5, help="registry-outage: traffic before")
-    b.add_argument("--outage-after-s", type=float, default=10, help="registry-outage: traffic after")
+    b.add_argument("--outage-after-s", type=float, default=30, help="registry-outage: traffic after")
     b.add_argument("--timeout-s", type=float, default=120, help="serve modes: client timeout")
     b.add_argument("--port", type=int, default=8123, help="serve modes: endpoint port")
     b.add_argument(

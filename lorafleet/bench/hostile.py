@@ -123,8 +123,7 @@ HOSTILE: dict[str, Callable[[random.Random, dict, str], Call]] = {
 }
 
 
-def hostile_call(rng: random.Random, model: str, key: str, max_tokens: int) -> Call:
-    kind = rng.choice(sorted(HOSTILE))
+def hostile_call(rng: random.Random, kind: str, model: str, key: str, max_tokens: int) -> Call:
     call = HOSTILE[kind](rng, good_call(rng.randrange(1000), model, key, max_tokens).body, key)
     call.kind = f"hostile:{kind}"
     if rng.random() < 0.1:  # some come without a key, or with a wrong one
@@ -135,12 +134,14 @@ def hostile_call(rng: random.Random, model: str, key: str, max_tokens: int) -> C
 
 
 def mix_hostile(good: list[Call], share: float, models: list[str], key: str, max_tokens: int, seed: int = 0):
-    """good calls with hostile ones spread among them, `share` of the total."""
+    """good calls with hostile ones spread among them, `share` of the total. The kinds cycle in a
+    shuffled order, so even a small run meets as many kinds as it has hostile requests."""
     rng = random.Random(seed)
-    n_hostile = round(len(good) * share / (1 - share))
+    kinds = sorted(HOSTILE)
+    rng.shuffle(kinds)
     calls = list(good)
-    for _ in range(n_hostile):
-        hostile = hostile_call(rng, rng.choice(models), key, max_tokens)
+    for i in range(round(len(good) * share / (1 - share))):
+        hostile = hostile_call(rng, kinds[i % len(kinds)], rng.choice(models), key, max_tokens)
         calls.insert(rng.randrange(len(calls) + 1), hostile)
     return calls
 
@@ -155,6 +156,9 @@ class Client:
     def __init__(self, base_url: str, timeout_s: float):
         self.base_url, self.timeout_s, self.origin = base_url, timeout_s, time.perf_counter()
         self.http = httpx.AsyncClient(timeout=timeout_s, limits=httpx.Limits(max_connections=None))
+
+    def clock(self) -> float:
+        return time.perf_counter() - self.origin
 
     async def close(self) -> None:
         await self.http.aclose()

@@ -62,6 +62,8 @@ class KeyStore:
         self._signature = self._stat()
         self._checked = clock()
         self._warned: str | None = None
+        if os.stat(self.path).st_mode & 0o077:  # hashes only, but a key list is still nobody's business
+            log.warning("keys file %s is readable by other users: chmod 600 it", self.path)
 
     def tenant(self, authorization_header: str | None) -> Tenant | None:
         """The tenant of a request's Authorization header, or None for a missing or unknown key."""
