@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import random
 import time
 from collections import OrderedDict
@@ -22,10 +23,26 @@ from test_engine import PROMPTS, make_lora
 from lorafleet.bench.engine_bench import synthetic_base
 from lorafleet.errors import RegistryError, RegistryUnavailableError
 from lorafleet.serve.batcher import INVALID_REQUEST, SERVER_ERROR, Batcher
-from lorafleet.serve.engine import AdapterNotSupportedError, GatheredLoraEngine, GenerationRequest
+from lorafleet.serve.engine import (
+    AdapterInvalidError,
+    AdapterNotSupportedError,
+    AdapterSlotsFullError,
+    GatheredLoraEngine,
+    GenerationRequest,
+)
 from lorafleet.serve.fair import FairQueue
 
 EOS = 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A tiny model gains nothing from two intra-op threads, and on a busy 2-core box they wait on
+    each other (measured: 1.0 s against 0.08 s for 10 tokens)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +76,11 @@ def _with_nan(src: Path, dest: Path) -> Path:
 
 
 class FaultyEngine(GatheredLoraEngine):
-    """The real engine with injected faults: binding 'poison' fails, a prompt that starts with
-    PREFILL_FAULT fails its prefill forward, and the decode step number fail_step fails."""
+    """The real engine with injected faults: binding 'poison' fails; a forward fails when a row
+    whose prompt starts with PREFILL_FAULT is in its prefill, or one starting with STEP_FAULT is
+    in its decode step. Counts decode steps."""
 
-    PREFILL_FAULT = 466
-
-    fail_step: int | None = None
+    PREFILL_FAULT, STEP_FAULT = 466, 467
     steps = 0
 
     def _bind(self, requests):
@@ -74,12 +90,10 @@ class FaultyEngine(GatheredLoraEngine):
         self.bound = list(requests)
 
     def _forward(self, ids, batch):
-        if ids.shape[1] > 1 and any(r.prompt_ids[0] == self.PREFILL_FAULT for r in self.bound):
-            raise RuntimeError("injected prefill fault")
-        if ids.shape[1] == 1:
-            self.steps += 1
-            if self.steps == self.fail_step:
-                raise RuntimeError("injected decode-step fault")
+        marker = self.PREFILL_FAULT if ids.shape[1] > 1 else self.STEP_FAULT
+        if any(r.prompt_ids[0] == marker for r in self.bound):
+            raise RuntimeError("injected prefill fault" if ids.shape[1] > 1 else "injected decode-step fault")
+        self.steps += ids.shape[1] == 1
         return super()._forward(ids, batch)
 
 
@@ -99,21 +113,24 @@ def fetcher_for(folders: dict[str, Path]):
 
 
 class Lru:
-    """Serve's multiplex cache in miniature: one load per name, `size` handles, oldest dropped."""
+    """Serve's multiplex cache in miniature (ray/serve/multiplex.py): a hit returns at once; a miss
+    takes the cache lock, drops the least recently used handle, then loads."""
 
     def __init__(self, batcher: Batcher, size: int):
         self.batcher, self.size = batcher, size
         self.held: OrderedDict = OrderedDict()
-        self.locks: dict[str, asyncio.Lock] = {}
+        self.lock = asyncio.Lock()
 
     async def get(self, name: str) -> None:
-        async with self.locks.setdefault(name, asyncio.Lock()):
+        if name in self.held:
+            self.held.move_to_end(name)
+            return
+        async with self.lock:
             if name in self.held:
-                self.held.move_to_end(name)
                 return
-            self.held[name] = await self.batcher.load(name)
-            while len(self.held) > self.size:
+            if len(self.held) >= self.size:
                 self.held.popitem(last=False)[1].release()
+            self.held[name] = await self.batcher.load(name)
 
 
 async def ask(batcher: Batcher, lru: Lru, request: GenerationRequest) -> dict:
@@ -143,12 +160,16 @@ def reference(base, folders):
     return lambda r: engine.generate([dataclasses.replace(r)])[0].token_ids
 
 
-def make_batcher(base, folders, **kw) -> Batcher:
-    engine = FaultyEngine.from_pretrained(base, quantization="none", max_adapters=6)
+def make_batcher(base, folders, max_adapters=6, **kw) -> Batcher:
+    engine = FaultyEngine.from_pretrained(base, quantization="none", max_adapters=max_adapters)
     return Batcher(engine, fetcher_for(folders), **{"max_batch_size": 6, "fetch_timeout_s": 0.5} | kw)
 
 
-def good_request(rng: random.Random, tenant: str | None = None) -> GenerationRequest:
+WORDS = [f"t{i}" for i in range(100, 160)]  # stop strings: the word-level base's token texts
+
+
+def good_request(rng: random.Random) -> GenerationRequest:
+    """Random but valid values: sampled or greedy, stop strings, penalties, logit_bias, tenants."""
     sampled = rng.random() < 0.5
     return GenerationRequest(
         list(rng.choice(PROMPTS)),
@@ -158,6 +179,11 @@ def good_request(rng: random.Random, tenant: str | None = None) -> GenerationReq
         top_p=rng.choice([1.0, 0.9]),
         seed=rng.randint(0, 2**31) if sampled else None,
         stop_token_ids=[EOS],
+        stop=rng.sample(WORDS, rng.choice([0, 0, 4])),
+        frequency_penalty=rng.choice([0.0, 0.0, 1.5]),
+        presence_penalty=rng.choice([0.0, -0.5]),
+        logit_bias=rng.choice([{}, {rng.randrange(2, 512): rng.uniform(-100, 100)}]),
+        tenant=rng.choice([None, "t1", "t2"]),
     )
 
 
@@ -165,13 +191,20 @@ HOSTILE = {  # request fields that must fail (or finish) their own row and nobod
     "temperature 1e-45": {"temperature": 1e-45, "seed": 3},
     "seed past 64 bits": {"temperature": 0.7, "seed": 2**64},
     "negative temperature": {"temperature": -1.0},
+    "infinite temperature": {"temperature": float("inf")},
     "top_p 0": {"top_p": 0.0},
     "top_p nan": {"top_p": float("nan")},
     "empty prompt": {"prompt_ids": []},
     "ids past the vocabulary": {"prompt_ids": [5, 10**6]},
     "no tokens": {"max_new_tokens": 0},
+    "penalty 99": {"frequency_penalty": 99.0},
+    "penalty nan": {"presence_penalty": float("nan")},
+    "logit_bias off the vocabulary": {"logit_bias": {10**6: 5.0}},
+    "logit_bias inf": {"logit_bias": {3: float("inf")}},
+    "empty stop string": {"stop": [""]},
     "bind fault": {"adapter": "poison"},
     "prefill fault": {"prompt_ids": [FaultyEngine.PREFILL_FAULT, 5, 6]},
+    "decode-step fault": {"prompt_ids": [FaultyEngine.STEP_FAULT, 5, 6], "max_new_tokens": 8},
     "NaN adapter": {"adapter": "nan"},
     "registry timeout": {"adapter": "slow"},
     "registry down": {"adapter": "down"},
@@ -221,34 +254,61 @@ def test_good_requests_get_their_solo_tokens_beside_hostile_ones(base, folders, 
 
 def test_hostile_requests_get_the_answer_that_names_their_fault(base, folders):
     batcher = make_batcher(base, folders, fetch_timeout_s=0.3)
+    plain = GenerationRequest([5, 6, 7], None, 4)
 
     async def main():
         lru = Lru(batcher, size=4)
-        one = lambda **f: ask(batcher, lru, GenerationRequest([5, 6, 7], None, 4, **f))  # noqa: E731
-        return {
-            "top_p": await one(top_p=0.0),
-            "empty": await ask(batcher, lru, GenerationRequest([], None, 4)),
-            "slow": await one(adapter="slow"),
-            "down": await one(adapter="down"),
-            "unknown": await one(adapter="unknown"),
-            "bias": await one(adapter="bias"),
-            "after": await one(),
-        }
+        return {name: await ask(batcher, lru, dataclasses.replace(plain, **f)) for name, f in HOSTILE.items()}
 
     start = time.monotonic()
     replies = asyncio.run(main())
     assert time.monotonic() - start < 2.5  # the slow fetch (3 s) was cut at its timeout
-    assert replies["top_p"]["code"] == INVALID_REQUEST and "top_p" in replies["top_p"]["error"]
-    assert replies["empty"]["code"] == INVALID_REQUEST and "empty prompt" in replies["empty"]["error"]
-    assert isinstance(replies["slow"]["raised"], RegistryUnavailableError)
-    assert "did not answer within 0.3 s" in str(replies["slow"]["raised"])
-    assert isinstance(replies["down"]["raised"], RegistryUnavailableError)
-    assert "Connection refused" in str(replies["down"]["raised"])
-    unknown = replies["unknown"]["raised"]
-    assert isinstance(unknown, RegistryError) and not isinstance(unknown, RegistryUnavailableError)
-    assert isinstance(replies["bias"]["raised"], AdapterNotSupportedError)
-    assert replies["after"]["finish_reason"] in ("stop", "length")
-    assert batcher.loaded_adapters() == []  # nothing half-loaded
+    invalid = [n for n, r in replies.items() if r.get("code") == INVALID_REQUEST]
+    assert set(invalid) == {
+        "negative temperature",
+        "infinite temperature",
+        "top_p 0",
+        "top_p nan",
+        "empty prompt",
+        "ids past the vocabulary",
+        "penalty 99",
+        "penalty nan",
+        "logit_bias off the vocabulary",
+        "logit_bias inf",
+        "empty stop string",
+    }
+    assert "top_p" in replies["top_p 0"]["error"] and "empty prompt" in replies["empty prompt"]["error"]
+    for name in ("temperature 1e-45", "seed past 64 bits", "no tokens"):  # decodable after all
+        assert replies[name]["finish_reason"] in ("stop", "length"), replies[name]
+    assert replies["bind fault"]["code"] == SERVER_ERROR and "bind fault" in replies["bind fault"]["error"]
+    assert replies["prefill fault"]["code"] == SERVER_ERROR
+    assert replies["decode-step fault"]["code"] == SERVER_ERROR
+    assert "decode-step fault" in replies["decode-step fault"]["error"]
+    raised = {n: r["raised"] for n, r in replies.items() if "raised" in r}
+    assert isinstance(raised["registry timeout"], RegistryUnavailableError)
+    assert "did not answer within 0.3 s" in str(raised["registry timeout"])
+    assert isinstance(raised["registry down"], RegistryUnavailableError)
+    assert "Connection refused" in str(raised["registry down"])
+    assert type(raised["unknown adapter"]) is RegistryError
+    assert isinstance(raised["NaN adapter"], AdapterInvalidError) and "NaN" in str(raised["NaN adapter"])
+    assert isinstance(raised["malformed adapter"], AdapterNotSupportedError)
+    assert set(batcher.loaded_adapters()) == {"poison"}  # nothing half-loaded
+    batcher.close()
+
+
+def test_a_row_that_hits_a_stop_string_ends_there_and_frees_its_row(base, folders, reference):
+    free = GenerationRequest(PROMPTS[1], "b", max_new_tokens=200)
+    text = reference(dataclasses.replace(free, max_new_tokens=6))
+    stop = GenerationRequest(PROMPTS[1], "b", max_new_tokens=200, stop=[f"t{text[3]}"])
+    batcher = make_batcher(base, folders)
+
+    async def main():
+        return await ask(batcher, Lru(batcher, 1), stop)
+
+    reply = asyncio.run(main())
+    assert reply["token_ids"] == reference(stop) and len(reply["token_ids"]) <= 4
+    assert reply["finish_reason"] == "stop" and reply["stop_text"] == stop.stop[0]
+    assert len(batcher.decoder) == 0 and batcher.engine.steps < 5
     batcher.close()
 
 
@@ -260,9 +320,11 @@ def test_a_dead_mlflow_registry_fails_fast_as_unavailable(base, folders, monkeyp
     from lorafleet.serve.replica import fail_fast_mlflow
 
     for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
-        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "unset")  # recorded, so what fail_fast_mlflow sets is undone after
+        monkeypatch.delenv(var)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
     fail_fast_mlflow(2)
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"
     engine = GatheredLoraEngine.from_pretrained(base, quantization="none", max_adapters=1)
     fetch = lambda name: registry.fetch(MlflowClient("http://127.0.0.1:9"), name).path  # noqa: E731
     batcher = Batcher(engine, fetch, fetch_timeout_s=5)
@@ -273,20 +335,26 @@ def test_a_dead_mlflow_registry_fails_fast_as_unavailable(base, folders, monkeyp
     batcher.close()
 
 
-def test_a_failed_decode_step_fails_its_rows_and_the_loop_goes_on(base, folders, reference):
+def test_rows_whose_decode_step_fails_fail_alone_and_the_loop_goes_on(base, folders, reference):
+    """A decode step that raises: the decoder retries its rows one by one, so only the rows
+    that fail alone end (server_error); their batch mates and later requests keep their tokens."""
     rng = random.Random(1)
-    first = [dataclasses.replace(good_request(rng), max_new_tokens=10, stop_token_ids=[]) for _ in range(4)]
-    later = [good_request(rng) for _ in range(8)]
+    faulty = [
+        dataclasses.replace(good_request(rng), prompt_ids=[FaultyEngine.STEP_FAULT, 5, 6], max_new_tokens=8)
+        for _ in range(3)
+    ]
+    mates = [dataclasses.replace(good_request(rng), max_new_tokens=10) for _ in range(3)]
+    later = [good_request(rng) for _ in range(6)]
     batcher = make_batcher(base, folders)
-    batcher.engine.fail_step = 3
 
     async def main():
         lru = Lru(batcher, size=2)
-        hit = await asyncio.gather(*(ask(batcher, lru, r) for r in first))
+        hit = await asyncio.gather(*(ask(batcher, lru, r) for r in faulty + mates))
         return hit, await asyncio.gather(*(ask(batcher, lru, r) for r in later))
 
     hit, after = asyncio.run(main())
-    assert all(h["code"] == SERVER_ERROR and "decode-step fault" in h["error"] for h in hit), hit
+    assert all(h["code"] == SERVER_ERROR and "decode-step fault" in h["error"] for h in hit[:3]), hit
+    assert [h.get("token_ids") for h in hit[3:]] == [reference(r) for r in mates]
     assert [a["token_ids"] for a in after] == [reference(r) for r in later]
     batcher.close()
 
@@ -314,6 +382,31 @@ def test_eviction_never_removes_an_adapter_in_use(base, folders, reference):
     batcher.close()
 
 
+def test_a_load_waits_for_a_slot_held_by_a_running_row_then_gives_up(base, folders, reference):
+    """One slot, held by a's running row: b's load waits for it to finish; a load that would
+    wait longer than the timeout is refused as overload, and nothing is left half-loaded."""
+    long = GenerationRequest(PROMPTS[2], "a", max_new_tokens=150, stop_token_ids=[])
+    short = GenerationRequest(PROMPTS[0], "b", max_new_tokens=3)
+
+    async def main(batcher):
+        lru = Lru(batcher, size=1)
+        running = asyncio.create_task(ask(batcher, lru, long))
+        while not batcher.decoder:
+            await asyncio.sleep(0.005)
+        return await ask(batcher, lru, short), await running
+
+    waited = make_batcher(base, folders, max_adapters=1, fetch_timeout_s=30)
+    second, first = asyncio.run(main(waited))
+    assert first["token_ids"] == reference(long) and second["token_ids"] == reference(short)
+    assert waited.loaded_adapters() == ["b"]
+    waited.close()
+    refused = make_batcher(base, folders, max_adapters=1, fetch_timeout_s=0.1)
+    second, first = asyncio.run(main(refused))
+    assert isinstance(second["raised"], AdapterSlotsFullError)
+    assert first["token_ids"] == reference(long) and refused.loaded_adapters() == ["a"]
+    refused.close()
+
+
 def test_a_caller_that_hangs_up_frees_its_row(base, folders, reference):
     stays = GenerationRequest(PROMPTS[2], "b", max_new_tokens=12)
     leaves = GenerationRequest(PROMPTS[0], "a", max_new_tokens=200)
@@ -333,31 +426,38 @@ def test_a_caller_that_hangs_up_frees_its_row(base, folders, reference):
     batcher.close()
 
 
-def test_a_flooding_tenant_does_not_starve_a_trickle(base, folders):
-    batcher = make_batcher(base, folders, max_batch_size=4)
-    flood = [GenerationRequest(list(PROMPTS[i % 5]), None, 6, tenant="flood") for i in range(50)]
-    trickle = GenerationRequest(PROMPTS[3], None, 6, tenant="trickle")
-    started: list[str] = []
+@pytest.mark.parametrize("reserved_rows", [0, 1])
+def test_a_flooding_tenant_does_not_starve_a_trickle(base, folders, reserved_rows):
+    """50 queued requests of one tenant, then one of another: the second is among the first rows
+    taken after it arrives (FIFO: the 47th); with a reserved row it does not even wait for a
+    flood row to finish."""
+    batcher = make_batcher(base, folders, max_batch_size=4, reserved_rows=reserved_rows)
+    flood = [GenerationRequest(list(PROMPTS[i % 5]), None, 12, tenant="flood") for i in range(50)]
+    trickle = GenerationRequest(PROMPTS[3], None, 4, tenant="trickle")
+    taken, done = [], []
+    take = batcher.waiting.take
+    batcher.waiting.take = lambda *a, **kw: taken.extend(got := take(*a, **kw)) or got
 
-    async def run(r: GenerationRequest, label: str):
-        async with contextlib.aclosing(batcher.tokens(r)) as items:
-            async for item in items:
-                if label not in started:
-                    started.append(label)
-                if isinstance(item, dict):
-                    return item
+    async def run(r: GenerationRequest):
+        reply = await batcher.complete(r)
+        done.append(r.tenant)
+        return reply
 
     async def main():
-        tasks = [asyncio.create_task(run(r, f"flood{i}")) for i, r in enumerate(flood)]
-        while len(started) < 4:  # the first batch runs the flood
+        tasks = [asyncio.create_task(run(r)) for r in flood]
+        while not taken:  # the flood holds the batch
             await asyncio.sleep(0.001)
-        at = len(started)
-        await run(trickle, "trickle")
+        at = len(taken)
+        await run(trickle)
         await asyncio.gather(*tasks)
         return at
 
     at = asyncio.run(main())
-    assert started.index("trickle") - at < 4  # admitted at the next rows that freed, not 46th
+    tenants = [p.request.tenant for p in taken]
+    assert at == 4 - reserved_rows and len(taken) == 51
+    assert tenants.index("trickle") - at < 4  # in the first admission after it arrived
+    if reserved_rows:  # admitted beside the flood's rows: done before any of them
+        assert done[0] == "trickle"
     batcher.close()
 
 
@@ -370,5 +470,7 @@ def test_fair_queue_round_robin_weights_and_dropped_items():
     q.put(None, "n0")  # no tenant is a tenant: it joins the turn
     assert q.take(4, drop=lambda item: item == "s2") == ["B6", "B7", "B8", "s3"]  # a drop costs no turn
     assert q.take(3) == ["n0", "B9", "s4"] and len(q) == 5
+    q.put("big", "B10")
+    assert q.take(5, eligible=lambda tenant: tenant != "small") == ["B10"] and len(q) == 5
     with pytest.raises(ValueError, match="integers >= 1"):
         FairQueue({"x": 0})

@@ -16,14 +16,17 @@ and its batch mates go on; a caller that hangs up has its row dropped before the
 Replies. `tokens()` yields lists of token ids, then one final dict; `complete()` returns
 `{"token_ids": [...], **final}`. The final dict is one of
     {"finish_reason": "stop" | "length"}
+    {"finish_reason": "stop", "stop_text": "<the stop string that ended it>"}
     {"finish_reason": "error", "error": "<message>", "code": "invalid_request" | "server_error"}
 "invalid_request" (answer 400): the request failed the engine's check before any work (bad
 sampling values, an unknown adapter). "server_error" (answer 500): its row failed while decoding.
 Token lists yielded before an error final dict are valid tokens of that request.
 Loading an adapter raises instead (before any token): `RegistryUnavailableError` when the
 fetcher timed out or could not reach the registry (answer 503), other `LorafleetError`s as the
-fetcher raised them (`RegistryError` 404, `BaseMismatchError` 409, `ChecksumError`), and the
-engine's load errors for a malformed or unsupported adapter (`AdapterNotSupportedError`, 4xx).
+fetcher raised them (`RegistryError` 404, `BaseMismatchError` 409, `ChecksumError`), the
+engine's load errors for a malformed or unsupported adapter (`AdapterInvalidError`,
+`AdapterNotSupportedError`: 4xx), and `AdapterSlotsFullError` when every engine slot stayed
+held by adapters in use for fetch_timeout_s (overloaded: 503 with Retry-After).
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -40,11 +42,14 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.errors import LorafleetError, RegistryUnavailableError
+from lorafleet.serve.engine import AdapterSlotsFullError
 from lorafleet.serve.fair import FairQueue, Tenant
+from lorafleet.serve.residency import LoadedAdapter, Residency
 
 log = logging.getLogger(__name__)
 INVALID_REQUEST, SERVER_ERROR = "invalid_request", "server_error"
 REGISTRY_TIMEOUT_S = 10.0
+SLOT_POLL_S = 0.05
 Fetcher = Callable[[str], Path]  # adapter name -> local folder; called on a fetch thread
 
 
@@ -54,42 +59,6 @@ def error_final(message: str, code: str) -> dict:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
-
-
-class Residency:
-    """Which adapters may leave the engine. The LRU says what is resident (a live LoadedAdapter);
-    requests say what is in use. An adapter is removed, on the engine thread, only when it is
-    neither: eviction never pulls weights from under a queued request, and a reload of the same
-    name never loses its slot to an older eviction."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.resident: Counter[str] = Counter()
-        self.in_use: Counter[str] = Counter()
-
-    def change(self, counter: Counter[str], name: str, delta: int) -> None:
-        with self.lock:
-            counter[name] += delta
-
-    def removable(self, loaded: list[str]) -> list[str]:
-        with self.lock:
-            return [n for n in loaded if self.resident[n] <= 0 and self.in_use[n] <= 0]
-
-
-class LoadedAdapter:
-    """What an LRU holds (Serve's multiplex cache): released on eviction, which Serve signals
-    by dropping it (__del__, maybe called again by the GC later)."""
-
-    def __init__(self, residency: Residency, name: str):  # counted resident by Batcher._add
-        self.residency, self.name, self.released = residency, name, False
-
-    def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self.residency.change(self.residency.resident, self.name, -1)
-
-    def __del__(self) -> None:
-        self.release()
 
 
 @dataclass(eq=False)
@@ -114,7 +83,9 @@ class Batcher:
     """Continuous batching over an injected engine; adapters come from an injected fetcher.
 
     tenant_weights: rows a tenant takes per admission turn (default 1; request.tenant None is a
-    tenant too). on_load / on_evict: called after each adapter load / removal (metrics)."""
+    tenant too). reserved_rows: rows that only tenants with no running row may take (a tenant
+    that floods then holds at most max_batch_size - reserved_rows). on_load / on_evict: called
+    after each adapter load / removal (metrics)."""
 
     def __init__(
         self,
@@ -125,13 +96,16 @@ class Batcher:
         batch_wait_timeout_s: float = 0.01,
         fetch_timeout_s: float = REGISTRY_TIMEOUT_S,
         tenant_weights: Mapping[Tenant, int] | None = None,
+        reserved_rows: int = 0,
         fetch_threads: int = 4,
         on_load: Callable[[], None] = lambda: None,
         on_evict: Callable[[], None] = lambda: None,
     ):
         self.engine, self.fetcher = engine, fetcher
         self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
-        self.fetch_timeout_s = fetch_timeout_s
+        if not 0 <= reserved_rows < max_batch_size:
+            raise ValueError(f"reserved_rows {reserved_rows} must be in [0, max_batch_size {max_batch_size})")
+        self.fetch_timeout_s, self.reserved_rows = fetch_timeout_s, reserved_rows
         self.on_load, self.on_evict = on_load, on_evict
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.fetch_pool = ThreadPoolExecutor(max_workers=fetch_threads, thread_name_prefix="fetch")
@@ -145,16 +119,30 @@ class Batcher:
 
     async def load(self, name: str) -> LoadedAdapter:
         """Registry -> local folder (off the event loop, with a timeout) -> engine slot.
-        The adapter stays resident until the returned handle is released."""
+        The adapter stays resident until the returned handle is released. With every slot
+        held by adapters in use, waits up to fetch_timeout_s for running rows to free one, then
+        raises AdapterSlotsFullError (the replica is overloaded: retry later)."""
         folder = await self._fetch(name)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.fetch_timeout_s
+        while True:
+            try:
+                await self._add_resident(name, folder)
+                break
+            except AdapterSlotsFullError:
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(SLOT_POLL_S)  # rows finishing free their adapters at each step
+        self.on_load()
+        return LoadedAdapter(self.residency, name)
+
+    async def _add_resident(self, name: str, folder: Path) -> None:
         added = asyncio.get_running_loop().run_in_executor(self.worker, self._add, name, folder)
         try:
             await asyncio.shield(added)  # once added it is resident: a cancelled caller releases it
         except asyncio.CancelledError:
             added.add_done_callback(lambda job: self._unresident(job, name))
             raise
-        self.on_load()
-        return LoadedAdapter(self.residency, name)
 
     def _unresident(self, added: asyncio.Future, name: str) -> None:
         if not added.cancelled() and added.exception() is None:
@@ -262,13 +250,25 @@ class Batcher:
                 if not self.decoder:
                     await self._first_arrivals()
                 if self.decoder.accepting:
-                    room = self.max_batch_size - len(self.decoder)
-                    new = self.waiting.take(room, drop=lambda p: p.gone)
+                    new = self._newcomers()
                 await loop.run_in_executor(self.worker, self._step, new)
             except Exception as exc:  # never let the loop die: every later request would hang
                 log.exception("batching loop step failed")
                 self._fail(new + self._abort(), exc, SERVER_ERROR)
                 await asyncio.sleep(0.05)  # an engine thread that is gone must not spin the loop
+
+    def _newcomers(self) -> list[Pending]:
+        """Free rows go first to tenants with no running row (one each, in turn), then
+        round-robin to every tenant, less the reserved rows. Read between steps: the decoder's
+        rows do not change meanwhile."""
+        running = Counter(getattr(row.request, "tenant", None) for row in self.decoder.rows)
+        room = self.max_batch_size - len(self.decoder)
+        gone = lambda p: p.gone  # noqa: E731
+        new: list[Pending] = []
+        while len(new) < room and (got := self.waiting.take(1, gone, lambda t: running[t] == 0)):
+            new += got
+            running[getattr(got[0].request, "tenant", None)] += 1
+        return new + self.waiting.take(room - len(new) - self.reserved_rows, drop=gone)
 
     async def _first_arrivals(self) -> None:
         """Idle: wait for a request, then up to batch_wait_timeout_s for company."""
@@ -332,10 +332,13 @@ class Batcher:
 
     @staticmethod
     def _finish(rows: list[Any]) -> None:
+        """Tell each caller how its row ended. A row that failed after passing the check failed
+        while decoding: a server error (the decoder already kept it from its batch mates)."""
         for row in rows:
-            error = getattr(row, "error", None)
-            if error:
-                row.key.put(error_final(error, getattr(row, "error_code", None) or SERVER_ERROR))
+            if getattr(row, "error", None):
+                row.key.put(error_final(row.error, SERVER_ERROR))
+            elif getattr(row.result, "stop_text", None) is not None:
+                row.key.put({"finish_reason": row.result.finish_reason, "stop_text": row.result.stop_text})
             else:
                 row.key.put({"finish_reason": row.result.finish_reason})
 

@@ -12,10 +12,11 @@ the same tokens whatever their batch mates), its own positions and its own stop 
 A batch is shared, a request is alone. `admit()` and `step()` never raise for one row's problem:
 a request that fails its check, its prefill, its sampling (NaN logits included), its stop check
 or its caller's callback leaves the batch with `row.error` set and finish_reason "error", and its
-batch mates decode on as if it had never been there. A prefill that fails for a group is retried
-row by row, so only the bad row fails. The batch's adapter binding is restored on every path. A
-failure that cannot be pinned on one row (the running batch's forward) fails the running rows,
-each with `row.error`, and clears the batch: still no exception.
+batch mates decode on as if it had never been there. A forward that fails for a group (a prefill
+or a decode step) is retried row by row, so only the rows that fail alone fail (a step's half-
+written KV cache is cut back first). The batch's adapter binding is restored on every path. A
+failure that cannot be pinned on one row fails the rows it touched, each with `row.error`, and
+clears the batch if it was the running batch: still no exception.
 
 An engine plugs in through four hooks: `check(request)` raises what admitting it would raise,
 `_bind(requests)` routes each row of the next forward to its adapter, `_unbind()` clears that,
@@ -50,6 +51,22 @@ class GenerationRequest:
     presence_penalty: float = 0.0  # OpenAI's: minus this once a token has been generated
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     tenant: str | None = None  # for the replica's fair admission; the decoder ignores it
+
+    def __post_init__(self) -> None:
+        """OpenAI's JSON forms: stop may be null or one string; logit_bias keys are strings. A
+        tokenizer without an eos token gives stop_token_ids [None]: nothing to stop on."""
+        if isinstance(self.stop_token_ids, list):
+            self.stop_token_ids = [t for t in self.stop_token_ids if t is not None]
+        if self.stop is None or isinstance(self.stop, str):
+            self.stop = [self.stop] if self.stop else []
+        if self.logit_bias is None:
+            self.logit_bias = {}
+        elif isinstance(self.logit_bias, dict):
+            self.logit_bias = {_token_id(t): v for t, v in self.logit_bias.items()}
+
+
+def _token_id(key: Any) -> Any:
+    return int(key) if isinstance(key, str) and key.isdigit() else key
 
 
 @dataclass
@@ -111,6 +128,24 @@ class KVBatch:
         """Grow the mask and positions by the token about to be fed."""
         self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)  # (B, T+1)
         self.positions = self.positions[:, -1:] + 1  # (B, 1)
+
+    def undo_advance(self, mask: torch.Tensor, positions: torch.Tensor) -> None:
+        """Back to before a step whose forward raised: the saved mask and positions, and every layer
+        cut to the mask's width (the forward may have appended to some layers and not others)."""
+        self.mask, self.positions = mask, positions
+        width = mask.shape[1]
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, :width], layer.values[:, :, :width]
+
+    def row(self, k: int, config: Any) -> KVBatch:
+        """Row k alone, sharing the tensors (a forward appends by concatenation, never in place)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=config)
+        for mine, theirs in zip(cache.layers, self.cache.layers, strict=True):
+            mine.lazy_initialization(theirs.keys, theirs.values)
+            mine.keys, mine.values = theirs.keys[k : k + 1], theirs.values[k : k + 1]
+        return KVBatch(self.mask[k : k + 1], self.positions[k : k + 1], cache)
 
     def joinable(self) -> bool:
         """Only plain dynamic layers (keys/values as (B, H, T, D) tensors) can be padded and stacked;
@@ -175,15 +210,45 @@ class Decoder:
         """One token for every live row."""
         if not self.rows:
             return self._drain()
+        ids = torch.tensor([row.next_token for row in self.rows], device=self.engine.device)[:, None]
+        saved = self.batch.mask, self.batch.positions
         try:
-            ids = torch.tensor([row.next_token for row in self.rows], device=self.engine.device)[:, None]
             self.batch.advance()
             logits = self.engine._forward(ids, self.batch)  # (B, V)
-        except Exception as exc:  # no row to pin it on, and the KV cache may be half updated
-            self._fail_all(exc, "decode step")
-            return self._drain()
+        except Exception as exc:
+            logits = self._step_rows_alone(ids, saved, exc)
+            if logits is None:
+                return self._drain()
         self._guarded(self._keep, self._sample(self.rows, logits))
         return self._drain()
+
+    def _step_rows_alone(self, ids: torch.Tensor, saved: tuple, exc: Exception) -> torch.Tensor | None:
+        """The batch's forward raised: undo its half-written step, then run each row alone on its
+        slice of the cache, so only the rows that fail alone fail; the others form the batch again.
+        A cache that cannot be split (sliding window) fails the running rows."""
+        try:
+            if not self.batch.joinable():
+                raise exc
+            self.batch.undo_advance(*saved)
+            parts = []
+            for k, row in enumerate(self.rows):
+                part = self.batch.row(k, self.engine.model.config)
+                part.advance()
+                try:
+                    parts.append((row, part, self._forward_bound([row], ids[k : k + 1], part)))
+                except Exception as row_exc:
+                    self._out.append(row.fail(row_exc, "decode step failed: "))
+            self.rows, self.batch = [row for row, _, _ in parts], None
+            for _, part, _ in parts:
+                if self.batch is None:
+                    self.batch = part
+                else:
+                    self.batch.join(part)
+            self._rebind()
+            return torch.cat([logits for _, _, logits in parts]) if parts else None  # (B', V)
+        except Exception as batch_exc:  # no row to pin it on
+            self._fail_all(batch_exc, "decode step")
+            return None
 
     def drop(self, gone: Callable[[Any], bool]) -> list[Row]:
         """Remove the rows whose key says so (their caller went away) before the next step."""
@@ -245,10 +310,13 @@ class Decoder:
     def _prefill_forward(self, rows: list[Row]) -> tuple[KVBatch, torch.Tensor]:
         """The newcomers' forward with their adapters bound; the running rows' binding comes back
         whatever happens (else they would decode their next token on the newcomers' adapters)."""
+        batch = self._prefill_batch(rows)
+        return batch, self._forward_bound(rows, self._prefill_ids(rows), batch)
+
+    def _forward_bound(self, rows: list[Row], ids: torch.Tensor, batch: KVBatch) -> torch.Tensor:
         try:
             self.engine._bind([row.request for row in rows])  # unknown adapters raise here
-            batch = self._prefill_batch(rows)
-            return batch, self.engine._forward(self._prefill_ids(rows), batch)  # (B, V)
+            return self.engine._forward(ids, batch)  # (B, V)
         finally:
             self._rebind()
 
@@ -257,8 +325,8 @@ class Decoder:
     def _sample(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
         """Each row's next token; returns the indices of the rows that go on. A row whose logits
         are not finite, or whose sampling, callback or stop check raises, fails alone."""
-        finite = torch.isfinite(logits).all(-1).tolist()  # one op (and one sync) for the batch
-        greedy = logits.argmax(-1).tolist()
+        # each row's argmax and whether its logits are finite, in one transfer (one device sync)
+        greedy, finite = torch.stack([logits.argmax(-1), torch.isfinite(logits).all(-1)]).tolist()
         keep = []
         for k, row in enumerate(rows):
             try:
@@ -326,8 +394,9 @@ class Decoder:
     def _fail_all(self, exc: Exception, stage: str) -> None:
         """A failure no single row explains: the running rows (and newcomers still in flight)
         fail with it, the batch is cleared and unbound."""
-        gone = {id(row) for row in self._out}
-        victims = self.rows + [row for row in self._joining if id(row) not in gone and row not in self.rows]
+        gone = {id(row) for row in self._out}  # already failed or finished
+        victims = [row for row in self.rows + self._joining if id(row) not in gone]
+        victims = list({id(row): row for row in victims}.values())  # a newcomer may be running already
         self._out += [row.fail(exc, f"{stage} failed for the whole batch: ") for row in victims]
         self.rows, self.batch = [], None
         with contextlib.suppress(Exception):  # nothing left to route; the next bind sets every row

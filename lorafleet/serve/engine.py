@@ -28,6 +28,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from lorafleet.limits import MAX_SERVE_RANK
 from lorafleet.serve.decoder import Decoder, GenerationRequest, GenerationResult, KVBatch, Row
 from lorafleet.serve.gathered_lora import (
     AdapterInvalidError,
@@ -59,7 +60,8 @@ class AdapterSlotsFullError(RuntimeError):
 
 
 class UnknownAdapterError(KeyError):
-    """A request names an adapter that is not loaded."""
+    """A request names an adapter that is not loaded. The message names that adapter only: it
+    may reach a tenant, who must not learn the other tenants' adapter names."""
 
     def __str__(self) -> str:
         return str(self.args[0])
@@ -122,9 +124,7 @@ class _DecodingEngine:
         unknown adapter: UnknownAdapterError). Never binds: the running rows keep their adapters."""
         validate_request(request, self.vocab_size)
         if request.adapter is not None and request.adapter not in self.adapters():
-            raise UnknownAdapterError(
-                f"adapter '{request.adapter}' is not loaded; loaded: {sorted(self.adapters())}"
-            )
+            raise UnknownAdapterError(f"adapter '{request.adapter}' is not loaded")
 
     def generate(
         self,
@@ -163,7 +163,7 @@ class GatheredLoraEngine(_DecodingEngine):
         max_adapters: int = 16,
         target_modules: str | list[str] = "all-linear",
         *,
-        max_rank: int = 64,
+        max_rank: int = MAX_SERVE_RANK,
         lora_dtype: torch.dtype | None = None,
         bank_cache_mb: float = 512,
     ):
@@ -188,7 +188,7 @@ class GatheredLoraEngine(_DecodingEngine):
         device: str = "auto",
         max_adapters: int = 16,
         *,
-        max_rank: int = 64,
+        max_rank: int = MAX_SERVE_RANK,
         target_modules: str | list[str] = "all-linear",
     ) -> GatheredLoraEngine:
         """Load the base (bitsandbytes NF4 with double quantisation, or full precision) and wrap it.
@@ -256,7 +256,7 @@ class GatheredLoraEngine(_DecodingEngine):
         if adapter is None:
             return 0
         if adapter not in self.slots:
-            raise UnknownAdapterError(f"adapter '{adapter}' is not loaded; loaded: {sorted(self.slots)}")
+            raise UnknownAdapterError(f"adapter '{adapter}' is not loaded")
         return self.slots[adapter]
 
     def _bind(self, requests: list[GenerationRequest]) -> None:

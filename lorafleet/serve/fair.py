@@ -3,7 +3,9 @@
 A plain FIFO lets a tenant that sends 50 requests at once hold every row that frees up until its
 flood drains; a tenant sending one request at a time then waits behind all of it. Here each free
 row goes to the next tenant in turn (a tenant with weight w takes up to w rows per turn), so a
-trickle tenant's request is admitted at the first admission after it arrives.
+trickle tenant's request is admitted at the first admission after it arrives. The replica also
+offers free rows to tenants with no running row first, and may keep a few rows for them only
+(`reserved_rows`), so that a trickle does not even wait for a flooding tenant's row to finish.
 """
 
 from __future__ import annotations
@@ -34,12 +36,20 @@ class FairQueue:
         self.queues.setdefault(tenant, deque()).append(item)  # a new tenant joins at the end
         self.size += 1
 
-    def take(self, n: int, drop: Callable[[Any], bool] = lambda item: False) -> list[Any]:
-        """Up to n items in turn order; items for which drop() is true are discarded on the way
-        (a caller that left while waiting) and cost their tenant nothing."""
+    def take(
+        self,
+        n: int,
+        drop: Callable[[Any], bool] = lambda item: False,
+        eligible: Callable[[Tenant], bool] = lambda tenant: True,
+    ) -> list[Any]:
+        """Up to n items in turn order, from eligible tenants only; items for which drop() is
+        true are discarded on the way (a caller that left while waiting) and cost their tenant
+        nothing."""
         out: list[Any] = []
-        while len(out) < n and self.queues:
-            tenant = next(iter(self.queues))
+        while len(out) < n:
+            tenant = next((t for t in self.queues if eligible(t)), _NONE)
+            if tenant is _NONE:
+                break
             queue = self.queues[tenant]
             item = queue.popleft()
             self.size -= 1
@@ -53,3 +63,6 @@ class FairQueue:
                 del self.credit[tenant]
                 self.queues[tenant] = self.queues.pop(tenant)
         return out
+
+
+_NONE = object()  # no eligible tenant (None is a tenant)

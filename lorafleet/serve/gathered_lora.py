@@ -386,7 +386,10 @@ def _module_weights(
         )
     r = a.shape[0]
     if r > max_rank:
-        raise AdapterNotSupportedError(f"{name}: rank {r} at {module} > the engine's max_rank {max_rank}")
+        raise AdapterNotSupportedError(
+            f"{name}: rank {r} at {module} > the engine's max_rank {max_rank}; "
+            "serve with a larger max_rank or retrain at a lower rank"
+        )
     scaled = b * _scaling(config, module, r)
     if not torch.isfinite(scaled).all():
         raise AdapterInvalidError(f"{name}: {module}'s lora_alpha scaling makes lora_B infinite")

@@ -14,7 +14,8 @@ What the ingress gets (see `batcher` for the details):
   (invalid_request -> 400, server_error -> 500);
 - loading the adapter raises before any token: `RegistryUnavailableError` (503: the registry
   timed out or is unreachable), `RegistryError` (404), `BaseMismatchError` (409), the engine's
-  load errors for a malformed adapter (`AdapterNotSupportedError`, 4xx).
+  load errors for a malformed adapter (`AdapterInvalidError` / `AdapterNotSupportedError`, 4xx),
+  `AdapterSlotsFullError` (503: every slot held by adapters in use; retry later).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class BaseReplica:
             batch_wait_timeout_s=self.args.batch_wait_timeout_s,
             fetch_timeout_s=timeout_s,
             tenant_weights=getattr(self.args, "tenant_weights", None),
+            reserved_rows=getattr(self.args, "reserved_rows", 0),
             on_load=loads.inc,
             on_evict=evictions.inc,
         )

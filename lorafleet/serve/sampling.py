@@ -30,26 +30,38 @@ def validate_request(r: GenerationRequest, vocab_size: int | None = None) -> Non
     """Raise ValueError naming the first value the engine cannot decode with."""
     if not r.prompt_ids:
         raise ValueError("empty prompt")
+    if not isinstance(r.prompt_ids, list) or not all(_int(t) for t in r.prompt_ids):
+        raise ValueError("prompt_ids must be a list of token ids (integers)")
+    if not _int(r.max_new_tokens):
+        raise ValueError(f"max_new_tokens {r.max_new_tokens!r} must be an integer")
+    if not isinstance(r.stop_token_ids, list) or not all(_int(t) for t in r.stop_token_ids):
+        raise ValueError("stop_token_ids must be a list of token ids (integers)")
     if vocab_size is not None and (min(r.prompt_ids) < 0 or max(r.prompt_ids) >= vocab_size):
         raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
     if not (isinstance(r.temperature, int | float) and math.isfinite(r.temperature) and r.temperature >= 0):
         raise ValueError(f"temperature {r.temperature!r} must be a finite number >= 0")
     if not (isinstance(r.top_p, int | float) and 0 < r.top_p <= 1):
         raise ValueError(f"top_p {r.top_p!r} must be in (0, 1]")
-    if r.seed is not None and not isinstance(r.seed, int):
+    if r.seed is not None and not _int(r.seed):
         raise ValueError(f"seed {r.seed!r} must be an integer")
     for name in ("frequency_penalty", "presence_penalty"):
         value = getattr(r, name)
         if not (isinstance(value, int | float) and -MAX_PENALTY <= value <= MAX_PENALTY):
             raise ValueError(f"{name} {value!r} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]")
+    if not isinstance(r.logit_bias, dict):
+        raise ValueError(f"logit_bias {r.logit_bias!r} must map token ids to numbers")
     _check_logit_bias(r.logit_bias, vocab_size)
-    if any(not isinstance(s, str) or not s for s in r.stop):
+    if not isinstance(r.stop, list) or any(not isinstance(s, str) or not s for s in r.stop):
         raise ValueError(f"stop {r.stop!r} must be non-empty strings")
+
+
+def _int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_logit_bias(bias: dict[int, float], vocab_size: int | None) -> None:
     for token, value in bias.items():
-        if not isinstance(token, int) or token < 0 or (vocab_size is not None and token >= vocab_size):
+        if not _int(token) or token < 0 or (vocab_size is not None and token >= vocab_size):
             raise ValueError(f"logit_bias token id {token!r} is not in the vocabulary [0, {vocab_size})")
         if not (isinstance(value, int | float) and -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS):
             raise ValueError(
