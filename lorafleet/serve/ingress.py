@@ -43,6 +43,9 @@ class IngressCore:
         self.args, self.tokenizer, self.context = args, tokenizer, context
         self.base_fingerprint = base_fingerprint
         self.base_name = args.display_base_name()
+        # no token is longer than this many characters: a text over context x this cannot fit,
+        # and is refused without spending seconds of CPU tokenising it
+        self.max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=1)
         self.names = names or NameCache(
             MlflowDirectory(), args.registry_timeout_s, args.registry_retry_s, args.alias_refresh_s
         )
@@ -106,7 +109,19 @@ class IngressCore:
         except ValidationError as exc:
             raise _invalid(exc) from None
         self._check_bias(body)
+        self._check_length(body)
         return tenant, body
+
+    def _check_length(self, body: Any) -> None:
+        texts = [m.content for m in body.messages] if hasattr(body, "messages") else [body.prompt]
+        chars = sum(len(t) for t in texts)
+        if chars > self.context * self.max_token_chars:
+            raise api.ApiError(
+                400,
+                f"the prompt has {chars} characters, more than a context of {self.context} tokens can hold",
+                code="context_length_exceeded",
+                param="messages" if hasattr(body, "messages") else "prompt",
+            )
 
     def _check_bias(self, body: Any) -> None:
         vocab = len(self.tokenizer)

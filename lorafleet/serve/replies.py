@@ -114,6 +114,8 @@ def _timeout(limit_s: float) -> api.ApiError:
 async def _within(awaitable: Any, deadline: float, limit_s: float) -> Any:
     left = deadline - time.monotonic()
     if left <= 0:
+        if hasattr(awaitable, "close"):
+            awaitable.close()  # a coroutine never awaited warns
         raise _timeout(limit_s)
     try:
         return await asyncio.wait_for(awaitable, left)
