@@ -20,7 +20,7 @@ from lorafleet.models import load_tokenizer
 from lorafleet.serve import sampling
 from lorafleet.serve.decoder import Decoder
 from lorafleet.serve.engine import AdapterInvalidError, GatheredLoraEngine, GenerationRequest
-from lorafleet.serve.text import StopTextStream, cut_at_stop, first_stop, stop_holdback
+from lorafleet.serve.text import first_stop, stop_holdback
 
 torch.set_num_threads(2)
 VOCAB = 256
@@ -500,30 +500,6 @@ def test_openai_json_forms_are_normalised():
     assert (r.stop, r.logit_bias) == (["END"], {12: 1.0, 3: -2.0})
     r = GenerationRequest([1], None, stop=None, logit_bias=None)
     assert (r.stop, r.logit_bias) == ([], {})
-
-
-class CharTokenizer:
-    """One character per token id (the decode a stream sees, without a vocabulary to build)."""
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(i) for i in ids)
-
-
-@pytest.mark.parametrize("seed", range(20))
-def test_a_stream_never_sends_part_of_a_stop_string(seed):
-    rng = random.Random(seed)
-    text = "".join(rng.choice("ab c") for _ in range(30))
-    stops = [text[i : i + rng.randint(1, 4)] for i in rng.sample(range(26), 2)] + ["zz"]
-    stops = [s for s in stops if s] if seed % 3 else ["zz", "qq"]  # some streams never stop
-    ids, sent = [ord(c) for c in text], []
-    stream = StopTextStream(CharTokenizer(), stops)
-    while ids and not stream.stopped:
-        n = rng.randint(1, 3)
-        chunk, ids = ids[:n], ids[n:]
-        sent.append(stream.push(chunk))
-        assert not any(s in "".join(sent) for s in stops)
-    sent.append(stream.finish())
-    assert "".join(sent) == cut_at_stop(text, stops)[0]
 
 
 def test_an_unknown_adapter_error_names_no_other_adapter(engine):

@@ -67,6 +67,7 @@ def replica_error(exc: BaseException) -> api.ApiError:
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
     from lorafleet.errors import BaseMismatchError, LorafleetError, RegistryError, RegistryUnavailableError
+    from lorafleet.serve.engine import AdapterSlotsFullError
     from lorafleet.serve.gathered_lora import AdapterNotSupportedError
 
     if isinstance(exc, api.ApiError):
@@ -83,6 +84,8 @@ def replica_error(exc: BaseException) -> api.ApiError:
             code="unavailable",
             retry_after_s=5,
         )
+    if isinstance(exc, AdapterSlotsFullError):  # every slot held by adapters in use: overload
+        return api.ApiError(503, _message(exc), "server_error", code="adapter_slots_full", retry_after_s=2)
     if isinstance(exc, RegistryUnavailableError):
         return api.ApiError(503, _message(exc), "server_error", code="registry_unavailable", retry_after_s=5)
     if isinstance(exc, BaseMismatchError):

@@ -1,6 +1,6 @@
 """Token ids to text as they arrive, and stop sequences: found in the decoder's tail window
-(`first_stop`, `stop_window`), cut from an answer (`cut_at_stop`), held back from a stream until
-they cannot begin (`StopTextStream`), so a streamed answer equals the non-streamed one."""
+(`first_stop`, `stop_window`) and cut from an answer (`cut_at_stop`). A stream holds back text
+that may begin a stop string with the ingress's `stops.StopScanner`."""
 
 from __future__ import annotations
 
@@ -50,31 +50,3 @@ def stop_holdback(text: str, stops: list[str] | None) -> int:
         (n for s in stops or [] for n in range(min(len(s) - 1, len(text)), 0, -1) if s.startswith(text[-n:])),
         default=0,
     )
-
-
-class StopTextStream:
-    """Streamed text equal to the non-streamed answer: text that may begin a stop string is held
-    back until the next tokens show whether it does, and a stop string is never sent."""
-
-    def __init__(self, tokenizer: Any, stops: list[str] | None):
-        self.decoder, self.stops, self.sent = IncrementalDecoder(tokenizer), stops or [], ""
-        self.stopped = False
-
-    def push(self, token_ids: list[int]) -> str:
-        """The text that can be sent now; sets `stopped` once a stop string appears."""
-        for t in token_ids:
-            self.decoder.push(t)
-        return self._send(self.decoder.text)
-
-    def finish(self) -> str:
-        """At the end of the stream: whatever was held back (all of the text's ids decoded)."""
-        return self._send(self.decoder.tokenizer.decode(self.decoder.ids, skip_special_tokens=True), end=True)
-
-    def _send(self, text: str, end: bool = False) -> str:
-        if self.stopped:
-            return ""
-        text, self.stopped = cut_at_stop(text, self.stops)
-        safe = len(text) if self.stopped or end else len(text) - stop_holdback(text, self.stops)
-        delta = text[len(self.sent) : max(safe, len(self.sent))]
-        self.sent += delta
-        return delta
