@@ -18,7 +18,7 @@ steps so far):
 - {"event": "metrics", "loss", "learning_rate", "grad_norm", "epoch"}  every logging_steps
 - {"event": "eval", "eval_loss"}  every save_steps and at the last step (when there is an eval split)
 - {"event": "checkpoint", "path"}  every save_steps
-- {"event": "state", "state": "succeeded", "adapter": path}
+- {"event": "state", "state": "succeeded", "adapter": path, "tokens": tokens trained on}
 - {"event": "state", "state": "failed", "reason", "checkpoint": path or None}
 - {"event": "state", "state": "cancelled", "checkpoint": path or None}
 
@@ -319,7 +319,7 @@ class PackedTrainer:
         if last:
             adapter = job.save_adapter(job.out / "adapter", config)
             self._leave(job)
-            job.emit("state", state="succeeded", adapter=str(adapter))
+            job.emit("state", state="succeeded", adapter=str(adapter), tokens=job.tokens)
 
     @torch.no_grad()
     def _evaluate(self, job: PackedJob) -> float:

@@ -97,6 +97,7 @@ class PackedJob:
         self.window_loss = 0.0
         self.log_loss, self.log_steps = 0.0, 0
         self.grad_norm = 0.0
+        self.tokens = 0  # tokens trained on (padding excluded), for throughput
         self.last_checkpoint: Path | None = None
 
     # ---- data -------------------------------------------------------------------------------
@@ -108,7 +109,9 @@ class PackedJob:
             indices = self.sampler.next_window(self.plan.job.training.gradient_accumulation)
             self.window = [[self.train_rows[i] for i in batch] for batch in indices]
             self.window_tokens = max(loss_tokens([r for batch in self.window for r in batch]), 1)
-        return self.window.pop(0)
+        rows = self.window.pop(0)
+        self.tokens += sum(len(r.input_ids) for r in rows)
+        return rows
 
     def dropout_seed(self) -> int:
         """Seeds this micro-step's dropout masks: the job's seed and micro-step, nothing else."""
