@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from lorafleet.models import fingerprint, load_tokenizer
 from lorafleet.spec import JobSpec, LoraSpec, QuantizationSpec, ResourcesSpec, TrainingSpec
-from lorafleet.train.packed import PackedTrainer, PackingError, estimate_job_bytes, jobs_that_fit
+from lorafleet.train.packed import PackedTrainer, PackingError, jobs_that_fit
 from lorafleet.train.packed_data import split_records, tokenize
 from lorafleet.train.worker import JobPlan, build_trainer
 from tests.conftest import write_chat
@@ -266,13 +266,11 @@ def test_cancel_and_a_failing_job_leave_the_others_training(micro_base, tmp_path
 
 
 def test_jobs_that_fit_a_memory_budget(micro_base, tmp_path):
-    from transformers import AutoConfig
-
+    trainer = PackedTrainer(str(micro_base), FP32, max_jobs=8)
     plan = make_plan(micro_base, tmp_path / "unused.jsonl", "a", max_length=128)
-    config = AutoConfig.from_pretrained(micro_base)
-    layers = [(64, 64)] * 8 + [(64, 128)] * 4 + [(128, 64)] * 2
-    one = estimate_job_bytes(plan, config, layers, on_gpu=False)
-    bigger = plan.model_copy(update={"job": plan.job.model_copy(update={"lora": LoraSpec(rank=64)})})
-    assert estimate_job_bytes(bigger, config, layers, on_gpu=False) > one > 0
+    one = trainer.estimate_bytes(plan)
+    for lora, bigger in (({"rank": 64}, True), ({"target_modules": ["q_proj"]}, False)):
+        other = plan.model_copy(update={"job": plan.job.model_copy(update={"lora": LoraSpec(**lora)})})
+        assert (trainer.estimate_bytes(other) > one) is bigger
     assert jobs_that_fit(10 * one, [one] * 16, max_jobs=8) == 8
     assert jobs_that_fit(3 * one + 1, [one] * 16, max_jobs=8) == 3

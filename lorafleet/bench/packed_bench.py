@@ -76,10 +76,13 @@ def _device() -> str:
 
 
 def child(
-    mode: str, base: str, jobs: int, steps: int, folder: Path, only: int | None = None
+    mode: str, base: str, jobs: int, steps: int, folder: Path, threads: int, only: int | None = None
 ) -> dict[str, Any]:
     """One measurement in this process: 'packed' (K at once), 'sequential' (K one by one on one
     base copy) or 'trl' (K plain trl trainings one by one); `only`: just that one of the K jobs."""
+    import torch
+
+    torch.set_num_threads(threads)
     plans = _plans(base, folder / "data", jobs, steps)
     if only is not None:
         plans = plans[only : only + 1]
@@ -122,11 +125,13 @@ def child(
     }
 
 
-def _spawn(mode: str, base: str, jobs: int, steps: int, only: int | None = None) -> dict[str, Any]:
+def _spawn(
+    mode: str, base: str, jobs: int, steps: int, threads: int, only: int | None = None
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="packed-bench-") as tmp:
         cmd = [sys.executable, "-m", "lorafleet.bench.packed_bench", "--child", mode]
         cmd += ["--base-model", base, "--jobs", str(jobs), "--steps", str(steps), "--folder", tmp]
-        cmd += [] if only is None else ["--only", str(only)]
+        cmd += ["--threads", str(threads)] + ([] if only is None else ["--only", str(only)])
         started = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
@@ -196,16 +201,17 @@ def _best(fn: Any, repeats: int) -> float:
     return round(min(times), 2)
 
 
-def run(base: str, jobs: int, steps: int, trl: bool) -> dict[str, Any]:
-    packed = _spawn("packed", base, jobs, steps)
-    sequential = _spawn("sequential", base, jobs, steps)
-    singles = [_spawn("packed", base, jobs, steps, only=i) for i in range(jobs)]
+def run(base: str, jobs: int, steps: int, trl: bool, threads: int) -> dict[str, Any]:
+    packed = _spawn("packed", base, jobs, steps, threads)
+    sequential = _spawn("sequential", base, jobs, steps, threads)
+    singles = [_spawn("packed", base, jobs, steps, threads, only=i) for i in range(jobs)]
     peak_key = "cuda_max_allocated_bytes" if "cuda_max_allocated_bytes" in packed else "max_rss_bytes"
     results: dict[str, Any] = {
         "base": base,
         "jobs": jobs,
         "steps": steps,
         "training": TRAINING,
+        "torch_threads": threads,
         "packed": packed,
         "sequential": sequential,
         "throughput_ratio": packed["tokens_per_s"] / sequential["tokens_per_s"],
@@ -221,7 +227,7 @@ def run(base: str, jobs: int, steps: int, trl: bool) -> dict[str, Any]:
         results["memory"]["packed_one_process"] / results["memory"]["separate_processes_sum"]
     )
     if trl:
-        results["trl_sequential"] = _spawn("trl", base, jobs, steps)
+        results["trl_sequential"] = _spawn("trl", base, jobs, steps, threads)
         results["packed_vs_trl_wall"] = (
             packed["process_seconds"] / results["trl_sequential"]["process_seconds"]
         )
@@ -235,6 +241,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base-model", default="tiny-llama")
     p.add_argument("--out", default=None)
     p.add_argument("--trl", action="store_true", help="also K plain trl trainings one by one")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads in every run (1: fair on a busy CPU)"
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     p.add_argument("--only", type=int, default=None, help=argparse.SUPPRESS)
@@ -246,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
         return
-    results = run(args.base_model, args.jobs, args.steps, args.trl)
+    results = run(args.base_model, args.jobs, args.steps, args.trl, args.threads)
     text = json.dumps(results, indent=2)
     if args.out:
         Path(args.out).write_text(text)

@@ -11,6 +11,8 @@ beside three others and alone and compares the adapters.
     trainer.add(plan, "out/acme", on_event=lambda customer, event: print(customer, event))
     trainer.run()          # or call trainer.step() in a loop, adding and cancelling in between
 
+One thread drives it (add, step, run); cancel() may also come from another thread.
+
 Events (`on_event(customer, event)`; every event has "event" and "step", the job's optimizer
 steps so far):
 - {"event": "state", "state": "running", "max_steps", "resumed": bool, "packed_with": [customers]}
@@ -123,6 +125,11 @@ class PackedTrainer:
             self._cancelled.add(customer)
         return known
 
+    def estimate_bytes(self, plan: JobPlan) -> int:
+        """Rough memory one more job takes here (see estimate_job_bytes)."""
+        layers = [(self.layers[n].in_features, self.layers[n].out_features) for n in self.targets(plan)]
+        return estimate_job_bytes(plan, self.model.config, layers, self.device.startswith("cuda"))
+
     def has_room(self) -> bool:
         return len(self.jobs) + len(self.pending) < self.max_jobs
 
@@ -224,11 +231,11 @@ class PackedTrainer:
 
     def _apply_cancels(self) -> None:
         for key in list(self._cancelled):
+            self._cancelled.discard(key)  # one by one: cancel() may be called from another thread
             job = self.jobs.get(key) or next((j for j in self.pending if j.key == key), None)
             if job is not None:
                 self._leave(job)
                 job.emit("state", state="cancelled", checkpoint=_str(job.last_checkpoint))
-        self._cancelled.clear()
 
     def _leave(self, job: PackedJob) -> None:
         uninstall(job.pairs, self.layers, job.key)

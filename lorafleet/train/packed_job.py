@@ -166,7 +166,10 @@ class PackedJob:
         return folder
 
     def save_checkpoint(self, config: Any) -> Path:
-        folder = self.save_adapter(self.out / f"checkpoint-{self.step}", config)
+        """checkpoint-<step>/, written under a temporary name first: a crash while saving never
+        leaves a half-written folder that looks like the latest checkpoint."""
+        final = self.out / f"checkpoint-{self.step}"
+        folder = self.save_adapter(self.out / f".checkpoint-{self.step}.partial", config)
         torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
         torch.save(self.schedule.state_dict(), folder / "scheduler.pt")
         state = {
@@ -180,12 +183,14 @@ class PackedJob:
             "log_steps": self.log_steps,
         }
         (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
-        self.last_checkpoint = folder
+        shutil.rmtree(final, ignore_errors=True)  # a run resumed before this step wrote it once
+        folder.rename(final)
+        self.last_checkpoint = final
         self._prune_checkpoints()
-        return folder
+        return final
 
     def _prune_checkpoints(self) -> None:
-        folders = sorted(self.out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        folders = sorted(self.out.glob("checkpoint-*"), key=lambda p: int(p.name.rpartition("-")[2]))
         for old in folders[:-SAVE_TOTAL_LIMIT]:
             shutil.rmtree(old, ignore_errors=True)
 
