@@ -274,3 +274,16 @@ def test_jobs_that_fit_a_memory_budget(micro_base, tmp_path):
         assert (trainer.estimate_bytes(other) > one) is bigger
     assert jobs_that_fit(10 * one, [one] * 16, max_jobs=8) == 8
     assert jobs_that_fit(3 * one + 1, [one] * 16, max_jobs=8) == 3
+
+
+def test_data_order_is_the_jobs_own_and_epochs_count_like_transformers(micro_base, tmp_path):
+    from lorafleet.train.packed_job import Sampler, planned_steps
+
+    sampler = Sampler(10, batch_size=4, seed=3)
+    first = sampler.next_window(2) + sampler.next_window(2)  # 3 batches: the window stops at the epoch end
+    assert [len(b) for b in first] == [4, 4, 2] and sorted(i for b in first for i in b) == list(range(10))
+    assert Sampler(10, 4, seed=3).next_window(1) == first[:1] != Sampler(10, 4, seed=4).next_window(1)
+    plan = make_plan(
+        micro_base, tmp_path / "unused.jsonl", "a", max_steps=None, epochs=2, gradient_accumulation=2
+    )
+    assert planned_steps(plan, n_rows=36) == 10  # 9 micro-batches an epoch: 4 windows of 2 and one of 1

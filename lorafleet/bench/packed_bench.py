@@ -249,9 +249,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
+        folder = Path(args.folder)
         print(
             json.dumps(
-                child(args.child, args.base_model, args.jobs, args.steps, Path(args.folder), args.only)
+                child(args.child, args.base_model, args.jobs, args.steps, folder, args.threads, args.only)
             )
         )
         return
