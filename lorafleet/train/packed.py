@@ -39,9 +39,10 @@ import torch
 import torch.nn.functional as F
 
 from lorafleet.spec import QuantizationSpec
-from lorafleet.train.packed_data import IGNORE, Row, collate, split_records, tokenize
+from lorafleet.train.packed_data import IGNORE, Row, collate, loss_tokens, split_records, tokenize
 from lorafleet.train.packed_job import EventSink, PackedJob, install, peft_config, uninstall
 from lorafleet.train.packed_lora import LoraPair, PackedRows, Segment, wrap_linears
+from lorafleet.train.packed_memory import estimate_job_bytes, jobs_that_fit
 from lorafleet.train.progress import InjectedFault
 from lorafleet.train.worker import JobPlan, lora_config
 
@@ -338,7 +339,7 @@ class PackedTrainer:
             for i in range(0, len(job.eval_rows), size):
                 batch = job.eval_rows[i : i + size]
                 _, tokens = self._forward([(job, batch)], dropout=False)
-                n = max(int(sum(sum(t != IGNORE for t in r.labels[1:]) for r in batch)), 1)
+                n = max(loss_tokens(batch), 1)
                 total += float(tokens.sum()) / n * len(batch)
                 rows += len(batch)
         finally:
@@ -349,33 +350,3 @@ class PackedTrainer:
 
 def _str(path: Path | None) -> str | None:
     return None if path is None else str(path)
-
-
-def estimate_job_bytes(plan: JobPlan, config: Any, in_out: list[tuple[int, int]], on_gpu: bool) -> int:
-    """Rough bytes one packed job adds: LoRA weights + grads, optimizer state, and activations of
-    a micro-batch (batch_size x max_length). `in_out` = (in, out) of each layer it targets;
-    `config` = the base's transformers config. With gradient checkpointing each layer keeps its
-    input, and one layer's full activations (~8 hidden + 4 intermediate values a token) live at a
-    time; logits and their gradient take 2 x vocab floats a token."""
-    t, lora = plan.job.training, plan.job.lora
-    params = sum(lora.rank * (i + o) for i, o in in_out)
-    weight_bytes = 2 if on_gpu and plan.job.quantization.load_in_4bit else 4
-    optim = 2 if "8bit" in t.optimizer else 8
-    tokens = t.batch_size * t.max_length
-    act = 2 if on_gpu else 4
-    layer = tokens * (8 * config.hidden_size + 4 * config.intermediate_size) * act
-    layers = config.num_hidden_layers * tokens * config.hidden_size * act
-    if not t.gradient_checkpointing:
-        layers = config.num_hidden_layers * layer
-    logits = 2 * tokens * config.vocab_size * 4
-    return params * (2 * weight_bytes + optim) + layer + layers + logits
-
-
-def jobs_that_fit(budget_bytes: int, job_bytes: list[int], max_jobs: int) -> int:
-    """How many of the queued jobs (in order) fit in `budget_bytes` beside the base, at most max_jobs."""
-    used, n = 0, 0
-    for b in job_bytes[:max_jobs]:
-        if used + b > budget_bytes:
-            break
-        used, n = used + b, n + 1
-    return n
