@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from lorafleet.spec import QuantizationSpec
 from lorafleet.train.packed_data import IGNORE, Row, collate, loss_tokens, split_records, tokenize
-from lorafleet.train.packed_job import EventSink, PackedJob, install, peft_config, uninstall
+from lorafleet.train.packed_job import EventSink, PackedJob, install, notify, peft_config, uninstall
 from lorafleet.train.packed_lora import LoraPair, PackedRows, Segment, wrap_linears
 from lorafleet.train.packed_memory import estimate_job_bytes, jobs_that_fit
 from lorafleet.train.progress import InjectedFault
@@ -111,10 +111,11 @@ class PackedTrainer:
             reason = f"{type(exc).__name__}: {exc}"
             if job is not None:
                 uninstall(job.pairs, self.layers, job.key)
-            if on_event is not None:
-                on_event(
-                    plan.job.customer, {"event": "state", "state": "failed", "step": 0, "reason": reason}
-                )
+            notify(
+                on_event,
+                plan.job.customer,
+                {"event": "state", "state": "failed", "step": 0, "reason": reason},
+            )
             return "failed"
         self.pending.append(job)
         return "pending"

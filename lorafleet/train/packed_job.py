@@ -214,12 +214,16 @@ class PackedJob:
     # ---- events -----------------------------------------------------------------------------
 
     def emit(self, event: str, **fields: Any) -> None:
-        if self.on_event is None:
-            return
-        try:
-            self.on_event(self.key, {"event": event, "step": self.step, **fields})
-        except Exception:  # a broken listener must not fail the job, nor its batch mates
-            log.exception("on_event for %s raised", self.key)
+        notify(self.on_event, self.key, {"event": event, "step": self.step, **fields})
+
+
+def notify(on_event: EventSink | None, customer: str, event: dict[str, Any]) -> None:
+    if on_event is None:
+        return
+    try:
+        on_event(customer, event)
+    except Exception:  # a broken listener must not fail the job, nor its batch mates
+        log.exception("on_event for %s raised", customer)
 
 
 def install(pairs: dict[str, LoraPair], layers: dict[str, PackedLoraLinear], key: str) -> None:
