@@ -4,7 +4,9 @@
 
 - throughput: tokens/s of K jobs packed in one PackedTrainer against the same K jobs one after
   another in the same process (PackedTrainer with max_jobs=1, base loaded once), and against K
-  plain trl trainings one after another (`--trl`; each loads its base, as a script would);
+  plain trl trainings one after another (`--trl`; each loads its base, as a script would); also
+  per CPU second (one thread: the work, however busy the machine), and the padding the packed
+  batch adds (the base runs over every row at the batch's longest row);
 - memory: peak of K packed jobs in one process against K separate processes training one job
   each (max RSS of each summed; on a GPU torch.cuda.max_memory_allocated instead);
 - lora_forward: the LoRA term's forward + backward as per-job row segments (what packed training
@@ -98,7 +100,7 @@ def child(
     trainer = PackedTrainer(base, plans[0].job.quantization, device=_device(), max_jobs=len(plans))
     if mode == "sequential":
         trainer.max_jobs = 1
-    loaded = time.perf_counter()
+    loaded, cpu = time.perf_counter(), time.process_time()
     done: dict[str, dict] = {}
 
     def on_event(customer: str, event: dict) -> None:
@@ -110,7 +112,7 @@ def child(
         if mode == "sequential":
             trainer.run()
     trainer.run()
-    seconds = time.perf_counter() - loaded
+    seconds, cpu_seconds = time.perf_counter() - loaded, time.process_time() - cpu
     failed = {c: e["reason"] for c, e in done.items() if e["state"] == "failed"}
     if failed:
         raise RuntimeError(f"benchmark jobs failed: {failed}")
@@ -121,6 +123,9 @@ def child(
         "train_seconds": seconds,
         "tokens": tokens,
         "tokens_per_s": tokens / seconds,
+        "train_cpu_seconds": cpu_seconds,
+        "tokens_per_cpu_s": tokens / cpu_seconds,  # on one thread: the work, whatever else runs here
+        "batch_tokens": trainer.batch_tokens,  # rows x padded length the base ran over
         **_peaks(),
     }
 
@@ -201,11 +206,9 @@ def _best(fn: Any, repeats: int) -> float:
     return round(min(times), 2)
 
 
-def run(base: str, jobs: int, steps: int, trl: bool, threads: int) -> dict[str, Any]:
+def run(base: str, jobs: int, steps: int, trl: bool, threads: int, memory: bool = True) -> dict[str, Any]:
     packed = _spawn("packed", base, jobs, steps, threads)
     sequential = _spawn("sequential", base, jobs, steps, threads)
-    singles = [_spawn("packed", base, jobs, steps, threads, only=i) for i in range(jobs)]
-    peak_key = "cuda_max_allocated_bytes" if "cuda_max_allocated_bytes" in packed else "max_rss_bytes"
     results: dict[str, Any] = {
         "base": base,
         "jobs": jobs,
@@ -215,23 +218,32 @@ def run(base: str, jobs: int, steps: int, trl: bool, threads: int) -> dict[str, 
         "packed": packed,
         "sequential": sequential,
         "throughput_ratio": packed["tokens_per_s"] / sequential["tokens_per_s"],
-        "memory": {
-            "measure": peak_key,
-            "packed_one_process": packed[peak_key],
-            "separate_processes_sum": sum(s[peak_key] for s in singles),
-            "single_process_each": [s[peak_key] for s in singles],
-        },
-        "lora_forward": lora_forward(jobs=min(jobs, len(RANKS))),
+        "cpu_throughput_ratio": packed["tokens_per_cpu_s"] / sequential["tokens_per_cpu_s"],
+        "padding_ratio": packed["batch_tokens"] / sequential["batch_tokens"],
     }
-    results["memory"]["ratio"] = (
-        results["memory"]["packed_one_process"] / results["memory"]["separate_processes_sum"]
-    )
+    if memory:
+        results["memory"] = _memory(
+            packed, [_spawn("packed", base, jobs, steps, threads, only=i) for i in range(jobs)]
+        )
+    results["lora_forward"] = lora_forward(jobs=min(jobs, len(RANKS)))
     if trl:
         results["trl_sequential"] = _spawn("trl", base, jobs, steps, threads)
         results["packed_vs_trl_wall"] = (
             packed["process_seconds"] / results["trl_sequential"]["process_seconds"]
         )
     return results
+
+
+def _memory(packed: dict[str, Any], singles: list[dict[str, Any]]) -> dict[str, Any]:
+    key = "cuda_max_allocated_bytes" if "cuda_max_allocated_bytes" in packed else "max_rss_bytes"
+    separate = sum(s[key] for s in singles)
+    return {
+        "measure": key,
+        "packed_one_process": packed[key],
+        "separate_processes_sum": separate,
+        "single_process_each": [s[key] for s in singles],
+        "ratio": packed[key] / separate,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -244,6 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads in every run (1: fair on a busy CPU)"
     )
+    p.add_argument("--no-memory", action="store_true", help="skip the K separate one-job processes")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     p.add_argument("--only", type=int, default=None, help=argparse.SUPPRESS)
@@ -256,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
         return
-    results = run(args.base_model, args.jobs, args.steps, args.trl, args.threads)
+    results = run(args.base_model, args.jobs, args.steps, args.trl, args.threads, not args.no_memory)
     text = json.dumps(results, indent=2)
     if args.out:
         Path(args.out).write_text(text)

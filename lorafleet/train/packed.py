@@ -89,6 +89,7 @@ class PackedTrainer:
         self.jobs: dict[str, PackedJob] = {}
         self.pending: list[PackedJob] = []
         self._cancelled: set[str] = set()
+        self.batch_tokens = 0  # rows x padded length of every training forward: the base's work
 
     # ---- public surface ---------------------------------------------------------------------
 
@@ -272,6 +273,8 @@ class PackedTrainer:
             rows += job_rows
             start += len(job_rows)
         batch = collate(rows, max(s.length for s in segments), self.tokenizer.pad_token_id)
+        if dropout:  # a training forward
+            self.batch_tokens += batch["input_ids"].numel()
         batch = {k: v.to(self.device) for k, v in batch.items()}
         self.rows.segments = segments
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
