@@ -181,13 +181,13 @@ def focus_runs(micro_base, tmp_path_factory):
     alone = train(
         PackedTrainer(str(micro_base), FP32, max_jobs=1), [focus_plan(micro_base, data)], tmp / "alone"
     )
-    packed = train(
-        PackedTrainer(str(micro_base), FP32, max_jobs=4),
+    packed = train(  # one forward for all rows: the mates' lengths pad the focus job's rows
+        PackedTrainer(str(micro_base), FP32, max_jobs=4, max_padding=1.0),
         [focus_plan(micro_base, data), *mate_plans(micro_base, tmp)],
         tmp / "packed",
     )
     across = train(
-        AcrossJobs(str(micro_base), FP32, max_jobs=4, gradient_checkpointing=False),
+        AcrossJobs(str(micro_base), FP32, max_jobs=4, gradient_checkpointing=False, max_padding=1.0),
         [focus_plan(micro_base, data), *mate_plans(micro_base, tmp)],
         tmp / "across",
     )
@@ -218,7 +218,7 @@ def test_normalising_the_loss_across_jobs_breaks_the_equivalence(focus_runs):
 
 def test_a_job_interrupted_at_step_6_resumes_from_step_4_to_the_same_adapter(micro_base, focus_runs):
     tmp = focus_runs["tmp"]
-    trainer = PackedTrainer(str(micro_base), FP32, max_jobs=2)
+    trainer = PackedTrainer(str(micro_base), FP32, max_jobs=2, max_padding=0.0)  # a forward per job
     mate = make_plan(micro_base, write_chat(tmp / "r1.jsonl", "r1"), "r1", max_steps=3)
     crashed = train(
         trainer, [focus_plan(micro_base, focus_runs["data"], fail_at_step=6), mate], tmp / "crash"
@@ -287,3 +287,17 @@ def test_data_order_is_the_jobs_own_and_epochs_count_like_transformers(micro_bas
         micro_base, tmp_path / "unused.jsonl", "a", max_steps=None, epochs=2, gradient_accumulation=2
     )
     assert planned_steps(plan, n_rows=36) == 10  # 9 micro-batches an epoch: 4 windows of 2 and one of 1
+
+
+def test_length_groups_cut_where_padding_would_grow():
+    from lorafleet.train.packed import length_groups
+    from lorafleet.train.packed_data import Row
+
+    def part(name: str, length: int, rows: int = 4):
+        return name, [Row([0] * length, [0] * length)] * rows
+
+    parts = [part("long", 200), part("short", 10), part("short2", 12), part("mid", 60)]
+    names = [[name for name, _ in group] for group in length_groups(parts, max_padding=0.25)]
+    assert names == [["short", "short2"], ["mid"], ["long"]]
+    assert len(length_groups(parts, max_padding=1.0)) == 1
+    assert len(length_groups(parts, max_padding=0.0)) == 4
