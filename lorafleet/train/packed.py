@@ -2,11 +2,11 @@
 
 Each micro-step's batch holds one micro-batch of every running job; the base runs over all rows
 (in one forward, or one per group of similar lengths: `max_padding`) and each row goes through its
-own job's adapter (`packed_lora`). Everything else stays per
-job (`packed_job`): optimizer, schedule, accumulation, step count, data order, eval split,
-checkpoints, events. Losses are normalised per job (the job's token-loss sum over its own loss
-tokens), so a job's gradients are the ones it would get alone: tests/test_packed.py trains a job
-beside three others and alone and compares the adapters.
+own job's adapter (`packed_lora`). Everything else stays per job (`packed_job`): optimizer,
+schedule, accumulation, step count, data order, eval split, checkpoints, events. Losses are
+normalised per job (the job's token-loss sum over its own loss tokens), so a job's gradients are
+the ones it would get alone: tests/test_packed.py trains a job beside three others and alone and
+compares the adapters.
 
     trainer = PackedTrainer("tiny-llama", QuantizationSpec(), device="cpu", max_jobs=4)
     trainer.add(plan, "out/acme", on_event=lambda customer, event: print(customer, event))
@@ -22,7 +22,8 @@ steps so far):
 - {"event": "eval", "eval_loss"}  every save_steps and at the last step (when there is an eval split)
 - {"event": "checkpoint", "path"}  every save_steps
 - {"event": "state", "state": "succeeded", "adapter": path, "tokens": tokens trained on}
-- {"event": "state", "state": "failed", "reason", "checkpoint": path or None}
+- {"event": "state", "state": "failed", "reason", "checkpoint": path or None}  (no checkpoint key
+  when add() itself failed: unreadable data or resume checkpoint)
 - {"event": "state", "state": "cancelled", "checkpoint": path or None}
 
 Files under a job's output_dir: `checkpoint-<step>/` (adapter_config.json,
