@@ -88,13 +88,14 @@ def child(
     plans = _plans(base, folder / "data", jobs, steps)
     if only is not None:
         plans = plans[only : only + 1]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     if mode == "trl":
         from lorafleet.train.worker import train_plain
 
         for plan in plans:
             train_plain(plan, str(folder / "out" / plan.job.customer))
-        return {"mode": mode, "seconds": time.perf_counter() - start, **_peaks()}
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        return {"mode": mode, "seconds": seconds, "cpu_seconds": cpu_seconds, **_peaks()}
     from lorafleet.train.packed import PackedTrainer
 
     trainer = PackedTrainer(base, plans[0].job.quantization, device=_device(), max_jobs=len(plans))
@@ -120,6 +121,7 @@ def child(
     return {
         "mode": mode,
         "seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - cpu_start,  # with start-up: base load, data preparation
         "train_seconds": seconds,
         "tokens": tokens,
         "tokens_per_s": tokens / seconds,
