@@ -230,9 +230,9 @@ def run(base: str, jobs: int, steps: int, trl: bool, threads: int, memory: bool 
     results["lora_forward"] = lora_forward(jobs=min(jobs, len(RANKS)))
     if trl:
         results["trl_sequential"] = _spawn("trl", base, jobs, steps, threads)
-        results["packed_vs_trl_wall"] = (
-            packed["process_seconds"] / results["trl_sequential"]["process_seconds"]
-        )
+        trl_run = results["trl_sequential"]
+        results["packed_vs_trl_wall"] = packed["process_seconds"] / trl_run["process_seconds"]
+        results["packed_vs_trl_cpu"] = packed["cpu_seconds"] / trl_run["cpu_seconds"]
     return results
 
 
