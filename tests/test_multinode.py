@@ -16,7 +16,8 @@ import yaml
 
 from lorafleet import settings, tracking
 from lorafleet.bench.scale_bench import max_concurrent
-from lorafleet.train.runner import init_ray, submit
+from lorafleet.pipeline import submit
+from lorafleet.raystart import init_ray
 from tests.conftest import start_local_ray, write_chat
 
 pytestmark = [pytest.mark.integration, pytest.mark.multinode]

@@ -39,7 +39,7 @@ def start_cluster(nodes: int, gpus_per_node: float, cpus_per_node: float) -> Any
     import ray
     from ray.cluster_utils import Cluster
 
-    from lorafleet.train.runner import init_ray
+    from lorafleet.raystart import init_ray
 
     ray.shutdown()
     cluster = Cluster(
@@ -163,7 +163,8 @@ def run_scale_bench(
 ) -> dict[str, Any]:
     import ray
 
-    from lorafleet.train.runner import prepare, queue_depth, run_fleet
+    from lorafleet.pipeline import prepare, run_fleet
+    from lorafleet.train.runner import queue_depth
 
     training = {
         "max_steps": steps,
