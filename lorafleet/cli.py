@@ -403,6 +403,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             args.cpus_per_node,
             args.gpus_per_job,
             args.cpus_per_job,
+            packing=not args.no_packing,
         )
     else:
         from lorafleet.bench.serve_bench import run_serve_bench
@@ -433,6 +434,7 @@ def _bench_parsers(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--cpus-per-node", type=float, default=2, help="scale: CPUs each node declares")
     b.add_argument("--gpus-per-job", type=float, default=1, help="scale: gpus_per_worker of each job")
     b.add_argument("--cpus-per-job", type=float, default=1, help="scale: cpus_per_worker of each job")
+    b.add_argument("--no-packing", action="store_true", help="scale: one Ray Train run per job, no slots")
     b.add_argument("--out", default=None, help="also write the JSON here")
 
 

@@ -43,6 +43,8 @@ def own_run_reason(fleet: FleetSpec, job: JobSpec) -> str | None:
         return f"resources.workers is {res.workers}: data-parallel jobs need a run of their own"
     if job.training.deepspeed is not None:
         return f"DeepSpeed ({job.training.deepspeed}) needs a run of its own"
+    if job.lora.use_dora:
+        return "DoRA adapters are not trained packed"
     if job.quantization != slot.quantization:
         return "its quantization differs from the fleet defaults (the slot's base copy)"
     if (res.cpus_per_worker, res.gpus_per_worker) != (

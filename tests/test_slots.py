@@ -50,6 +50,7 @@ def test_validate_says_which_jobs_share_slots(lf_home, micro_base, capsys):
         "wide": {"resources": {"workers": 2}},
         "zero": {"training": {"deepspeed": "zero2"}},
         "full": {"quantization": {"load_in_4bit": False}},
+        "dora": {"lora": {"use_dora": True}},
     }
     reasons = check_fleet(fleet_file(lf_home, micro_base, jobs)).own_run_reasons()
     assert reasons["warm"] is None
@@ -57,6 +58,7 @@ def test_validate_says_which_jobs_share_slots(lf_home, micro_base, capsys):
     assert "workers is 2" in reasons["wide"]
     assert "DeepSpeed" in reasons["zero"]
     assert "quantization" in reasons["full"]
+    assert "DoRA" in reasons["dora"]
     off = check_fleet(fleet_file(lf_home, micro_base, {"warm": {}}, {"enabled": False}, name="off"))
     assert off.own_run_reasons() == {"warm": "packing.enabled is false"}
 
@@ -85,7 +87,8 @@ def test_jobs_share_one_slot_and_a_failing_one_fails_alone(lf_home, micro_base, 
         assert result.jobs[customer].registered == f"{customer}/1"
     tags = {c: client.get_run(result.jobs[c].run_id).data.tags for c in ("a", "b", "bad", "solo")}
     assert {tags[c]["lorafleet.slot"] for c in ("a", "b", "bad")} == {"slot0"}  # one slot, one base
-    assert tags["a"]["lorafleet.trains_in"] == "warm slot" and tags["a"]["lorafleet.pack_k"] == "1"
+    assert tags["a"]["lorafleet.trains_in"] == "warm slot" and tags["a"]["lorafleet.pack_k"] == "8"
+    assert tags["a"]["lorafleet.packed_with"] == "b,bad"  # trained at once, on one base copy
     assert tags["solo"]["lorafleet.trains_in"] == "own run" and "lorafleet.slot" not in tags["solo"]
 
 
@@ -96,7 +99,8 @@ def test_a_job_that_kills_its_process_costs_a_slot_restart(lf_home, micro_base, 
         "doomed": {},  # max_failures 0: its one crash fails it
         "steady": {},
     }
-    path = fleet_file(lf_home, micro_base, jobs, {"slots": 1})
+    # one job at a time in the slot: a crash is then blamed on the job that trained
+    path = fleet_file(lf_home, micro_base, jobs, {"slots": 1, "max_jobs_per_slot": 1})
 
     result = submit(path, crash_at_step={"crash": 3, "doomed": 3})
 

@@ -226,13 +226,15 @@ class FleetExecution:
         crash_at_step: dict[str, int] | None = None,
     ):
         here = driver_node_affinity()
+        self.submission = uuid.uuid4().hex[:8]
         self.board = ProgressBoard.options(
             name=board_name(fleet), namespace=NAMESPACE, scheduling_strategy=here
-        ).remote()
+        ).remote(self.submission)
         slot_jobs = slot_jobs or set()
         own = {c: p for c, p in plans.items() if c not in slot_jobs}
         self.launcher = Launcher(own, storage, here)
-        self.slots = Slots(fleet, [plans[c] for c in plans if c in slot_jobs], storage, self.board, here)
+        slot_plans = [plans[c] for c in plans if c in slot_jobs]
+        self.slots = Slots(fleet, self.submission, slot_plans, storage, self.board, here)
         if slot_jobs:
             self.slots.start(packing or PackingSpec(), crash_at_step or {})
         self.running: set[str] = set()  # jobs the board has seen training
@@ -301,8 +303,10 @@ class Slots:
     """The fleet's warm slots (lorafleet.train.slot): their jobs wait in the board's queue; each
     slot is one Ray Train run that takes jobs until the queue is empty."""
 
-    def __init__(self, fleet: str, plans: list[JobPlan], storage: str, board: Any, placement: Any):
-        self.fleet, self.plans, self.storage = fleet, plans, storage
+    def __init__(
+        self, fleet: str, submission: str, plans: list[JobPlan], storage: str, board: Any, placement: Any
+    ):
+        self.fleet, self.submission, self.plans, self.storage = fleet, submission, plans, storage
         self.board, self.placement = board, placement
         self.open = {p.job.customer for p in plans}  # not ended yet
         self.refs: dict[Any, str] = {}  # slot run -> slot id
@@ -313,27 +317,36 @@ class Slots:
         return max(1, min(packing.slots or slots_that_fit(res), len(self.plans)))
 
     def start(self, packing: PackingSpec, crash_at_step: dict[str, int]) -> None:
-        from lorafleet.train.slot import SlotConfig, run_slot, slot_max_failures, slot_run_name
+        from lorafleet.train.slot import (
+            DEFAULT_MAX_JOBS,
+            SlotConfig,
+            run_slot,
+            slot_max_failures,
+            slot_run_name,
+        )
 
         ray.get(self.board.enqueue.remote([p.model_dump(mode="json") for p in self.plans]))
         first = self.plans[0]
         res = first.job.resources.model_copy(update={"workers": 1, "max_failures": 0})
-        submission = uuid.uuid4().hex[:8]  # a slot run is never resumed by a later submission
-        for i in range(self.count(packing)):
+        count = self.count(packing)
+        for i in range(count):
             cfg = SlotConfig(
                 slot=f"slot{i}",
+                slots=count,
+                submission=self.submission,
                 fleet_board=board_name(self.fleet),
                 base_model=first.job.base_model,
                 base_fingerprint=first.base_fingerprint,
                 quantization=first.job.quantization,
                 resources=res,
                 storage=self.storage,
-                max_jobs=packing.max_jobs_per_slot or 1,
+                max_jobs=packing.max_jobs_per_slot or DEFAULT_MAX_JOBS,
+                k_from_memory=packing.max_jobs_per_slot is None,
                 crash_at_step=crash_at_step,
             )
             ref = run_slot.options(scheduling_strategy=self.placement).remote(
                 cfg.model_dump(mode="json"),
-                slot_run_name(self.fleet, submission, i),
+                slot_run_name(self.fleet, self.submission, i),
                 self.storage,
                 slot_max_failures(self.plans),
             )

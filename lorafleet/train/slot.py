@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +30,25 @@ from lorafleet.train.checkpoints import JobCheckpoints
 from lorafleet.train.worker import JobPlan
 
 STATE_FILE = "slot_state.json"
+DEFAULT_MAX_JOBS = 8  # K when the fleet file does not bound it: the most memory may lower it to
 
 
 class SlotConfig(BaseModel):
     """What a slot's worker needs: sent as the Ray Train loop config."""
 
     slot: str
+    submission: str = Field("", description="the submission (and board) this slot works for")
+    slots: int = Field(1, description="the fleet's slots: each takes its share of the queue")
     fleet_board: str
     base_model: str
     base_fingerprint: str
     quantization: QuantizationSpec
     resources: ResourcesSpec = Field(description="one job's resources: what the slot asks for")
     storage: str
-    max_jobs: int = 1
+    max_jobs: int = Field(
+        DEFAULT_MAX_JOBS, description="K: jobs trained at once; the most, when k_from_memory"
+    )
+    k_from_memory: bool = True
     crash_at_step: dict[str, int] = Field(
         default_factory=dict, description="tests: customer -> step at which its process dies (once)"
     )
@@ -50,8 +57,8 @@ class SlotConfig(BaseModel):
 class SlotState(BaseModel):
     """The slot's Ray Train checkpoint: the jobs in flight. Ray Train's controller registers a
     reported checkpoint when it next polls the worker, so a process that dies right after taking
-    a job can leave the previous one as the latest: the board (on the driver's node) also knows
-    what each slot took and keeps the crash counts; a restart resumes the union of both."""
+    a job can leave the previous one as the latest: the board (on the driver's node) is what a
+    restart reads (what each slot took and was training, and the crash counts)."""
 
     in_flight: list[JobPlan] = Field(default_factory=list)
 
@@ -116,16 +123,18 @@ def slot_loop(config: dict[str, Any]) -> None:
     from lorafleet.train.runner import cpu_if_no_cuda
 
     cfg = SlotConfig.model_validate(config)
-    board = ray.get_actor(cfg.fleet_board, namespace=NAMESPACE)
+    try:
+        board = ray.get_actor(cfg.fleet_board, namespace=NAMESPACE)
+        if ray.get(board.submission_id.remote()) != cfg.submission:
+            return  # restarted after its submission ended: the board by that name is a later one's
+    except ValueError:
+        return  # restarted after its submission ended and took its board along
     state = SlotState.restore()
-    resume = settle_crash(cfg, board, state)
+    resume, one_at_a_time = settle_crash(cfg, board, state)
     cpu_if_no_cuda()
     slot = Slot(cfg, board, state)
     try:
-        for plan in resume:
-            slot.train(plan)
-        while plans := ray.get(board.take.remote(cfg.slot, 1)):
-            slot.train(JobPlan.model_validate(plans[0]))
+        slot.run(resume, one_at_a_time)
     except Exception as exc:  # the slot itself broke (e.g. the base): its jobs fail, not the fleet's
         import traceback
 
@@ -133,92 +142,245 @@ def slot_loop(config: dict[str, Any]) -> None:
 
         traceback.print_exc()  # into the worker's log
         reason = f"{cfg.slot} failed: {root_cause(exc)}"
-        for plan in state.in_flight:
-            ray.get(board.finish.remote(plan.job.customer, _end(plan, "failed", reason)))
-        ray.get(board.slot_failed.remote(cfg.slot, reason))  # the slot takes no more jobs
-        state.in_flight = []
-        state.save()
+        try:
+            for plan in slot.held():
+                ray.get(board.finish.remote(plan.job.customer, _end(plan, "failed", reason)))
+            ray.get(board.slot_failed.remote(cfg.slot, reason))  # the slot takes no more jobs
+        except ray.exceptions.RayActorError:
+            return  # the board is gone: the submission ended (its driver stopped), nothing to tell
 
 
-def settle_crash(cfg: SlotConfig, board: Any, state: SlotState) -> list[JobPlan]:
-    """After a restart: the jobs that were in flight when the process died each count a crash;
-    those past their max_failures fail, the others are returned to resume."""
-    held = {p.job.customer: p for p in state.in_flight}
-    for plan_json in ray.get(board.in_flight.remote(cfg.slot)):
-        plan = JobPlan.model_validate(plan_json)
-        held.setdefault(plan.job.customer, plan)
+def settle_crash(cfg: SlotConfig, board: Any, state: SlotState) -> tuple[list[JobPlan], bool]:
+    """After a restart: a death while the process trained one job is that job's crash (past its
+    max_failures it fails); a death while it trained several blames none, and those jobs then
+    resume one at a time, so that a job that keeps killing its process is found alone. Returns
+    the jobs to resume and whether they go one at a time."""
+    training, waiting = ray.get(board.in_flight.remote(cfg.slot))
+    training = [JobPlan.model_validate(p) for p in training]
+    waiting = [JobPlan.model_validate(p) for p in waiting]
     resume = []
-    for customer, plan in held.items():
-        crashes = ray.get(board.count_crash.remote(customer))
+    for plan in training:
+        crashes = ray.get(board.record_death.remote(plan.job.customer, len(training) == 1))
         if crashes > plan.job.resources.max_failures:
             reason = (
-                f"its process died {crashes} time(s) (crash or out of memory); "
-                f"max_failures is {plan.job.resources.max_failures}"
+                f"its process died {crashes} time(s) (crash or out of memory) while it trained "
+                f"alone; max_failures is {plan.job.resources.max_failures}"
             )
-            ray.get(board.finish.remote(customer, _end(plan, "failed", reason)))
+            ray.get(board.finish.remote(plan.job.customer, _end(plan, "failed", reason)))
         else:
             resume.append(plan)
-    if held:
+    resume += waiting
+    if training or waiting:
         state.in_flight = resume
         state.save()
-    return resume
+    return resume, len(training) > 1 or bool(waiting)
 
 
 def _end(plan: JobPlan, state: str, reason: str | None = None, **fields: Any) -> dict[str, Any]:
     return {"customer": plan.job.customer, "state": state, "reason": reason, **fields}
 
 
+@dataclass
+class SlotJob:
+    """A job while it is in this slot: what the driver will read in its end."""
+
+    plan: JobPlan
+    out: Path  # the trainer's output folder for it (local)
+    checkpoints: JobCheckpoints
+    started: float = field(default_factory=time.perf_counter)
+    failures: int = 0
+    losses: list[float] = field(default_factory=list)
+    mates: set[str] = field(default_factory=set)  # jobs that shared a step with it
+    metrics: dict[str, float] = field(default_factory=dict)
+    result: dict[str, Any] | None = None  # the trainer's final state event
+
+
 class Slot:
-    """The slot's worker: the base loaded once, jobs trained one after another on it."""
+    """The slot's worker: one PackedTrainer (the base loaded once) co-training up to K jobs, each
+    with its own adapter, optimizer, schedule, checkpoints and events; a job that ends leaves and
+    the next queued one joins at the next step."""
 
     def __init__(self, cfg: SlotConfig, board: Any, state: SlotState):
         self.cfg, self.board, self.state = cfg, board, state
-        self.trainer: Any = None  # loaded with the first job: placement is announced first
+        self.trainer: Any = None  # loaded with the first job: its placement is announced first
+        self.k = cfg.max_jobs
+        self.jobs: dict[str, SlotJob] = {}
+        self.folder = Path(tempfile.mkdtemp(prefix=f"lorafleet-{cfg.slot}-"))
 
-    def train(self, plan: JobPlan) -> None:
-        customer = plan.job.customer
-        if plan not in self.state.in_flight:
-            self.state.in_flight.append(plan)
-            self.state.save()
-        failures, start = 0, time.perf_counter()
+    def run(self, resume: list[JobPlan], one_at_a_time: bool) -> None:
+        alone = list(resume) if one_at_a_time else []
+        for plan in [] if one_at_a_time else resume:
+            self.admit(plan)
         while True:
-            self._announce(plan)
-            try:
-                out = self._train_once(plan)
-                end = _end(plan, "succeeded", **out)
-                end["metrics"]["job_wall_s"] = time.perf_counter() - start
-                break
-            except Exception as exc:
-                from lorafleet.train.progress import JobCancelled
-                from lorafleet.train.runner import root_cause
+            if alone and not self.jobs:
+                self.admit(alone.pop(0))
+            elif not alone:
+                self.fill()
+            if not self.jobs:
+                return
+            self.apply_cancels()
+            self.trainer.step()
+            self.crash_if_asked()
+            for customer in self.trainer.jobs:  # who trained beside whom
+                self.jobs[customer].mates |= set(self.trainer.jobs) - {customer}
+            self.settle()
 
-                if isinstance(exc, JobCancelled) or ray.get(self.board.is_cancelled.remote(customer)):
-                    end = _end(plan, "cancelled", "cancelled by user")
-                    break
-                failures += 1
-                if failures > plan.job.resources.max_failures:
-                    end = _end(plan, "failed", root_cause(exc))
-                    break
-        ray.get(self.board.finish.remote(customer, end))  # before the slot may end
-        self.state.in_flight.remove(plan)
-        self.state.save()
+    def held(self) -> list[JobPlan]:
+        return [job.plan for job in self.jobs.values()]
 
-    def _announce(self, plan: JobPlan) -> None:
+    def fill(self) -> None:
+        free = self.k - len(self.jobs)
+        if free > 0:
+            for plan in ray.get(self.board.take.remote(self.cfg.slot, free, self.cfg.slots)):
+                self.admit(JobPlan.model_validate(plan))
+
+    def admit(self, plan: JobPlan) -> None:
+        customer = plan.job.customer
         self.board.begin_attempt.remote(
-            plan.job.customer, placed=time.time(), node_id=ray.get_runtime_context().get_node_id()
+            customer, placed=time.time(), node_id=ray.get_runtime_context().get_node_id(), slot=self.cfg.slot
         )
-        self.board.update.remote(plan.job.customer, slot=self.cfg.slot, pack_k=1, packed_with=[])
+        if customer not in self.jobs:
+            out = self.folder / customer
+            self.jobs[customer] = SlotJob(plan, out, JobCheckpoints(self.cfg.storage, plan))
+            if plan not in self.state.in_flight:
+                self.state.in_flight.append(plan)
+                self.state.save()
+        job = self.jobs[customer]
+        ray.get(self.board.set_training.remote(self.cfg.slot, list(self.jobs)))
+        try:
+            if self.trainer is None:
+                self.load(plan)
+            self.trainer.add(plan, job.out, job.checkpoints.latest(), self.on_event)
+        except Exception as exc:  # PackingError, or a base that does not load: this job's
+            from lorafleet.train.runner import root_cause
 
-    def _train_once(self, plan: JobPlan) -> dict[str, Any]:
-        from lorafleet.train.sequential import SequentialTrainer
+            job.result = {"state": "failed", "reason": root_cause(exc)}
 
-        if self.trainer is None:
-            self.trainer = SequentialTrainer.load(self.cfg)
-        checkpoints = JobCheckpoints(self.cfg.storage, plan)
-        crash = self.cfg.crash_at_step.get(plan.job.customer)
-        if crash is not None and ray.get(self.board.crash_count.remote(plan.job.customer)):
-            crash = None  # the injected crash happens once
-        return self.trainer.train(plan, checkpoints, self.board, crash)
+    def load(self, plan: JobPlan) -> None:
+        """The slot's base, once; K from memory unless the fleet file bounds it."""
+        from lorafleet.train.packed import PackedTrainer
+
+        res = self.cfg.resources
+        on_gpu = res.gpus_per_worker > 0 and torch_cuda()
+        device = str(ray.train.torch.get_device()) if on_gpu else "cpu"
+        _threads(res.cpus_per_worker)
+        self.trainer = PackedTrainer(
+            self.cfg.base_model,
+            self.cfg.quantization,
+            device=device,
+            max_jobs=self.k,
+            base_fingerprint=self.cfg.base_fingerprint,
+        )
+        if self.cfg.k_from_memory:
+            self.k = self.trainer.max_jobs = k_from_memory(self.trainer, plan, self.k)
+
+    def apply_cancels(self) -> None:
+        cancelled = ray.get(self.board.cancelled_names.remote())  # one call a step for all jobs
+        for customer in self.jobs:
+            if customer in cancelled or "*" in cancelled:
+                self.trainer.cancel(customer)
+
+    def crash_if_asked(self) -> None:
+        """Tests: a job's process dies at its crash step, once (as an OOM kill would kill it)."""
+        for customer, step in self.cfg.crash_at_step.items():
+            running = self.trainer.jobs.get(customer)
+            at_step = running is not None and running.step == step
+            if at_step and not ray.get(self.board.death_count.remote(customer)):
+                crash_now()
+
+    def on_event(self, customer: str, event: dict[str, Any]) -> None:
+        """The trainer's events: live state and log events to the board, checkpoints to storage."""
+        job, kind, step = self.jobs[customer], event["event"], event["step"]
+        if kind == "state" and event["state"] == "running":
+            self.board.attempt_started.remote(
+                customer,
+                state="running",
+                total_steps=event["max_steps"],
+                start_step=step,
+                started=time.time(),
+                node_id=ray.get_runtime_context().get_node_id(),
+            )
+            self.board.update.remote(customer, slot=self.cfg.slot, pack_k=self.k)
+        elif kind == "state":
+            self.board.end_attempt.remote(customer, time.time())
+            job.result = event
+        elif kind == "checkpoint":
+            job.checkpoints.save(Path(event["path"]), step)
+        else:  # base_eval, metrics, eval: the numbers a trl job logs
+            numbers = {k: v for k, v in event.items() if isinstance(v, int | float)}
+            job.metrics |= numbers
+            if "loss" in numbers:
+                job.losses.append(numbers["loss"])
+            self.board.log.remote(customer, numbers)
+
+    def settle(self) -> None:
+        """Jobs that left the trainer this step: finished, retried from their checkpoint (a
+        failure within max_failures), or ended."""
+        for customer, job in list(self.jobs.items()):
+            if job.result is None:
+                continue
+            end = self.end_of(customer, job)
+            if end is None:  # retried
+                continue
+            self.board.update.remote(customer, packed_with=sorted(job.mates))
+            ray.get(self.board.finish.remote(customer, end))  # before the slot may end
+            del self.jobs[customer]
+            ray.get(self.board.set_training.remote(self.cfg.slot, list(self.jobs)))
+            self.state.in_flight.remove(job.plan)
+            self.state.save()
+
+    def end_of(self, customer: str, job: SlotJob) -> dict[str, Any] | None:
+        result, job.result = job.result, None
+        if result["state"] == "succeeded":
+            return _end(job.plan, "succeeded", **self.outputs(job, Path(result["adapter"])))
+        if result["state"] == "cancelled" or ray.get(self.board.is_cancelled.remote(customer)):
+            return _end(job.plan, "cancelled", "cancelled by user")
+        job.failures += 1
+        if job.failures > job.plan.job.resources.max_failures:
+            return _end(job.plan, "failed", result["reason"])
+        self.admit(job.plan)  # a new attempt from its last checkpoint
+        return None
+
+    def outputs(self, job: SlotJob, adapter: Path) -> dict[str, Any]:
+        from lorafleet.train.worker import ADAPTER_FILES
+
+        metrics = dict(job.metrics)
+        if job.losses:  # trl's train_loss: the mean training loss over the run's logged steps
+            metrics["train_loss"] = sum(job.losses) / len(job.losses)
+        metrics["job_wall_s"] = time.perf_counter() - job.started
+        return {"files": {n: (adapter / n).read_bytes() for n in ADAPTER_FILES}, "metrics": metrics}
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _threads(cpus: float) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(cpus)))
+
+
+def k_from_memory(trainer: Any, plan: JobPlan, cap: int) -> int:
+    """How many jobs like `plan` fit beside the base: half the free memory of the slot's device
+    (the rest is left to the base's activations, the allocator and whatever shares the node)."""
+    import psutil
+
+    from lorafleet.train.packed import estimate_job_bytes, jobs_that_fit
+
+    on_gpu = trainer.device.startswith("cuda")
+    if on_gpu:
+        import torch
+
+        free = torch.cuda.mem_get_info(torch.device(trainer.device))[0]
+    else:
+        free = psutil.virtual_memory().available
+    layers = [trainer.layers[name] for name in trainer.targets(plan)]
+    in_out = [(layer.in_features, layer.out_features) for layer in layers]
+    job = estimate_job_bytes(plan, trainer.model.config, in_out, on_gpu)
+    return max(1, jobs_that_fit(free // 2, [job] * cap, cap))
 
 
 def crash_now() -> None:
