@@ -36,6 +36,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from lorafleet.validate import check_fleet
 
     check = check_fleet(args.fleet)
+    routes = check.own_run_reasons()
     if args.json:
         print_json(
             {
@@ -43,6 +44,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 "base_fingerprint": check.base_fingerprint,
                 "datasets": {k: v.as_dict() for k, v in check.reports.items()},
                 "errors": check.errors,
+                "training": {c: _route(reason) for c, reason in routes.items()},
             }
         )
         return 0 if check.ok() else 1
@@ -57,16 +59,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
             rows,
         )
     )
+    route_rows = [(c, _route(reason)["trains_in"], reason or "") for c, reason in routes.items()]
+    console.print(
+        table(f"{check.fleet.name}: where each job trains", ["customer", "trains in", "why"], route_rows)
+    )
     for customer, err in check.errors.items():
         console.print(f"[red]{customer}[/red]: {err}")
     return 0 if check.ok() else 1
+
+
+def _route(own_run_reason: str | None) -> dict[str, str | None]:
+    return {"trains_in": "own run" if own_run_reason else "warm slot", "reason": own_run_reason}
 
 
 @command("submit")
 def cmd_submit(args: argparse.Namespace) -> int:
     from rich.live import Live
 
-    from lorafleet.train.runner import submit
+    from lorafleet.pipeline import submit
     from lorafleet.ui import console, progress_table
 
     fleet_name = Path(args.fleet).stem
@@ -466,6 +476,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             args.cpus_per_node,
             args.gpus_per_job,
             args.cpus_per_job,
+            packing=not args.no_packing,
         )
     else:
         from lorafleet.bench.serve_bench import run_serve_bench
@@ -484,8 +495,8 @@ def _bench_parsers(sub: argparse._SubParsersAction) -> None:
     b.add_argument("what", choices=["train", "serve", "scale"])
     b.add_argument("--base-model", default="tiny-llama")
     b.add_argument("--dataset", default=None, help="train: dataset (default: a demo dataset)")
-    b.add_argument("--steps", type=int, default=30, help="train: steps per job")
-    b.add_argument("--jobs", type=int, default=4, help="train: jobs in the makespan fleet")
+    b.add_argument("--steps", type=int, default=20, help="train: steps per job")
+    b.add_argument("--jobs", type=int, default=16, help="train: jobs in the fleet run three ways")
     b.add_argument("--adapters", type=int, default=16, help="serve: distinct adapters")
     b.add_argument("--requests", type=int, default=128, help="serve: HTTP requests per mix")
     b.add_argument("--large", action="store_true", help="serve: also a ~100M-parameter base")
@@ -496,6 +507,7 @@ def _bench_parsers(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--cpus-per-node", type=float, default=2, help="scale: CPUs each node declares")
     b.add_argument("--gpus-per-job", type=float, default=1, help="scale: gpus_per_worker of each job")
     b.add_argument("--cpus-per-job", type=float, default=1, help="scale: cpus_per_worker of each job")
+    b.add_argument("--no-packing", action="store_true", help="scale: one Ray Train run per job, no slots")
     b.add_argument("--out", default=None, help="also write the JSON here")
     _bench_serve_trust_parsers(b)
 

@@ -182,6 +182,26 @@ class RegistrySpec(_Strict):
     )
 
 
+class PackingSpec(_Strict):
+    """Warm slots: long-lived Ray Train runs that load the base once and train the fleet's jobs
+    one after another (several at once where packed training is available). Jobs that cannot
+    share a slot (several workers, DeepSpeed, another quantisation or per-worker resources than
+    the fleet defaults) train in a Ray Train run of their own; `lorafleet validate` lists which."""
+
+    enabled: bool = Field(
+        True, description="train eligible jobs in warm slots; false: one Ray Train run per job"
+    )
+    max_jobs_per_slot: int | None = Field(
+        None, gt=0, description="K, the jobs one slot trains at once; default: from memory"
+    )
+    slots: int | None = Field(
+        None,
+        gt=0,
+        description="slots to start; default: as many as the cluster holds (each asks for one job's "
+        "resources), at most one per slot job",
+    )
+
+
 class Defaults(_Strict):
     lora: LoraSpec = LoraSpec()
     quantization: QuantizationSpec = QuantizationSpec()
@@ -202,6 +222,7 @@ class JobEntry(Overrides):
     customer: Annotated[str, Field(description="customer id: lower-case slug, unique")]
     dataset: Annotated[str, Field(description="path (relative to the fleet file) or URI")]
     format: Literal["auto", "chat", "prompt_completion", "text", "csv", "parquet"] = "auto"
+    packing: bool = Field(True, description="false: this job trains in a Ray Train run of its own")
 
     @field_validator("customer")
     @classmethod
@@ -216,6 +237,7 @@ class FleetSpec(_Strict):
     base_model: str = Field(description="'tiny-llama', a local HF model folder, or a hub id")
     defaults: Defaults = Defaults()
     registry: RegistrySpec = RegistrySpec()
+    packing: PackingSpec = PackingSpec()
     jobs: list[JobEntry] = Field(min_length=1)
 
     @field_validator("name")
@@ -247,6 +269,7 @@ class JobSpec(_Strict):
     quantization: QuantizationSpec
     training: TrainingSpec
     resources: ResourcesSpec
+    packing: bool = True  # may share a warm slot (the fleet's and the job's setting)
 
     def spec_hash(self) -> str:
         """Hash of what determines the trained weights (not resources, which only place it)."""
@@ -331,6 +354,7 @@ def resolve_job(fleet: FleetSpec, index: int, fleet_file: Path | None = None) ->
             base_model=fleet.base_model,
             dataset=dataset,
             format=job.format,
+            packing=fleet.packing.enabled and job.packing,
             **sections,
         )
     except ValidationError as exc:

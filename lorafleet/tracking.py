@@ -160,3 +160,35 @@ def job_row(run: Run) -> dict[str, Any]:
         "run_id": run.info.run_id,
         "status": RunStatus.to_string(RunStatus.from_string(run.info.status)),
     }
+
+
+# ---- small writes the fleet pipeline makes (lorafleet.pipeline) ----------------------------
+
+
+def set_tags(c: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
+    """Tags in the lorafleet namespace ('node_id' is written as 'lorafleet.node_id')."""
+    for key, value in tags.items():
+        c.set_tag(run_id, T + key, value)
+
+
+def log_metric(c: MlflowClient, run_id: str, key: str, value: float) -> None:
+    c.log_metric(run_id, key, value)
+
+
+def log_dataset_report(c: MlflowClient, run_id: str, report: dict[str, Any]) -> None:
+    c.log_dict(run_id, report, "dataset_report.json")
+
+
+def log_adapter(c: MlflowClient, run_id: str, folder: Path) -> None:
+    c.log_artifacts(run_id, str(folder), "adapter")
+
+
+def download_adapter(c: MlflowClient, run_id: str) -> Path:
+    import tempfile
+
+    return Path(c.download_artifacts(run_id, "adapter", tempfile.mkdtemp()))
+
+
+def close_fleet_run(c: MlflowClient, run_id: str, state: str) -> None:
+    c.set_tag(run_id, T + "state", state)
+    c.set_terminated(run_id, "FINISHED")

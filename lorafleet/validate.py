@@ -25,6 +25,35 @@ class FleetCheck:
     def ok(self) -> bool:
         return not self.errors
 
+    def own_run_reasons(self) -> dict[str, str | None]:
+        """customer -> why the job trains in a Ray Train run of its own (None: in a warm slot)."""
+        return {job.customer: own_run_reason(self.fleet, job) for job in self.jobs}
+
+
+def own_run_reason(fleet: FleetSpec, job: JobSpec) -> str | None:
+    """Why a job cannot share a warm slot, None if it can. A slot holds one copy of the fleet's
+    base, quantised as the fleet defaults say, on one worker sized as the defaults say."""
+    slot = fleet.defaults
+    res = job.resources
+    if not fleet.packing.enabled:
+        return "packing.enabled is false"
+    if not job.packing:
+        return "the job sets packing: false"
+    if res.workers > 1:
+        return f"resources.workers is {res.workers}: data-parallel jobs need a run of their own"
+    if job.training.deepspeed is not None:
+        return f"DeepSpeed ({job.training.deepspeed}) needs a run of its own"
+    if job.lora.use_dora:
+        return "DoRA adapters are not trained packed"
+    if job.quantization != slot.quantization:
+        return "its quantization differs from the fleet defaults (the slot's base copy)"
+    if (res.cpus_per_worker, res.gpus_per_worker) != (
+        slot.resources.cpus_per_worker,
+        slot.resources.gpus_per_worker,
+    ):
+        return "its cpus/gpus per worker differ from the fleet defaults (the slot's size)"
+    return None
+
 
 def check_fleet(fleet_file: str | Path) -> FleetCheck:
     """Spec errors raise (nothing can run); data errors are collected per job (the rest can)."""

@@ -33,20 +33,10 @@ def pytest_collection_modifyitems(config, items):
 
 def start_local_ray() -> None:
     """The session's plain local Ray; also restarted by modules that run their own cluster."""
-    import ray
+    from lorafleet.raystart import init_ray
 
-    from lorafleet.train.runner import NAMESPACE, RAY_ENV
-
-    if not ray.is_initialized():
-        # address="local": always a fresh cluster, never one a `ray start` or another run left
-        ray.init(
-            address="local",
-            num_cpus=2,
-            namespace=NAMESPACE,
-            runtime_env=RAY_ENV,
-            log_to_driver=False,
-            include_dashboard=False,
-        )
+    # address="local": always a fresh cluster, never one a `ray start` or another run left
+    init_ray("local", num_cpus=2)
 
 
 @pytest.fixture(scope="session")
@@ -134,7 +124,7 @@ def demo_home(tmp_path_factory, ray_session):
     import shutil
 
     from lorafleet.demo import DEMO_FLEET
-    from lorafleet.train.runner import submit
+    from lorafleet.pipeline import submit
 
     home = tmp_path_factory.mktemp("demo-home")
     saved = {k: os.environ.get(k) for k in ("LORAFLEET_HOME", "MLFLOW_TRACKING_URI")}

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from lorafleet import tracking
-from lorafleet.train.runner import submit
+from lorafleet.pipeline import submit
 from tests.conftest import write_chat
 
 pytestmark = pytest.mark.integration

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from lorafleet import tracking
 from lorafleet.cli import main
-from lorafleet.train.runner import submit
+from lorafleet.pipeline import submit
 from tests.conftest import write_chat
 
 pytestmark = pytest.mark.integration

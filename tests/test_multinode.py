@@ -16,7 +16,8 @@ import yaml
 
 from lorafleet import settings, tracking
 from lorafleet.bench.scale_bench import max_concurrent
-from lorafleet.train.runner import init_ray, submit
+from lorafleet.pipeline import submit
+from lorafleet.raystart import init_ray
 from tests.conftest import start_local_ray, write_chat
 
 pytestmark = [pytest.mark.integration, pytest.mark.multinode]
@@ -63,7 +64,13 @@ def gpu_nodes(cluster, n: int) -> dict[str, object]:
 
 
 def fleet_file(
-    home: Path, base: Path, jobs: dict[str, dict], name: str, gpus: float, max_steps: int = 4
+    home: Path,
+    base: Path,
+    jobs: dict[str, dict],
+    name: str,
+    gpus: float,
+    max_steps: int = 4,
+    packing: dict | None = None,
 ) -> Path:
     """jobs: customer -> training overrides; every job gets its own dataset."""
     entries = []
@@ -85,6 +92,7 @@ def fleet_file(
             "lora": {"rank": 4},
             "resources": {"gpus_per_worker": gpus, "cpus_per_worker": 1, "max_failures": 1},
         },
+        "packing": packing or {},
         "jobs": entries,
     }
     path = home / f"{name}.yaml"
@@ -122,7 +130,10 @@ class Timeline:
 def test_jobs_spread_over_nodes_and_queue_beyond_capacity(cluster, lf_home, micro_base):
     nodes = gpu_nodes(cluster, 2)
     customers = ["a", "b", "c"]
-    path = fleet_file(lf_home, micro_base, {c: {} for c in customers}, "spread", gpus=1)
+    # one job per slot at a time: this is about queueing beyond capacity (packed, three jobs
+    # would train at once on the two GPUs, which is the point of packing)
+    one_each = {"max_jobs_per_slot": 1}
+    path = fleet_file(lf_home, micro_base, {c: {} for c in customers}, "spread", gpus=1, packing=one_each)
     timeline = Timeline()
 
     result = submit(path, on_tick=timeline)
@@ -157,9 +168,13 @@ def test_fractional_gpus_pack_two_jobs_on_one_gpu(cluster, lf_home, micro_base):
 
 
 def _checkpoint_registered(customer: str) -> bool:
-    """Ray Train's controller writes this file once it has recorded a reported checkpoint."""
+    """A checkpoint of the job is in the storage path: for a job in a warm slot (these are) its
+    checkpoint folder, uploaded before its next step; for a run of its own the file Ray Train's
+    controller writes once it has recorded a reported checkpoint."""
     storage = Path(settings.storage_path())
-    return any(storage.glob(f"*-{customer}-*/checkpoint_manager_snapshot.json"))
+    return any(storage.glob(f"*-{customer}-*/checkpoint_*/checkpoint/packed_state.json")) or any(
+        storage.glob(f"*-{customer}-*/checkpoint_manager_snapshot.json")
+    )
 
 
 class NodeKiller(Timeline):

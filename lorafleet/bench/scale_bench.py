@@ -3,18 +3,19 @@ orchestration rather than the training.
 
 The cluster is `ray.cluster_utils.Cluster`: a GPU-less head (driver, Train controllers, progress
 board) and N worker nodes, each a raylet on this machine declaring GPUs and CPUs it may not have.
-Jobs are placed by those declared resources and train on the real CPU. The figures:
+Jobs are placed by those declared resources and train on the real CPU. Eligible jobs train in
+warm slots (one per job-sized place in the cluster, each co-training up to K jobs on one base
+copy); `--no-packing` runs one Ray Train run per job instead. The figures:
 
-- makespan against ideal packing: each job's slot time is taken from its worker group starting
-  (the train function entered) to its end of training, which covers model load, trainer set-up
-  and the steps; ideal = the sum of those over the slots (jobs the cluster runs at once). What
-  the makespan adds is orchestration: worker process start, Ray Train set-up, checkpoint report,
-  teardown, placement of the next job. `fit()` walls are reported too, but are no job duration:
-  up to queue_depth x slots jobs sit inside `fit()` at once, the extra ones waiting in Ray's queue.
-- time from submit to the first worker group placed and to the first training step.
-- the scheduler's overhead per job: slot-seconds per job not spent in a job's train function
-  ((makespan x slots - sum of slot times) / jobs), and the slot handover: from a job's end of
-  training on a node to the next job's worker group starting there.
+- slot utilisation: the share of slots x makespan during which a slot had a job in training or
+  setting up (for each slot, the union of its jobs' [placed, ended] intervals: placed = the slot
+  took the job, which covers model load for its first one; ended = end of training). Jobs in
+  their own runs count each run as a slot.
+- makespan against ideal packing: ideal = those busy slot-seconds spread evenly over the slots
+  with no gap; what the makespan adds is orchestration (worker start, Ray Train set-up, idle
+  slots waiting for work, the tail where some slots are done). It is 1 / utilisation.
+- time from submit to the first worker placed and to the first training step.
+- slot idle gaps: within a slot's life, the periods with no job (a handover between jobs).
 
 On a machine with fewer real cores than slots, jobs and Ray's own processes compete for the CPU,
 so every figure here is inflated by that contention; compare runs on the same machine only.
@@ -39,7 +40,7 @@ def start_cluster(nodes: int, gpus_per_node: float, cpus_per_node: float) -> Any
     import ray
     from ray.cluster_utils import Cluster
 
-    from lorafleet.train.runner import init_ray
+    from lorafleet.raystart import init_ray
 
     ray.shutdown()
     cluster = Cluster(
@@ -52,11 +53,14 @@ def start_cluster(nodes: int, gpus_per_node: float, cpus_per_node: float) -> Any
     return cluster
 
 
-def fleet_file(folder: Path, base: str, dataset: Path, n_jobs: int, training: dict, resources: dict) -> Path:
+def fleet_file(
+    folder: Path, base: str, dataset: Path, n_jobs: int, training: dict, resources: dict, packing: bool = True
+) -> Path:
     spec = {
         "name": "bench-scale",
         "base_model": base,
         "defaults": {"training": training, "resources": resources, "lora": {"rank": 4}},
+        "packing": {"enabled": packing},
         "jobs": [{"customer": f"job-{i:03d}", "dataset": str(dataset)} for i in range(n_jobs)],
     }
     path = folder / "bench-scale.yaml"
@@ -78,19 +82,27 @@ def _attempts(rows: dict[str, dict]) -> list[dict]:
     return [a for info in rows.values() for a in info.get("attempts", []) if "ended" in a]
 
 
-def handovers(attempts: list[dict], slots_per_node: int) -> list[float]:
-    """Per node, each placement beyond the node's first `slots_per_node` took the slot of the
-    earliest earlier end not yet taken: seconds from that end to this placement."""
-    gaps = []
-    for node in {a["node_id"] for a in attempts}:
-        here = [a for a in attempts if a["node_id"] == node]
-        ends = sorted(a["ended"] for a in here)
-        for a in sorted(here, key=lambda a: a["placed"])[slots_per_node:]:
-            free = [e for e in ends if e <= a["placed"]]
-            if free:
-                ends.remove(free[0])
-                gaps.append(a["placed"] - free[0])
-    return gaps
+def union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Overlapping intervals merged, in order."""
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def slot_timelines(attempts: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """Per slot (a warm slot's id; a job's own run is a slot of its own), its busy intervals."""
+    slots: dict[str, list[tuple[float, float]]] = {}
+    for i, a in enumerate(attempts):
+        slots.setdefault(a.get("slot") or f"run-{i}", []).append((a["placed"], a["ended"]))
+    return {slot: union(spans) for slot, spans in slots.items()}
+
+
+def idle_gaps(timelines: dict[str, list[tuple[float, float]]]) -> list[float]:
+    return [b[0] - a[1] for spans in timelines.values() for a, b in zip(spans, spans[1:], strict=False)]
 
 
 def max_concurrent(intervals: list[tuple[float, float]]) -> int:
@@ -123,12 +135,12 @@ def figures(
     rows: dict[str, dict],
     walls: list[float],
     slots: int,
-    slots_per_node: int,
 ) -> dict[str, Any]:
     attempts = _attempts(rows)
     makespan = t_end - t_launch
-    busy = [a["ended"] - a["placed"] for a in attempts]
-    ideal = sum(busy) / slots
+    timelines = slot_timelines(attempts)
+    busy = sum(end - start for spans in timelines.values() for start, end in spans)
+    slots = max(slots, len([s for s in timelines if not s.startswith("run-")]))
     nodes: dict[str, int] = {}
     for a in attempts:
         nodes[a["node_id"][:12]] = nodes.get(a["node_id"][:12], 0) + 1
@@ -138,13 +150,14 @@ def figures(
         "submit_to_first_training_s": min(a["started"] for a in attempts) - t0,
         "makespan_s": makespan,
         "makespan_incl_prepare_s": t_end - t0,
-        "job_slot_s": _stats(busy),
+        "job_slot_s": _stats([a["ended"] - a["placed"] for a in attempts]),
         "job_fit_wall_s": _stats(walls),
-        "ideal_s": ideal,
-        "makespan_vs_ideal": makespan / ideal,
-        "orchestration_slot_s_per_job": (makespan * slots - sum(busy)) / len(busy),
-        "slot_handover_s": _stats(handovers(attempts, slots_per_node)),
-        "slot_utilisation": sum(busy) / (slots * makespan),
+        "slots": slots,
+        "slot_busy_s": busy,
+        "ideal_s": busy / slots,
+        "makespan_vs_ideal": makespan * slots / busy,
+        "slot_utilisation": busy / (slots * makespan),
+        "slot_idle_gap_s": _stats(idle_gaps(timelines)),
         "peak_concurrent_jobs": max_concurrent([(a["placed"], a["ended"]) for a in attempts]),
         "jobs_per_node": nodes,
     }
@@ -160,10 +173,12 @@ def run_scale_bench(
     cpus_per_node: float = 2,
     gpus_per_job: float = 1,
     cpus_per_job: float = 1,
+    packing: bool = True,
 ) -> dict[str, Any]:
     import ray
 
-    from lorafleet.train.runner import prepare, queue_depth, run_fleet
+    from lorafleet.pipeline import prepare, run_fleet
+    from lorafleet.train.runner import queue_depth
 
     training = {
         "max_steps": steps,
@@ -188,6 +203,8 @@ def run_scale_bench(
         "slots": per_node * nodes,
         "queue_depth": queue_depth(),
         "real_cpus": os.cpu_count(),
+        "packing": packing,
+        "loadavg_1_5_15_before": os.getloadavg(),
     }
     saved_home = os.environ.get("LORAFLEET_HOME")
     with tempfile.TemporaryDirectory() as tmp:
@@ -196,7 +213,7 @@ def run_scale_bench(
         cluster = start_cluster(nodes, gpus_per_node, cpus_per_node)
         config["cluster_start_s"] = time.perf_counter() - start
         try:
-            path = fleet_file(Path(tmp), base, dataset, n_jobs, training, resources)
+            path = fleet_file(Path(tmp), base, dataset, n_jobs, training, resources, packing)
             rows = LastRows()
             t0 = time.time()
             sub = prepare(path, register=False)
@@ -214,4 +231,5 @@ def run_scale_bench(
     if bad:
         raise RuntimeError(f"benchmark jobs failed: {bad}")
     walls = [o.metrics["job_wall_s"] for o in result.jobs.values()]
-    return {"config": config, **figures(t0, t_launch, t_end, rows.rows, walls, per_node * nodes, per_node)}
+    config["loadavg_1_5_15_after"] = os.getloadavg()
+    return {"config": config, **figures(t0, t_launch, t_end, rows.rows, walls, per_node * nodes)}

@@ -1,9 +1,17 @@
-"""`lorafleet bench train`: orchestration overhead, fleet makespan, NF4 base memory; on a GPU
-also tokens/s and peak memory of one job and of a fleet sharing the GPU. Ratios against a
-baseline measured in the same run, never absolute thresholds."""
+"""`lorafleet bench train`: orchestration overhead, a fleet of small jobs three ways, NF4 base
+memory; on a GPU also tokens/s and peak memory of one job and of a fleet sharing the GPU. Ratios
+against a baseline measured in the same run, never absolute thresholds.
+
+The fleet three ways, same jobs, same machine, one after another:
+- warm slots (the default: slots load the base once and take job after job),
+- one Ray Train run per job (`packing.enabled: false`, what every job did before slots),
+- plain trl scripts, one after another, each in a fresh Python process (`worker.train_plain`),
+  which is what a user with a for-loop would run.
+"""
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -19,11 +27,13 @@ def _fleet_file(
     training: dict,
     name: str,
     resources: dict | None = None,
+    packing: dict | None = None,
 ) -> Path:
     spec = {
         "name": name,
         "base_model": base,
         "defaults": {"training": training, "resources": resources or {}},
+        "packing": packing or {},
         "jobs": [{"customer": c, "dataset": str(p)} for c, p in datasets.items()],
     }
     path = folder / f"{name}.yaml"
@@ -31,13 +41,13 @@ def _fleet_file(
     return path
 
 
-def _plain_seconds(fleet_file: Path) -> float:
-    """The same job trained in this process with no Ray: the baseline."""
+def _plain_seconds(fleet_file: Path, index: int = 0) -> float:
+    """One job of the fleet file trained in this process with no Ray: the baseline."""
     from lorafleet.models import fingerprint, resolve_base
     from lorafleet.spec import load_fleet, resolve_jobs
     from lorafleet.train.worker import JobPlan, train_plain
 
-    job = resolve_jobs(load_fleet(fleet_file), fleet_file)[0]
+    job = resolve_jobs(load_fleet(fleet_file), fleet_file)[index]
     plan = JobPlan(job=job, base_fingerprint=fingerprint(resolve_base(job.base_model)))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
@@ -45,53 +55,77 @@ def _plain_seconds(fleet_file: Path) -> float:
     return time.perf_counter() - start
 
 
-def _runner_seconds(fleet_file: Path) -> tuple[float, dict[str, float]]:
-    from lorafleet.train.runner import submit
+def _plain_processes(fleet_file: Path, n_jobs: int) -> float:
+    """The fleet's jobs as plain trl scripts run one after another, each a fresh process
+    (imports, base load and training: what a for-loop over scripts costs)."""
+    import subprocess
+    import sys
+
+    start = time.perf_counter()
+    for i in range(n_jobs):
+        cmd = [sys.executable, "-m", "lorafleet.bench.train_bench", str(fleet_file), str(i)]
+        subprocess.run(cmd, check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def _fleet_seconds(fleet_file: Path) -> tuple[float, dict[str, float]]:
+    from lorafleet.pipeline import submit
 
     start = time.perf_counter()
     result = submit(fleet_file, register=False)
     wall = time.perf_counter() - start
     bad = {c: o.reason for c, o in result.jobs.items() if o.state != "succeeded"}
-    if bad:
+    if bad and len(bad) == len(result.jobs):
         raise RuntimeError(f"benchmark jobs failed: {bad}")
-    return wall, {c: o.metrics["job_wall_s"] for c, o in result.jobs.items()}
+    if bad:  # on a loaded machine a Ray Train worker can die at start (ControllerError): say so
+        print(f"warning: {len(bad)} benchmark job(s) failed, their time still counts: {bad}")
+    return wall, {c: o.metrics["job_wall_s"] for c, o in result.jobs.items() if c not in bad}
 
 
 def overhead(folder: Path, base: str, dataset: Path, training: dict) -> dict[str, Any]:
+    """One job through the fleet (warm slot; Ray already started) against the same training in
+    this process with no Ray."""
     import ray
 
-    from lorafleet.train.runner import init_ray
+    from lorafleet.raystart import init_ray
 
     start = time.perf_counter()
     init_ray(None)
     ray_init_s = time.perf_counter() - start
     plain = _plain_seconds(_fleet_file(folder, base, {"solo": dataset}, training, "bench-plain"))
-    runner, _ = _runner_seconds(_fleet_file(folder, base, {"solo": dataset}, training, "bench-solo"))
-    slots = int(ray.cluster_resources().get("CPU", 1))
+    fleet, _ = _fleet_seconds(_fleet_file(folder, base, {"solo": dataset}, training, "bench-solo"))
     return {
         "plain_s": plain,
-        "runner_s": runner,
+        "fleet_s": fleet,
         "ray_init_s": ray_init_s,
-        "cpu_slots": slots,
-        "overhead_ratio": runner / plain,
+        "cpu_slots": int(ray.cluster_resources().get("CPU", 1)),
+        "fleet_vs_plain": fleet / plain,
     }
 
 
-def makespan(folder: Path, base: str, dataset: Path, training: dict, n_jobs: int) -> dict[str, Any]:
-    import ray
-
+def fleet_three_ways(folder: Path, base: str, dataset: Path, training: dict, n_jobs: int) -> dict[str, Any]:
+    """n small jobs: warm slots, one Ray Train run per job, plain scripts one after another."""
     datasets = {f"job-{i}": dataset for i in range(n_jobs)}
-    wall, per_job = _runner_seconds(_fleet_file(folder, base, datasets, training, "bench-fleet"))
-    slots = int(ray.cluster_resources().get("CPU", 1))
-    ideal = sum(per_job.values()) / min(slots, n_jobs)
+    slots_file = _fleet_file(folder, base, datasets, training, "bench-slots")
+    slots_s, per_job = _fleet_seconds(slots_file)
+    runs_file = _fleet_file(folder, base, datasets, training, "bench-runs", packing={"enabled": False})
+    runs_s, _ = _fleet_seconds(runs_file)
+    plain_s = _plain_processes(slots_file, n_jobs)
     return {
         "jobs": n_jobs,
-        "slots": slots,
-        "makespan_s": wall,
-        "job_train_s": per_job,
-        "ideal_s": ideal,
-        "makespan_vs_ideal": wall / ideal,
+        "slots_s": slots_s,
+        "own_runs_s": runs_s,
+        "plain_processes_s": plain_s,
+        "slots_vs_own_runs": slots_s / runs_s,
+        "slots_vs_plain_processes": slots_s / plain_s,
+        "slot_job_wall_s": per_job,
+        "load": _load(),
     }
+
+
+def _load() -> dict[str, Any]:
+    """What else the machine was doing: the figures are ratios measured under the same load."""
+    return {"loadavg_1_5_15": os.getloadavg(), "cpus": os.cpu_count()}
 
 
 def base_memory(hidden: int = 768, layers: int = 12, vocab: int = 32000) -> dict[str, Any]:
@@ -175,7 +209,7 @@ def gpu_throughput(folder: Path, base: str, dataset: Path, training: dict, n_job
         jobs = {f"g{i}": dataset for i in range(n)}
         fleet = _fleet_file(folder, base, jobs, training, f"bench-gpu{n}", res)
         with GpuMemoryPeak() as mem:
-            wall, per_job = _runner_seconds(fleet)
+            wall, per_job = _fleet_seconds(fleet)
         out[f"jobs_{n}"] = {
             "wall_s": wall,
             "job_train_s": per_job,
@@ -187,7 +221,7 @@ def gpu_throughput(folder: Path, base: str, dataset: Path, training: dict, n_job
 
 
 def run_train_bench(
-    base: str, dataset: Path, max_steps: int = 30, n_jobs: int = 4, with_memory: bool = True
+    base: str, dataset: Path, max_steps: int = 20, n_jobs: int = 16, with_memory: bool = True
 ) -> dict[str, Any]:
     import torch
 
@@ -200,12 +234,27 @@ def run_train_bench(
         "eval_fraction": 0.0,
     }
     results: dict[str, Any] = {"base": base, "max_steps": max_steps}
+    saved_home = os.environ.get("LORAFLEET_HOME")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        results["overhead"] = overhead(folder, base, dataset, training)
-        results["makespan"] = makespan(folder, base, dataset, training, n_jobs)
-        if torch.cuda.is_available():
-            results["gpu"] = gpu_throughput(folder, base, dataset, training, n_jobs)
+        os.environ["LORAFLEET_HOME"] = tmp  # a fresh store: nothing reused from an earlier run
+        try:
+            folder = Path(tmp)
+            results["load_before"] = _load()
+            results["overhead"] = overhead(folder, base, dataset, training)
+            results["fleet"] = fleet_three_ways(folder, base, dataset, training, n_jobs)
+            if torch.cuda.is_available():
+                results["gpu"] = gpu_throughput(folder, base, dataset, training, n_jobs)
+        finally:
+            if saved_home is None:
+                os.environ.pop("LORAFLEET_HOME", None)
+            else:
+                os.environ["LORAFLEET_HOME"] = saved_home
     if with_memory:
         results["base_memory"] = base_memory()
     return results
+
+
+if __name__ == "__main__":  # one plain job in a fresh process: python -m ... <fleet file> <job index>
+    import sys
+
+    _plain_seconds(Path(sys.argv[1]), int(sys.argv[2]))

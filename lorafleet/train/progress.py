@@ -1,6 +1,7 @@
 """Live job progress: workers push trainer log events to one Ray actor per fleet; the driver
 reads it for the progress table and copies the events into MLflow. The actor also carries
-cancellation requests, so `lorafleet cancel` works from another terminal."""
+cancellation requests, so `lorafleet cancel` works from another terminal, and the queue of jobs
+the fleet's warm slots take their work from (`lorafleet.train.slot`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from typing import Any
 import ray
 from transformers import TrainerCallback
 
-NAMESPACE = "lorafleet"
+from lorafleet.raystart import NAMESPACE
+
+__all__ = ["NAMESPACE", "InjectedFault", "JobCancelled", "ProgressBoard", "ProgressCallback", "board_name"]
 
 
 class JobCancelled(RuntimeError):
@@ -23,10 +26,20 @@ class InjectedFault(RuntimeError):
 
 @ray.remote(num_cpus=0)
 class ProgressBoard:
-    def __init__(self) -> None:
+    def __init__(self, submission: str = "") -> None:
+        self.submission = submission  # a slot of an earlier submission of the fleet must not work here
         self.jobs: dict[str, dict[str, Any]] = {}
         self.pending: dict[str, list[dict[str, Any]]] = {}
         self.cancelled: set[str] = set()
+        self.queue: list[tuple[str, dict[str, Any]]] = []  # slot jobs not yet taken: (customer, plan)
+        self.taken: dict[str, str] = {}  # customer -> slot that took it
+        self.ended: dict[str, dict[str, Any]] = {}  # slot jobs' ends, until the driver takes them
+        self.slot_failures: dict[str, str] = {}  # slot -> why it stopped taking jobs
+        self.plans: dict[str, dict[str, Any]] = {}  # taken slot jobs' plans
+        self.done: set[str] = set()  # slot jobs that ended
+        self.crashes: dict[str, int] = {}  # slot job -> deaths of processes it trained alone in
+        self.deaths: dict[str, int] = {}  # slot job -> deaths of processes training it
+        self.training: dict[str, list[str]] = {}  # slot -> the jobs its process trains now
 
     def update(self, customer: str, **fields: Any) -> None:
         self.jobs.setdefault(customer, {}).update(fields)
@@ -63,8 +76,76 @@ class ProgressBoard:
         out, self.pending = self.pending, {}
         return out
 
+    def submission_id(self) -> str:
+        return self.submission
+
     def cancel(self, customer: str | None = None) -> None:
+        """A queued slot job ends here at once; a training one stops itself at its next step."""
         self.cancelled.add(customer or "*")
+        for cust, _ in [q for q in self.queue if self.is_cancelled(q[0])]:
+            self.finish(cust, {"customer": cust, "state": "cancelled", "reason": "cancelled by user"})
+        self.queue = [q for q in self.queue if not self.is_cancelled(q[0])]
+
+    # ---- the warm slots' queue ----
+
+    def enqueue(self, plans: list[dict[str, Any]]) -> None:
+        self.queue += [(plan["job"]["customer"], plan) for plan in plans]
+
+    def take(self, slot: str, n: int, slots: int) -> list[dict[str, Any]]:
+        """Up to n queued plans, in fleet-file order, for `slot` to train; a slot holds at most its
+        share (the unfinished jobs over the fleet's slots), so work spreads over the slots (and
+        their GPUs) instead of piling into the first one started."""
+        unfinished = len(self.queue) + len([c for c in self.taken if c not in self.done])
+        held = len([c for c, s in self.taken.items() if s == slot and c not in self.done])
+        n = min(n, max(0, -(-unfinished // slots) - held))
+        taken, self.queue = self.queue[:n], self.queue[n:]
+        for cust, plan in taken:
+            self.taken[cust] = slot
+            self.plans[cust] = plan
+        return [plan for _, plan in taken]
+
+    def set_training(self, slot: str, customers: list[str]) -> None:
+        """The jobs `slot`'s process trains right now (a crash is blamed on these)."""
+        self.training[slot] = list(customers)
+
+    def in_flight(self, slot: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Plans `slot` took and did not finish, after a restart: (those its dead process was
+        training, those waiting in it for their turn)."""
+        held = [c for c, s in self.taken.items() if s == slot and c not in self.done]
+        training = [c for c in self.training.get(slot, []) if c in held]
+        return [self.plans[c] for c in training], [self.plans[c] for c in held if c not in training]
+
+    def record_death(self, customer: str, alone: bool) -> int:
+        """A process that was training this job died; it is to blame only if it trained alone.
+        Returns the deaths blamed on the job so far."""
+        self.deaths[customer] = self.deaths.get(customer, 0) + 1
+        if alone:
+            self.crashes[customer] = self.crashes.get(customer, 0) + 1
+        return self.crashes.get(customer, 0)
+
+    def death_count(self, customer: str) -> int:
+        return self.deaths.get(customer, 0)
+
+    def finish(self, customer: str, end: dict[str, Any]) -> None:
+        """A slot job's end (a JobEnd's fields), kept until the driver takes it."""
+        self.ended[customer] = end
+        self.done.add(customer)
+
+    def take_ended(self) -> list[dict[str, Any]]:
+        out, self.ended = list(self.ended.values()), {}
+        return out
+
+    def slot_failed(self, slot: str, reason: str) -> None:
+        self.slot_failures[slot] = reason
+
+    def slot_failure(self, slot: str) -> str | None:
+        return self.slot_failures.get(slot)
+
+    def taken_by(self, slot: str) -> list[str]:
+        return [cust for cust, s in self.taken.items() if s == slot]
+
+    def queued(self) -> int:
+        return len(self.queue)
 
     def cancelled_names(self) -> set[str]:
         return set(self.cancelled)

@@ -1,0 +1,48 @@
+"""Ray start-up shared by training, serving, benchmarks and tests: one namespace (named actors are
+found across processes: `lorafleet cancel` reaches a submission's board) and one runtime env."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+NAMESPACE = "lorafleet"
+
+# Ray Train gives a worker group 60 s to start; importing torch, transformers and trl took longer
+# than that on a loaded 2-core machine (jobs failed with a ControllerError), and can on a busy node.
+RAY_ENV = {
+    "env_vars": {
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        "TOKENIZERS_PARALLELISM": "false",
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get(
+            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600"
+        ),
+    }
+}
+
+
+def init_ray(address: str | None, **options: Any) -> None:
+    """Join `address` (None: a running local cluster or a new one; 'local': always a new one)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address=address,
+            namespace=NAMESPACE,
+            runtime_env=RAY_ENV,
+            log_to_driver=False,
+            include_dashboard=False,
+            **options,
+        )
+
+
+def driver_node_affinity() -> Any:
+    """Keep resource-free control actors (a job's Ray Train controller, the fleet's board) on the
+    driver's node: on a worker node the loss of that node would take down the whole job (or the
+    fleet's board) instead of just its workers, which Ray Train restarts elsewhere. Hard affinity:
+    with soft=True Ray 2.60 still put the board actor on a worker node. The node is alive while
+    the driver is, and nothing here requests resources, so it always fits."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)

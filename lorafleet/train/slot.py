@@ -1,0 +1,388 @@
+"""Warm slots: a slot is one long-lived Ray Train run (one worker; Ray Train's placement, failure
+handling and checkpoints kept) that loads the fleet's base once and trains job after job taken
+from the fleet's queue on the progress board.
+
+Per job everything stays as with a run of its own: its MLflow run (the driver copies the board's
+events), live state on the board, checkpoints under `<storage>/<fleet>-<customer>-<hash>/`
+(the layout Ray Train gives a job's own run, so a re-submit resumes either way), cancel, and
+its end reported on the board. A job's Python error is that job's alone: it is retried in the
+slot from its last checkpoint while its `max_failures` allows, else it fails, and the slot goes
+on. A job that kills its process (out of memory, a crash in a kernel) costs the slot a restart:
+Ray Train starts the worker again, the slot's own checkpoint says which job was in flight, and
+that job resumes from its checkpoint, or fails once it has crashed more than `max_failures`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from pydantic import BaseModel, Field
+
+from lorafleet.raystart import NAMESPACE
+from lorafleet.spec import QuantizationSpec, ResourcesSpec
+from lorafleet.train.checkpoints import JobCheckpoints
+from lorafleet.train.worker import JobPlan
+
+STATE_FILE = "slot_state.json"
+DEFAULT_MAX_JOBS = 8  # K when the fleet file does not bound it: the most memory may lower it to
+
+
+class SlotConfig(BaseModel):
+    """What a slot's worker needs: sent as the Ray Train loop config."""
+
+    slot: str
+    submission: str = Field("", description="the submission (and board) this slot works for")
+    slots: int = Field(1, description="the fleet's slots: each takes its share of the queue")
+    fleet_board: str
+    base_model: str
+    base_fingerprint: str
+    quantization: QuantizationSpec
+    resources: ResourcesSpec = Field(description="one job's resources: what the slot asks for")
+    storage: str
+    max_jobs: int = Field(
+        DEFAULT_MAX_JOBS, description="K: jobs trained at once; the most, when k_from_memory"
+    )
+    k_from_memory: bool = True
+    crash_at_step: dict[str, int] = Field(
+        default_factory=dict, description="tests: customer -> step at which its process dies (once)"
+    )
+
+
+class SlotState(BaseModel):
+    """The slot's Ray Train checkpoint: the jobs in flight. Ray Train's controller registers a
+    reported checkpoint when it next polls the worker, so a process that dies right after taking
+    a job can leave the previous one as the latest: the board (on the driver's node) is what a
+    restart reads (what each slot took and was training, and the crash counts)."""
+
+    in_flight: list[JobPlan] = Field(default_factory=list)
+
+    @classmethod
+    def restore(cls) -> SlotState:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return cls()
+        with ckpt.as_directory() as folder:
+            return cls.model_validate_json((Path(folder) / STATE_FILE).read_text())
+
+    def save(self) -> None:
+        """Reported to Ray Train: a restarted worker reads it back through get_checkpoint()."""
+        import ray.train
+        from ray.train import Checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="lorafleet-slot-") as folder:
+            (Path(folder) / STATE_FILE).write_text(self.model_dump_json())
+            ray.train.report({"in_flight": len(self.in_flight)}, checkpoint=Checkpoint.from_directory(folder))
+
+
+def slot_run_name(fleet: str, submission: str, index: int) -> str:
+    return f"{fleet}-slot{index}-{submission}"
+
+
+def slot_max_failures(plans: list[JobPlan]) -> int:
+    """Slot restarts Ray Train may make: each job can crash the process at most max_failures + 1
+    times before it is marked failed, so this bound is never what fails a job."""
+    return sum(p.job.resources.max_failures + 1 for p in plans)
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def run_slot(config_json: dict[str, Any], run_name: str, storage: str, max_failures: int) -> None:
+    """One slot through Ray Train; its jobs' ends go to the board, so nothing is returned."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from lorafleet.train.runner import scaling, torch_backend
+
+    res = SlotConfig.model_validate(config_json).resources
+    TorchTrainer(
+        slot_loop,
+        train_loop_config=config_json,
+        torch_config=TorchConfig(backend=torch_backend(res.gpus_per_worker)),
+        scaling_config=scaling(res),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    ).fit()
+
+
+# ---- the slot's worker -------------------------------------------------------------------
+
+
+def slot_loop(config: dict[str, Any]) -> None:
+    """Ray Train entry point of a slot: take jobs until the fleet's queue is empty."""
+    from lorafleet.train.runner import cpu_if_no_cuda
+
+    cfg = SlotConfig.model_validate(config)
+    try:
+        board = ray.get_actor(cfg.fleet_board, namespace=NAMESPACE)
+        if ray.get(board.submission_id.remote()) != cfg.submission:
+            return  # restarted after its submission ended: the board by that name is a later one's
+    except ValueError:
+        return  # restarted after its submission ended and took its board along
+    state = SlotState.restore()
+    resume, one_at_a_time = settle_crash(cfg, board, state)
+    cpu_if_no_cuda()
+    slot = Slot(cfg, board, state)
+    try:
+        slot.run(resume, one_at_a_time)
+    except Exception as exc:  # the slot itself broke (e.g. the base): its jobs fail, not the fleet's
+        import traceback
+
+        from lorafleet.train.runner import root_cause
+
+        traceback.print_exc()  # into the worker's log
+        reason = f"{cfg.slot} failed: {root_cause(exc)}"
+        try:
+            for plan in slot.held():
+                ray.get(board.finish.remote(plan.job.customer, _end(plan, "failed", reason)))
+            ray.get(board.slot_failed.remote(cfg.slot, reason))  # the slot takes no more jobs
+        except ray.exceptions.RayActorError:
+            return  # the board is gone: the submission ended (its driver stopped), nothing to tell
+
+
+def settle_crash(cfg: SlotConfig, board: Any, state: SlotState) -> tuple[list[JobPlan], bool]:
+    """After a restart: a death while the process trained one job is that job's crash (past its
+    max_failures it fails); a death while it trained several blames none, and those jobs then
+    resume one at a time, so that a job that keeps killing its process is found alone. Returns
+    the jobs to resume and whether they go one at a time."""
+    training, waiting = ray.get(board.in_flight.remote(cfg.slot))
+    training = [JobPlan.model_validate(p) for p in training]
+    waiting = [JobPlan.model_validate(p) for p in waiting]
+    resume = []
+    for plan in training:
+        crashes = ray.get(board.record_death.remote(plan.job.customer, len(training) == 1))
+        if crashes > plan.job.resources.max_failures:
+            reason = (
+                f"its process died {crashes} time(s) (crash or out of memory) while it trained "
+                f"alone; max_failures is {plan.job.resources.max_failures}"
+            )
+            ray.get(board.finish.remote(plan.job.customer, _end(plan, "failed", reason)))
+        else:
+            resume.append(plan)
+    resume += waiting
+    if training or waiting:
+        state.in_flight = resume
+        state.save()
+    return resume, len(training) > 1 or bool(waiting)
+
+
+def _end(plan: JobPlan, state: str, reason: str | None = None, **fields: Any) -> dict[str, Any]:
+    return {"customer": plan.job.customer, "state": state, "reason": reason, **fields}
+
+
+@dataclass
+class SlotJob:
+    """A job while it is in this slot: what the driver will read in its end."""
+
+    plan: JobPlan
+    out: Path  # the trainer's output folder for it (local)
+    checkpoints: JobCheckpoints
+    started: float = field(default_factory=time.perf_counter)
+    failures: int = 0
+    losses: list[float] = field(default_factory=list)
+    mates: set[str] = field(default_factory=set)  # jobs that shared a step with it
+    metrics: dict[str, float] = field(default_factory=dict)
+    result: dict[str, Any] | None = None  # the trainer's final state event
+
+
+class Slot:
+    """The slot's worker: one PackedTrainer (the base loaded once) co-training up to K jobs, each
+    with its own adapter, optimizer, schedule, checkpoints and events; a job that ends leaves and
+    the next queued one joins at the next step."""
+
+    def __init__(self, cfg: SlotConfig, board: Any, state: SlotState):
+        self.cfg, self.board, self.state = cfg, board, state
+        self.trainer: Any = None  # loaded with the first job: its placement is announced first
+        self.k = cfg.max_jobs
+        self.jobs: dict[str, SlotJob] = {}
+        self.folder = Path(tempfile.mkdtemp(prefix=f"lorafleet-{cfg.slot}-"))
+
+    def run(self, resume: list[JobPlan], one_at_a_time: bool) -> None:
+        alone = list(resume) if one_at_a_time else []
+        for plan in [] if one_at_a_time else resume:
+            self.admit(plan)
+        while True:
+            if alone and not self.jobs:
+                self.admit(alone.pop(0))
+            elif not alone:
+                self.fill()
+            if not self.jobs:
+                return
+            self.apply_cancels()
+            self.trainer.step()
+            self.crash_if_asked()
+            for customer in self.trainer.jobs:  # who trained beside whom
+                self.jobs[customer].mates |= set(self.trainer.jobs) - {customer}
+            self.settle()
+
+    def held(self) -> list[JobPlan]:
+        return [job.plan for job in self.jobs.values()]
+
+    def fill(self) -> None:
+        free = self.k - len(self.jobs)
+        if free > 0:
+            for plan in ray.get(self.board.take.remote(self.cfg.slot, free, self.cfg.slots)):
+                self.admit(JobPlan.model_validate(plan))
+
+    def admit(self, plan: JobPlan) -> None:
+        customer = plan.job.customer
+        self.board.begin_attempt.remote(
+            customer, placed=time.time(), node_id=ray.get_runtime_context().get_node_id(), slot=self.cfg.slot
+        )
+        if customer not in self.jobs:
+            out = self.folder / customer
+            self.jobs[customer] = SlotJob(plan, out, JobCheckpoints(self.cfg.storage, plan))
+            if plan not in self.state.in_flight:
+                self.state.in_flight.append(plan)
+                self.state.save()
+        job = self.jobs[customer]
+        ray.get(self.board.set_training.remote(self.cfg.slot, list(self.jobs)))
+        try:
+            if self.trainer is None:
+                self.load(plan)
+            self.trainer.add(plan, job.out, job.checkpoints.latest(), self.on_event)
+        except Exception as exc:  # PackingError, or a base that does not load: this job's
+            from lorafleet.train.runner import root_cause
+
+            job.result = {"state": "failed", "reason": root_cause(exc)}
+
+    def load(self, plan: JobPlan) -> None:
+        """The slot's base, once; K from memory unless the fleet file bounds it."""
+        from lorafleet.train.packed import PackedTrainer
+
+        res = self.cfg.resources
+        on_gpu = res.gpus_per_worker > 0 and torch_cuda()
+        device = str(ray.train.torch.get_device()) if on_gpu else "cpu"
+        _threads(res.cpus_per_worker)
+        self.trainer = PackedTrainer(
+            self.cfg.base_model,
+            self.cfg.quantization,
+            device=device,
+            max_jobs=self.k,
+            base_fingerprint=self.cfg.base_fingerprint,
+        )
+        if self.cfg.k_from_memory:
+            self.k = self.trainer.max_jobs = k_from_memory(self.trainer, plan, self.k)
+
+    def apply_cancels(self) -> None:
+        cancelled = ray.get(self.board.cancelled_names.remote())  # one call a step for all jobs
+        for customer in self.jobs:
+            if customer in cancelled or "*" in cancelled:
+                self.trainer.cancel(customer)
+
+    def crash_if_asked(self) -> None:
+        """Tests: a job's process dies at its crash step, once (as an OOM kill would kill it)."""
+        for customer, step in self.cfg.crash_at_step.items():
+            running = self.trainer.jobs.get(customer)
+            at_step = running is not None and running.step == step
+            if at_step and not ray.get(self.board.death_count.remote(customer)):
+                crash_now()
+
+    def on_event(self, customer: str, event: dict[str, Any]) -> None:
+        """The trainer's events: live state and log events to the board, checkpoints to storage."""
+        job, kind, step = self.jobs[customer], event["event"], event["step"]
+        if kind == "state" and event["state"] == "running":
+            self.board.attempt_started.remote(
+                customer,
+                state="running",
+                total_steps=event["max_steps"],
+                start_step=step,
+                started=time.time(),
+                node_id=ray.get_runtime_context().get_node_id(),
+            )
+            self.board.update.remote(customer, slot=self.cfg.slot, pack_k=self.k)
+        elif kind == "state":
+            self.board.end_attempt.remote(customer, time.time())
+            job.result = event
+        elif kind == "checkpoint":
+            job.checkpoints.save(Path(event["path"]), step)
+        else:  # base_eval, metrics, eval: the numbers a trl job logs
+            numbers = {k: v for k, v in event.items() if isinstance(v, int | float)}
+            job.metrics |= numbers
+            if "loss" in numbers:
+                job.losses.append(numbers["loss"])
+            self.board.log.remote(customer, numbers)
+
+    def settle(self) -> None:
+        """Jobs that left the trainer this step: finished, retried from their checkpoint (a
+        failure within max_failures), or ended."""
+        for customer, job in list(self.jobs.items()):
+            if job.result is None:
+                continue
+            end = self.end_of(customer, job)
+            if end is None:  # retried
+                continue
+            self.board.update.remote(customer, packed_with=sorted(job.mates))
+            ray.get(self.board.finish.remote(customer, end))  # before the slot may end
+            del self.jobs[customer]
+            ray.get(self.board.set_training.remote(self.cfg.slot, list(self.jobs)))
+            self.state.in_flight.remove(job.plan)
+            self.state.save()
+
+    def end_of(self, customer: str, job: SlotJob) -> dict[str, Any] | None:
+        result, job.result = job.result, None
+        if result["state"] == "succeeded":
+            return _end(job.plan, "succeeded", **self.outputs(job, Path(result["adapter"])))
+        if result["state"] == "cancelled" or ray.get(self.board.is_cancelled.remote(customer)):
+            return _end(job.plan, "cancelled", "cancelled by user")
+        job.failures += 1
+        if job.failures > job.plan.job.resources.max_failures:
+            return _end(job.plan, "failed", result["reason"])
+        self.admit(job.plan)  # a new attempt from its last checkpoint
+        return None
+
+    def outputs(self, job: SlotJob, adapter: Path) -> dict[str, Any]:
+        from lorafleet.train.worker import ADAPTER_FILES
+
+        metrics = dict(job.metrics)
+        if job.losses:  # trl's train_loss: the mean training loss over the run's logged steps
+            metrics["train_loss"] = sum(job.losses) / len(job.losses)
+        metrics["job_wall_s"] = time.perf_counter() - job.started
+        return {"files": {n: (adapter / n).read_bytes() for n in ADAPTER_FILES}, "metrics": metrics}
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _threads(cpus: float) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(cpus)))
+
+
+def k_from_memory(trainer: Any, plan: JobPlan, cap: int) -> int:
+    """How many jobs like `plan` fit beside the base: half the free memory of the slot's device
+    (the rest is left to the base's activations, the allocator and whatever shares the node)."""
+    import psutil
+
+    from lorafleet.train.packed import estimate_job_bytes, jobs_that_fit
+
+    on_gpu = trainer.device.startswith("cuda")
+    if on_gpu:
+        import torch
+
+        free = torch.cuda.mem_get_info(torch.device(trainer.device))[0]
+    else:
+        free = psutil.virtual_memory().available
+    layers = [trainer.layers[name] for name in trainer.targets(plan)]
+    in_out = [(layer.in_features, layer.out_features) for layer in layers]
+    job = estimate_job_bytes(plan, trainer.model.config, in_out, on_gpu)
+    return max(1, jobs_that_fit(free // 2, [job] * cap, cap))
+
+
+def crash_now() -> None:
+    """Kill this process the way an out-of-memory kill or a kernel crash does: no cleanup."""
+    os._exit(1)
