@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, model_validator
+from transformers import TrainerCallback
 
 from lorafleet.errors import BaseMismatchError
 from lorafleet.spec import JobSpec, load_deepspeed, zero_stage
@@ -153,7 +154,25 @@ def build_trainer(plan: JobPlan, output_dir: str, device: str, callbacks: list[A
     )
     if not args.bf16:
         _lora_to_fp32(trainer.model)
+    if eval_ds is not None:
+        trainer.add_callback(BaseEval(trainer))
     return trainer
+
+
+class BaseEval(TrainerCallback):
+    """The base model's loss on the job's eval split, logged as `base_eval_loss` before the first
+    step: the yardstick an adapter must beat. peft starts every LoRA B matrix at zero, so the
+    untrained peft model computes exactly the base's outputs. Evaluated at train begin (after
+    DDP/DeepSpeed set the model up, as the periodic evals are), on every rank (the eval is a
+    collective), and skipped on resume: the first attempt measured it, and its log history
+    travels in the checkpoint."""
+
+    def __init__(self, trainer: Any):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            self.trainer.evaluate(metric_key_prefix="base_eval")
 
 
 def _deepspeed_on_cpu() -> None:
