@@ -15,6 +15,7 @@ from mlflow.entities import Metric, Run, RunStatus
 from mlflow.tracking import MlflowClient
 
 from lorafleet import settings
+from lorafleet.data import redact
 from lorafleet.spec import JobSpec
 
 TERMINAL = {"succeeded": "FINISHED", "failed": "FAILED", "cancelled": "KILLED"}
@@ -64,7 +65,7 @@ def start_fleet_run(c: MlflowClient, exp_id: str, fleet: str, spec_file: Path, b
 
 
 def _flat_params(job: JobSpec) -> dict[str, str]:
-    params = {"base_model": job.base_model, "dataset": job.dataset}
+    params = {"base_model": job.base_model, "dataset": redact(job.dataset)}
     for section in ("lora", "quantization", "training", "resources"):
         for key, value in getattr(job, section).model_dump().items():
             params[f"{section}.{key}"] = json.dumps(value) if isinstance(value, list) else str(value)
@@ -86,7 +87,7 @@ def start_job_run(c: MlflowClient, exp_id: str, parent: str, job: JobSpec, tags:
     )
     run_id = run.info.run_id
     c.log_batch(run_id, params=[_param(k, v) for k, v in _flat_params(job).items()])
-    c.log_dict(run_id, job.model_dump(mode="json"), "job_spec.json")
+    c.log_dict(run_id, job.model_dump(mode="json") | {"dataset": redact(job.dataset)}, "job_spec.json")
     return run_id
 
 
