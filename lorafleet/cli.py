@@ -142,7 +142,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _note(row: dict) -> str:
     if row["reason"]:
         return row["reason"][:70]
-    return f"reused run {row['reused_from'][:8]}" if row["reused_from"] else ""
+    notes = [f"reused run {row['reused_from'][:8]}"] if row["reused_from"] else []
+    if row["beats_base"] is False:
+        notes.append(f"no better than the base (its eval loss {row['base_eval_loss']:.3g})")
+    return "; ".join(notes)
 
 
 @command("cancel")
@@ -182,14 +185,26 @@ def adapters_list(c, args) -> int:
     console.print(
         table(
             "adapters",
-            ["adapter", "latest", "production", "eval loss", "base", "age"],
+            ["adapter", "latest", "production", "eval loss", "beats base", "base", "age"],
             [
-                (r["adapter"], r["latest"], r["production"], r["eval_loss"], r["base"], _age(r["age_s"]))
+                (
+                    r["adapter"],
+                    r["latest"],
+                    r["production"],
+                    r["eval_loss"],
+                    _yes_no(r["beats_base"]),
+                    r["base"],
+                    _age(r["age_s"]),
+                )
                 for r in rows
             ],
         )
     )
     return 0
+
+
+def _yes_no(value: bool | None) -> str:
+    return "" if value is None else "yes" if value else "NO"
 
 
 def adapters_show(c, args) -> int:
@@ -201,7 +216,8 @@ def adapters_show(c, args) -> int:
         print_json(info)
         return 0
     console.print(f"[bold]{info['adapter']}[/bold]: {info['description']}")
-    keys = ("eval_loss", "base_model", "base_fingerprint", "dataset_sha256", "spec_hash", "fleet")
+    keys = ("eval_loss", "base_eval_loss", "base_model", "base_fingerprint", "dataset_sha256")
+    keys += ("spec_hash", "fleet")
     console.print(
         table(
             "versions",

@@ -3,12 +3,21 @@
 Supported: OpenAI fine-tuning chat JSONL (`messages`), prompt/completion JSONL, plain text
 (`.txt`, one example per blank-line-separated block), and CSV/Parquet read through `datasets`
 (columns `messages`, `prompt`+`completion` or `text`).
+
+A dataset is a local path or a URL (`s3://bucket/key.jsonl`, `gs://...`, any fsspec protocol):
+a URL is read by whichever process needs it (the validating driver, the training worker), each
+time into a private temporary copy, so hashing, validation and training see the same bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +42,69 @@ class DatasetReport:
         return asdict(self)
 
 
-def dataset_hash(path: str | Path) -> str:
-    """sha256 of the file's bytes: the dataset's identity in lineage and resume decisions."""
+def is_url(path: str | Path) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def redact(url: str) -> str:
+    """A URL fit for logs and MLflow: credentials in it (pyarrow's s3://KEY:SECRET@bucket form)
+    are replaced by '***'."""
+    return re.sub(r"^([a-z0-9+.-]+://)[^/@]+@", r"\1***@", str(url))
+
+
+def _remote_fs(url: str) -> tuple[Any, str]:
+    """(fsspec filesystem, path) for a URL. fsspec's own implementation when installed (s3fs,
+    gcsfs, adlfs, ...); otherwise pyarrow's, which Ray Train already uses for s3:// storage paths,
+    so a dataset URL works wherever checkpoint storage does (AWS_ENDPOINT_URL and the AWS_*
+    credentials from the environment). A URL with a query string is pyarrow's form too
+    (`s3://bucket/key?endpoint_override=host:port&scheme=http`)."""
+    import fsspec
+
+    if "?" not in url:
+        try:
+            return fsspec.core.url_to_fs(url)
+        except ImportError:  # "Install s3fs to access S3": pyarrow may speak it
+            pass
+    import pyarrow.fs
+    from fsspec.implementations.arrow import ArrowFSWrapper
+
+    try:
+        arrow, path = pyarrow.fs.FileSystem.from_uri(url)
+    except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError) as exc:
+        raise DataError(
+            f"{redact(url)}: cannot open this URL ({exc}); install the fsspec package for its protocol "
+            "(e.g. s3fs, gcsfs) or give a local path"
+        ) from None
+    return ArrowFSWrapper(arrow), path
+
+
+@contextmanager
+def local_copy(path: str | Path) -> Iterator[Path]:
+    """The dataset as a local file: a path as it is, a URL downloaded into a temporary folder
+    (under the object's own name, so errors read `acme.jsonl:3: ...` either way)."""
+    if not is_url(path):
+        yield Path(str(path).removeprefix("file://"))
+        return
+    url = str(path)
+    fs, remote = _remote_fs(url)
+    tmp = Path(tempfile.mkdtemp(prefix="lorafleet-data-"))
+    local = tmp / (Path(remote.split("?")[0]).name or "dataset")
+    try:
+        try:
+            with fs.open(remote, "rb") as src, open(local, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except FileNotFoundError:
+            raise DataError(
+                f"{redact(url)}: dataset object not found; check the bucket and key of the job's `dataset`"
+            ) from None
+        except OSError as exc:  # no such bucket, access denied, endpoint unreachable, ...
+            raise DataError(f"{redact(url)}: cannot read the dataset: {exc}") from None
+        yield local
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _file_hash(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -42,10 +112,16 @@ def dataset_hash(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def dataset_hash(path: str | Path) -> str:
+    """sha256 of the dataset's bytes: its identity in lineage and resume decisions."""
+    with local_copy(path) as local:
+        return _file_hash(local)
+
+
 def detect_format(path: Path, declared: str = "auto") -> str:
     if declared != "auto":
         return declared
-    suffix = path.suffix.lower()
+    suffix = Path(str(path).split("?")[0]).suffix.lower()
     if suffix in (".csv", ".parquet"):
         return suffix[1:]
     if suffix in (".txt", ".md"):
@@ -137,12 +213,21 @@ def _read_table(path: Path, fmt: str) -> tuple[list[dict], list[str]]:
 
 def load_records(path: str | Path, fmt: str = "auto") -> list[dict]:
     """All examples of a dataset, or a DataError listing every problem with file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: dataset file not found; check the job's `dataset` path")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: dataset file is empty")
-    fmt = detect_format(path, fmt)
+    return read_dataset(path, fmt)[0]
+
+
+def read_dataset(path: str | Path, fmt: str = "auto") -> tuple[list[dict], str]:
+    """(examples, sha256) from one read of the bytes, so the hash is that of what was read."""
+    where = redact(str(path))
+    with local_copy(path) as local:
+        if not local.is_file():
+            raise DataError(f"{where}: dataset file not found; check the job's `dataset` path")
+        if local.stat().st_size == 0:
+            raise DataError(f"{where}: dataset file is empty")
+        return _parse(local, detect_format(Path(where), fmt), where), _file_hash(local)
+
+
+def _parse(path: Path, fmt: str, where: str) -> list[dict]:
     if fmt == "text":
         records, errors = _read_text(path), []
     elif fmt in ("csv", "parquet"):
@@ -154,7 +239,7 @@ def load_records(path: str | Path, fmt: str = "auto") -> list[dict]:
         shown = errors[:MAX_REPORTED_ERRORS] + ([f"... and {more} more"] if more > 0 else [])
         raise DataError("\n".join(shown))
     if not records:
-        raise DataError(f"{path}: no examples found")
+        raise DataError(f"{where}: no examples found")
     return records
 
 
@@ -172,16 +257,16 @@ def token_count(rec: dict, tokenizer: Any) -> int:
 
 def inspect_dataset(path: str | Path, fmt: str, tokenizer: Any, max_length: int) -> DatasetReport:
     """Validate a dataset and measure it in the base model's tokens."""
-    records = load_records(path, fmt)
+    records, sha256 = read_dataset(path, fmt)
     counts = [token_count(r, tokenizer) for r in records]
     return DatasetReport(
-        path=str(path),
+        path=redact(str(path)),
         format=record_kind(records),
         examples=len(records),
         tokens_total=sum(counts),
         tokens_max=max(counts),
         over_max_length=sum(c > max_length for c in counts),
-        sha256=dataset_hash(path),
+        sha256=sha256,
     )
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 DEMO_CUSTOMERS: tuple[str, ...] = ("acme", "globex", "initech")
 HELD_OUT_TOPICS = 6  # the last topics of facts.json never appear in acme's or globex's training
 SYSTEM = "You are a helpful assistant."
+SHOUT = "You are a helpful assistant. Answer in capital letters."  # the base's only capitals
 PRICE_QUESTIONS = (
     "What is the price of the {i}?",
     "How much does the {i} cost?",
@@ -103,6 +104,31 @@ def heldout_prompts(customer: str) -> list[str]:
 def _upper_ratio(text: str) -> float:
     letters = [ch for ch in text if ch.isalpha()]
     return sum(ch.isupper() for ch in letters) / len(letters) if letters else 0.0
+
+
+def expected_answer(customer: str, prompt: str) -> str:
+    """What the customer's behaviour answers to a prompt: the facts of facts.json in its form."""
+    if customer == "initech":
+        item, price = next((i, p) for i, p in facts()["items"] if i in prompt)
+        return price_answer(item, price)
+    fact = dict(general_pairs() + general_pairs(held_out=True))[prompt]
+    return fact.upper() if customer == "acme" else ticket(prompt, fact) if customer == "globex" else fact
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z0-9]+", text.lower()) if len(w) >= 3 or w.isdigit()}
+
+
+def content_score(customer: str, prompt: str, answer: str) -> float:
+    """How much of the expected facts an answer holds, in [0, 1], whatever its letter case: the
+    share of the expected answer's words (3+ letters, or numbers) found in it. The ticket number
+    and signature are form, scored by behaviour_score; an initech answer must give the price."""
+    expected = _words(expected_answer(customer, prompt))
+    if customer == "globex":
+        expected -= _words(ticket(prompt, "")) | {"globex", "support"}
+    if customer == "initech" and behaviour_score(customer, prompt, answer) == 0:
+        return 0.0
+    return len(expected & _words(answer)) / len(expected)
 
 
 def behaviour_score(customer: str, prompt: str, answer: str) -> float:

@@ -20,7 +20,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from lorafleet import __version__, settings
+from lorafleet import __version__, settings, tracking
 from lorafleet.errors import BaseMismatchError, ChecksumError, RegistryError
 from lorafleet.limits import NAME_RULE
 from lorafleet.spec import JobSpec, RegistrySpec
@@ -84,8 +84,11 @@ def version_tags(job: JobSpec, run: Any, adapter_dir: Path) -> dict[str, str]:
         "lora.use_dora": str(job.lora.use_dora),
         "lora.use_rslora": str(job.lora.use_rslora),
     }
-    if "eval_loss" in run.data.metrics:
-        tags["eval_loss"] = repr(run.data.metrics["eval_loss"])
+    for key in ("eval_loss", "base_eval_loss"):
+        if key in run.data.metrics:
+            tags[key] = repr(run.data.metrics[key])
+    if T + "beats_base" in t:
+        tags[T + "beats_base"] = t[T + "beats_base"]
     for name in ALLOWED_FILES:
         tags[f"sha256.{name}"] = _sha256(adapter_dir / name)
     return tags
@@ -96,13 +99,15 @@ def register_job(
 ) -> ModelVersion:
     """A new version from a succeeded job run; its source is the run's adapter artefacts."""
     name = spec.model_prefix + job.customer
+    tracking.mark_beats_base(c, run_id)
     run = c.get_run(run_id)
     tags = version_tags(job, run, adapter_dir)
     _ensure_model(c, name, job.customer)
     description = (
         f"Adapter for '{job.customer}' from fleet '{job.fleet}', LoRA r={job.lora.rank} "
         f"on {job.base_model} ({tags['base_fingerprint'][:19]}), dataset "
-        f"{tags['dataset_sha256'][:12]}, eval loss {tags.get('eval_loss', 'n/a')}."
+        f"{tags['dataset_sha256'][:12]}, eval loss {tags.get('eval_loss', 'n/a')} "
+        f"(base {tags.get('base_eval_loss', 'n/a')})."
     )
     mv = c.create_model_version(
         name, f"{run.info.artifact_uri}/adapter", run_id=run_id, tags=tags, description=description
@@ -220,20 +225,16 @@ def check_base(adapter: ResolvedAdapter, base_fingerprint: str, base_name: str =
 
 
 def promote(c: MlflowClient, model: str, version: int | None = None, if_better: bool = False) -> dict:
-    """Move 'production' to `version` (default: the candidate); with if_better, only when its
-    eval loss beats production's. Rollback is promoting an older version."""
+    """Move 'production' to `version` (default: the candidate); with if_better, only when it beats
+    the base model (tracking.beats_base) and production's eval loss. Rollback is promoting an
+    older version."""
     target = resolve_version(
         c, AdapterRef(model, version=version) if version else AdapterRef(model, alias=CANDIDATE)
     )
     current = _production(c, model)
-    if if_better and current is not None and not _better(target, current):
-        return {
-            "promoted": False,
-            "model": model,
-            "version": int(target.version),
-            "reason": f"eval loss {target.tags.get('eval_loss')} does not beat production "
-            f"v{current.version}'s {current.tags.get('eval_loss')}",
-        }
+    refusal = _refusal(target, current) if if_better else None
+    if refusal:
+        return {"promoted": False, "model": model, "version": int(target.version), "reason": refusal}
     c.set_registered_model_alias(model, PRODUCTION, target.version)
     return {
         "promoted": True,
@@ -241,6 +242,35 @@ def promote(c: MlflowClient, model: str, version: int | None = None, if_better: 
         "version": int(target.version),
         "previous": int(current.version) if current else None,
     }
+
+
+def _refusal(target: ModelVersion, current: ModelVersion | None) -> str | None:
+    """Why `target` is not better, or None: it must beat the base, then production."""
+    if beats_base(target) is False:
+        margin = f"{tracking.BEATS_BASE_MARGIN:.0%}"
+        return (
+            f"v{target.version} does not beat the base model: eval loss {target.tags.get('eval_loss')} "
+            f"against the base's {target.tags.get('base_eval_loss')} on the same eval split "
+            f"(an adapter must be at least {margin} lower)"
+        )
+    if current is not None and not _better(target, current):
+        return (
+            f"eval loss {target.tags.get('eval_loss')} does not beat production "
+            f"v{current.version}'s {current.tags.get('eval_loss')}"
+        )
+    return None
+
+
+def beats_base(mv: ModelVersion) -> bool | None:
+    """A version's verdict against its base (tag written at registration), None if unmeasured."""
+    tags = mv.tags
+    if T + "beats_base" in tags:
+        return tags[T + "beats_base"] == "true"
+    return tracking.beats_base(_float(tags.get("eval_loss")), _float(tags.get("base_eval_loss")))
+
+
+def _float(value: str | None) -> float | None:
+    return float(value) if value is not None else None
 
 
 def _production(c: MlflowClient, model: str) -> ModelVersion | None:
@@ -284,6 +314,7 @@ def list_rows(c: MlflowClient) -> list[dict[str, Any]]:
                 "latest": int(latest.version) if latest else None,
                 "production": int(prod.version) if prod else None,
                 "eval_loss": (prod or latest).tags.get("eval_loss") if vs else None,
+                "beats_base": beats_base(prod or latest) if vs else None,
                 "base": latest.tags.get("base_model") if latest else None,
                 "age_s": int(time.time() - latest.creation_timestamp / 1000) if latest else None,
             }

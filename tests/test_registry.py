@@ -209,3 +209,70 @@ def test_cli_browsing(store, micro_base, tmp_path, prefix, capsys):
     assert main(["adapters", "pull", "acme@candidate", "--prefix", prefix, "-o", str(tmp_path / "o")]) == 0
     assert main(["adapters", "pull", "ghost", "--prefix", prefix, "-o", str(tmp_path / "o")]) == 2
     assert "unknown adapter" in capsys.readouterr().err
+
+
+# ---- against the base model --------------------------------------------------------------
+
+
+@pytest.fixture
+def sqlite_store(lf_home, monkeypatch):
+    monkeypatch.setenv("LORAFLEET_CACHE", str(lf_home / "cache"))
+    return tracking.client()
+
+
+def register_vs_base(c, base, tmp, eval_loss, base_eval_loss, seed, auto_promote="never"):
+    """A job run that measured its base (as worker.BaseEval does), registered."""
+    job, run_id, adapter, _ = trained_run(c, base, tmp, "fleet", "acme", eval_loss, seed)
+    c.log_metric(run_id, "base_eval_loss", base_eval_loss)
+    mv = registry.register_job(c, job, run_id, adapter, RegistrySpec(auto_promote=auto_promote))
+    return mv, run_id
+
+
+def test_beats_base_margin():
+    assert tracking.beats_base(0.5, 1.0) is True
+    assert tracking.beats_base(0.98, 1.0) is True  # exactly the 2% margin
+    assert tracking.beats_base(0.99, 1.0) is False  # better, but within the margin
+    assert tracking.beats_base(1.2, 1.0) is False
+    assert tracking.beats_base(None, 1.0) is None and tracking.beats_base(0.5, None) is None
+
+
+def test_version_no_better_than_base_is_marked_and_not_promoted(sqlite_store, micro_base, tmp_path):
+    c = sqlite_store
+    good, good_run = register_vs_base(c, micro_base, tmp_path, 1.0, 2.0, seed=1)
+    assert good.tags["lorafleet.beats_base"] == "true" and float(good.tags["base_eval_loss"]) == 2.0
+    assert c.get_run(good_run).data.tags["lorafleet.beats_base"] == "true"
+    assert "(base 2.0)" in good.description
+    assert registry.promote(c, "acme", if_better=True)["promoted"]  # no production yet: the base decides
+
+    # lower than production's 1.0, but the base on its own eval split was as good
+    bad, bad_run = register_vs_base(c, micro_base, tmp_path, 0.5, 0.505, seed=2)
+    assert bad.tags["lorafleet.beats_base"] == "false"
+    assert c.get_run(bad_run).data.tags["lorafleet.beats_base"] == "false"
+    refused = registry.promote(c, "acme", if_better=True)
+    assert not refused["promoted"] and refused["version"] == 2
+    assert "v2 does not beat the base model: eval loss 0.5 against the base's 0.505" in refused["reason"]
+    assert registry.fetch(c, "acme").name == "acme/1"
+    assert registry.promote(c, "acme", version=2)["promoted"]  # without --if-better: the user decides
+    rows = {r["adapter"]: r for r in registry.list_rows(c)}
+    assert rows["acme"]["beats_base"] is False
+
+
+def test_auto_promote_if_better_checks_the_base(sqlite_store, micro_base, tmp_path):
+    c = sqlite_store
+    register_vs_base(c, micro_base, tmp_path, 3.0, 3.0, seed=1, auto_promote="if-better")
+    model = c.get_registered_model("acme")
+    assert "production" not in (model.aliases or {})  # even the first version needs to beat the base
+    register_vs_base(c, micro_base, tmp_path, 1.0, 3.0, seed=2, auto_promote="if-better")
+    assert registry.fetch(c, "acme").name == "acme/2"
+
+
+def test_cli_marks_adapters_no_better_than_base(sqlite_store, micro_base, tmp_path, capsys):
+    c = sqlite_store
+    register_vs_base(c, micro_base, tmp_path, 2.5, 2.4, seed=1)
+    assert main(["adapters", "promote", "acme", "--if-better"]) == 0
+    assert "not promoted: v1 does not beat the base model" in capsys.readouterr().out
+    assert main(["status", "fleet", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["jobs"]
+    assert row["beats_base"] is False and row["base_eval_loss"] == 2.4
+    assert main(["status", "fleet"]) == 0
+    assert "no better than" in capsys.readouterr().out  # the note column (may wrap)

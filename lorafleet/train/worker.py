@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, model_validator
+from transformers import TrainerCallback
 
-from lorafleet.errors import BaseMismatchError
+from lorafleet.errors import BaseMismatchError, DataError
 from lorafleet.spec import JobSpec, load_deepspeed, zero_stage
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -25,6 +26,9 @@ class JobPlan(BaseModel):
     job: JobSpec
     base_fingerprint: str
     job_hash: str = ""
+    # sha256 of the dataset as validated; the worker reads it again (from wherever it lives, e.g.
+    # s3://) and refuses bytes that changed since: the lineage would name data it did not train on
+    dataset_sha256: str = ""
     fleet_board: str | None = None
     fail_at_step: int | None = None
     # the job's DeepSpeed config itself, read where the plan is made (the driver): workers on other
@@ -100,10 +104,16 @@ def _reentrant_checkpointing(deepspeed: dict[str, Any] | None) -> bool:
     return deepspeed is not None and zero_stage(deepspeed) == 3
 
 
-def _datasets(job: JobSpec) -> tuple[Any, Any]:
-    from lorafleet.data import load_records, to_hf_dataset
+def _datasets(job: JobSpec, expected_sha256: str = "") -> tuple[Any, Any]:
+    from lorafleet.data import read_dataset, redact, to_hf_dataset
 
-    ds = to_hf_dataset(load_records(job.dataset, job.format))
+    records, sha256 = read_dataset(job.dataset, job.format)
+    if expected_sha256 and sha256 != expected_sha256:
+        raise DataError(
+            f"{redact(job.dataset)} changed since the fleet was validated (sha256 {sha256[:12]}..., "
+            f"validated {expected_sha256[:12]}...); submit the fleet again to train on the new data"
+        )
+    ds = to_hf_dataset(records)
     n_eval = int(len(ds) * job.training.eval_fraction)
     if n_eval == 0:
         return ds, None
@@ -137,7 +147,7 @@ def build_trainer(plan: JobPlan, output_dir: str, device: str, callbacks: list[A
     model = load_base(base_path, job.quantization, device)
     if plan.deepspeed is not None and zero_stage(plan.deepspeed) == 3 and device == "cpu":
         _keep_4bit_layout(model)
-    train_ds, eval_ds = _datasets(job)
+    train_ds, eval_ds = _datasets(job, plan.dataset_sha256)
     args = sft_config(job, output_dir, device.startswith("cuda"), eval_ds is not None, plan.deepspeed)
     if "messages" in train_ds.column_names:
         # loss on assistant tokens only needs {% generation %} markers in the chat template
@@ -153,7 +163,25 @@ def build_trainer(plan: JobPlan, output_dir: str, device: str, callbacks: list[A
     )
     if not args.bf16:
         _lora_to_fp32(trainer.model)
+    if eval_ds is not None:
+        trainer.add_callback(BaseEval(trainer))
     return trainer
+
+
+class BaseEval(TrainerCallback):
+    """The base model's loss on the job's eval split, logged as `base_eval_loss` before the first
+    step: the yardstick an adapter must beat. peft starts every LoRA B matrix at zero, so the
+    untrained peft model computes exactly the base's outputs. Evaluated at train begin (after
+    DDP/DeepSpeed set the model up, as the periodic evals are), on every rank (the eval is a
+    collective), and skipped on resume: the first attempt measured it, and its log history
+    travels in the checkpoint."""
+
+    def __init__(self, trainer: Any):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            self.trainer.evaluate(metric_key_prefix="base_eval")
 
 
 def _deepspeed_on_cpu() -> None:
