@@ -30,7 +30,7 @@ def start(
     from ray import serve
 
     from lorafleet.serve.app import build_app
-    from lorafleet.train.runner import init_ray
+    from lorafleet.raystart import init_ray
 
     if args.tracking_uri is None:  # replicas don't share our cwd: give them the absolute store
         args = args.model_copy(update={"tracking_uri": settings.tracking_uri()})
