@@ -14,8 +14,8 @@ DEMO_FLEET = ROOT / "jobs" / "demo-fleet.yaml"
 def train_demo(fleet_file: Path = DEMO_FLEET) -> dict[str, str]:
     from rich.live import Live
 
+    from lorafleet.pipeline import submit
     from lorafleet.tinybase import tiny_base_path
-    from lorafleet.train.runner import submit
     from lorafleet.ui import progress_table
 
     with console.status("building the tiny base (first run only)"):

@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from lorafleet import registry, tracking
 from lorafleet.cli import main
 from lorafleet.errors import SpecError
+from lorafleet.pipeline import submit
 from lorafleet.spec import deepspeed_presets, load_fleet
-from lorafleet.train.runner import submit
 from tests.conftest import write_chat
 
 ROOT = Path(__file__).resolve().parents[1]

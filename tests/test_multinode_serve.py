@@ -37,7 +37,7 @@ def two_nodes():
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    from lorafleet.train.runner import init_ray
+    from lorafleet.raystart import init_ray
 
     had_ray = ray.is_initialized()
     ray.shutdown()

@@ -417,7 +417,7 @@ def test_ray_train_checkpoints_to_s3_and_resumes_from_there(on_server, micro_bas
     endpoint = stores.s3_endpoint.removeprefix("http://")
     creds = f"{S3_ENV['AWS_ACCESS_KEY_ID']}:{S3_ENV['AWS_SECRET_ACCESS_KEY']}"
     storage = f"s3://{creds}@{CHECKPOINT_BUCKET}/{prefix}?endpoint_override={endpoint}&scheme=http"
-    from lorafleet.train.runner import submit
+    from lorafleet.pipeline import submit
 
     first = submit(fleet, storage=storage, fail_at_step={"a": 6})
 

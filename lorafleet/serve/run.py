@@ -29,8 +29,8 @@ def start(
     check_exposure(host, args.api_keys_file, getattr(args, "allow_unauthenticated", False))
     from ray import serve
 
-    from lorafleet.serve.app import build_app
     from lorafleet.raystart import init_ray
+    from lorafleet.serve.app import build_app
 
     if args.tracking_uri is None:  # replicas don't share our cwd: give them the absolute store
         args = args.model_copy(update={"tracking_uri": settings.tracking_uri()})

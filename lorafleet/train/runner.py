@@ -33,7 +33,6 @@ __all__ = [
     "driver_node_affinity",
     "init_ray",
     "ray_run_name",
-    "submit",
 ]
 
 
@@ -385,10 +384,3 @@ def cancel(fleet: str, customer: str | None = None, ray_address: str = "auto") -
     except ValueError:
         raise LorafleetError(f"no running submission of fleet '{fleet}' on this Ray cluster") from None
     ray.get(board.cancel.remote(customer))
-
-
-def submit(*args: Any, **kwargs: Any) -> Any:
-    """Moved to lorafleet.pipeline.submit; kept until every caller imports it from there."""
-    from lorafleet.pipeline import submit as run
-
-    return run(*args, **kwargs)
