@@ -83,3 +83,8 @@ def test_demo_adapters_registered_with_lineage(in_demo_home):
         assert mv.tags["dataset_sha256"] == run.data.tags["lorafleet.dataset_sha256"]
         assert mv.tags["base_fingerprint"] == run.data.tags["lorafleet.base_fingerprint"]
         assert float(mv.tags["eval_loss"]) > 0
+        # the base measured on the job's eval split before training, copied into MLflow
+        metrics = run.data.metrics
+        assert metrics["base_eval_loss"] > metrics["eval_loss"], (cust, metrics)
+        assert mv.tags["lorafleet.beats_base"] == run.data.tags["lorafleet.beats_base"] == "true"
+        assert mv.tags["base_eval_loss"] == repr(metrics["base_eval_loss"])
