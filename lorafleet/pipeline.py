@@ -130,6 +130,7 @@ def _plan_job(
         job_hash=tags["job_hash"],
         fleet_board=board_name(sub.fleet),
         fail_at_step=fail_at_step,
+        dataset_sha256=report.sha256,  # the worker refuses bytes changed since validation
     )
     if prior:
         tracking.set_state(c, run_id, "succeeded")
@@ -229,9 +230,11 @@ def record_end(c: Any, sub: Submission, end: JobEnd) -> JobOutcome:
     for name, data in end.files.items():
         (adapter / name).write_bytes(data)
     tracking.log_adapter(c, run_id, adapter)
-    final = {k: v for k, v in end.metrics.items() if k in ("eval_loss", "train_loss")}
+    # base_eval_loss too: a job resumed in a new run logged it only in its first attempt's run
+    final = {k: v for k, v in end.metrics.items() if k in ("eval_loss", "train_loss", "base_eval_loss")}
     tracking.log_history(c, run_id, [{"step": end.metrics.get("step", 0), **final}])
     tracking.set_state(c, run_id, "succeeded")
+    tracking.mark_beats_base(c, run_id)  # also for fleets that register nothing
     return JobOutcome(end.customer, "succeeded", run_id, metrics=end.metrics, adapter_dir=adapter)
 
 
