@@ -474,3 +474,12 @@ def test_fair_queue_round_robin_weights_and_dropped_items():
     assert q.take(5, eligible=lambda tenant: tenant != "small") == ["B10"] and len(q) == 5
     with pytest.raises(ValueError, match="integers >= 1"):
         FairQueue({"x": 0})
+
+
+def test_a_request_carries_its_tenants_weight_into_the_turns():
+    """The keys file's weight reaches the replica on each request (the file is re-read live)."""
+    q = FairQueue()
+    for i in range(6):
+        q.put("big", f"B{i}", weight=2)
+        q.put("small", f"s{i}", weight=1)
+    assert q.take(6) == ["B0", "B1", "s0", "B2", "B3", "s1"]

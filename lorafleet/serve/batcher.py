@@ -234,7 +234,8 @@ class Batcher:
         if self.loop_task is None:
             self.arrived = asyncio.Event()
             self.loop_task = asyncio.get_running_loop().create_task(self._batch_loop())
-        self.waiting.put(getattr(pending.request, "tenant", None), pending)
+        request = pending.request
+        self.waiting.put(getattr(request, "tenant", None), pending, getattr(request, "tenant_weight", None))
         self.arrived.set()
 
     # ---- the batching loop -------------------------------------------------------------

@@ -51,6 +51,7 @@ class GenerationRequest:
     presence_penalty: float = 0.0  # OpenAI's: minus this once a token has been generated
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     tenant: str | None = None  # for the replica's fair admission; the decoder ignores it
+    tenant_weight: int = 1  # the tenant's share of admission turns (keys file `weight`)
 
     def __post_init__(self) -> None:
         """OpenAI's JSON forms: stop may be null or one string; logit_bias keys are strings. A

@@ -32,7 +32,11 @@ class FairQueue:
     def __len__(self) -> int:
         return self.size
 
-    def put(self, tenant: Tenant, item: Any) -> None:
+    def put(self, tenant: Tenant, item: Any, weight: int | None = None) -> None:
+        """weight: the tenant's current weight, when the request carries it (the keys file is
+        re-read live, so the latest request's weight wins)."""
+        if weight is not None:
+            self.weights[tenant] = max(1, int(weight))
         self.queues.setdefault(tenant, deque()).append(item)  # a new tenant joins at the end
         self.size += 1
 

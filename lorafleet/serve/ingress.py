@@ -174,6 +174,7 @@ class IngressCore:
             presence_penalty=body.presence_penalty,
             logit_bias=body.bias(),
             tenant=getattr(tenant, "tenant", None),
+            tenant_weight=max(1, round(getattr(tenant, "weight", 1))),
         )
 
     # ---- names ---------------------------------------------------------------------------
