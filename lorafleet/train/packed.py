@@ -79,6 +79,10 @@ class PackedTrainer:
         self.max_jobs, self.max_padding = max_jobs, max_padding
         self.tokenizer = load_tokenizer(path)
         self.model = load_base(path, quantization, device)
+        if device == "cpu":
+            from lorafleet.train.worker import keep_4bit_layout
+
+            keep_4bit_layout(self.model)  # its step-0 base eval would repack the weights for inference
         self.model.requires_grad_(False)
         self.model.config.use_cache = False
         self.rows = PackedRows()

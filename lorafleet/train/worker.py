@@ -145,8 +145,8 @@ def build_trainer(plan: JobPlan, output_dir: str, device: str, callbacks: list[A
     if plan.deepspeed is not None and device == "cpu":
         _deepspeed_on_cpu()
     model = load_base(base_path, job.quantization, device)
-    if plan.deepspeed is not None and zero_stage(plan.deepspeed) == 3 and device == "cpu":
-        _keep_4bit_layout(model)
+    if device == "cpu":
+        keep_4bit_layout(model)
     train_ds, eval_ds = _datasets(job, plan.dataset_sha256)
     args = sft_config(job, output_dir, device.startswith("cuda"), eval_ds is not None, plan.deepspeed)
     if "messages" in train_ds.column_names:
@@ -205,8 +205,15 @@ def _deepspeed_on_cpu() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def _keep_4bit_layout(model: Any) -> None:
-    """ZeRO-3 on a CPU: stop bitsandbytes repacking 4-bit weights for its AVX512-BF16 kernel.
+def keep_4bit_layout(model: Any) -> None:
+    """Training on a CPU: stop bitsandbytes repacking 4-bit weights for its AVX512-BF16 kernel.
+
+    Found this stop: on a CPU with avx512_bf16, the base eval every job now runs before its first
+    step (an eval forward) repacked the weights, and training went on through the repacked layout
+    with wrong gradients: the demo's globex adapter reached eval loss 2.3 instead of 0.9 and
+    answered gibberish, through trl and the packed trainer alike.
+
+    ZeRO-3 on a CPU has a second reason:
 
     On a CPU with avx512_bf16, an eval forward of a Linear4bit replaces weight.data with a
     repacked uint8 layout. Under ZeRO-3 weight.data is DeepSpeed's gathered/partitioned buffer, so
