@@ -43,6 +43,8 @@ def test_a_bad_arg_is_refused_with_its_name():
 
     with pytest.raises(SpecError, match="max_queued_requests"):
         build_app({"max_queued_requests": "lots"})
+    with pytest.raises(SpecError, match="reserved_rows 16 must be below max_batch_size 16"):
+        build_app({"reserved_rows": 16, "max_batch_size": 16})
 
 
 def test_queues_are_bounded_where_the_ingress_answers_overload():

@@ -27,6 +27,11 @@ def build_app(args: dict[str, Any]) -> Application:
         cfg = AppArgs.model_validate(args)
     except ValidationError as exc:
         raise format_validation_error(exc, "serve app args") from None
+    if cfg.reserved_rows >= cfg.max_batch_size:
+        raise SpecError(
+            f"serve app args: reserved_rows {cfg.reserved_rows} must be below "
+            f"max_batch_size {cfg.max_batch_size}"
+        )
     if cfg.min_replicas > cfg.max_replicas:
         raise SpecError(f"serve app args: min_replicas {cfg.min_replicas} > max_replicas {cfg.max_replicas}")
     plain = cfg.model_dump()

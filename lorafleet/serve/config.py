@@ -36,6 +36,12 @@ class AppArgs(BaseModel):
     max_adapters_per_replica: int = Field(8, gt=0, description="LRU size of loaded adapters")
     max_batch_size: int = Field(16, gt=0, description="requests in one forward pass, any adapters")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="wait to fill a batch")
+    reserved_rows: int = Field(
+        0,
+        ge=0,
+        description="batch rows only a tenant with nothing running may take, so a tenant that floods "
+        "holds at most max_batch_size - reserved_rows (costs peak throughput when one tenant is alone)",
+    )
     max_new_tokens: int = Field(256, gt=0, description="default and cap of max_tokens")
     alias_refresh_s: float = Field(
         5.0,

@@ -72,7 +72,7 @@ class BaseReplica:
             batch_wait_timeout_s=self.args.batch_wait_timeout_s,
             fetch_timeout_s=timeout_s,
             tenant_weights=getattr(self.args, "tenant_weights", None),
-            reserved_rows=getattr(self.args, "reserved_rows", 0),
+            reserved_rows=self.args.reserved_rows,
             on_load=loads.inc,
             on_evict=evictions.inc,
         )
