@@ -107,28 +107,36 @@ def scaling(res: Any) -> Any:
     )
 
 
-@ray.remote(num_cpus=0, max_retries=0)
-def run_job(plan_json: dict[str, Any], run_name: str, storage: str) -> dict[str, Any]:
-    """One job through Ray Train; returns the adapter's files (small) and final metrics."""
+def torch_trainer(
+    loop: Any, config: dict[str, Any], res: ResourcesSpec, run_name: str, storage: str, max_failures: int
+) -> Any:
+    """The Ray Train run of one job or one slot: its workers, backend, storage and restarts."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.huggingface.transformers import RayTrainReportCallback
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from lorafleet.train.worker import ADAPTER_FILES
-
-    res = JobPlan.model_validate(plan_json).job.resources
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=plan_json,
+    return TorchTrainer(
+        loop,
+        train_loop_config=config,
         torch_config=TorchConfig(backend=torch_backend(res.gpus_per_worker)),
         scaling_config=scaling(res),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage,
-            failure_config=FailureConfig(max_failures=res.max_failures),
+            failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def run_job(plan_json: dict[str, Any], run_name: str, storage: str) -> dict[str, Any]:
+    """One job through Ray Train; returns the adapter's files (small) and final metrics."""
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+
+    from lorafleet.train.worker import ADAPTER_FILES
+
+    res = JobPlan.model_validate(plan_json).job.resources
+    trainer = torch_trainer(train_loop, plan_json, res, run_name, storage, res.max_failures)
     start = time.perf_counter()
     result = trainer.fit()
     fit_s = time.perf_counter() - start

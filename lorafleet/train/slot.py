@@ -95,24 +95,10 @@ def slot_max_failures(plans: list[JobPlan]) -> int:
 @ray.remote(num_cpus=0, max_retries=0)
 def run_slot(config_json: dict[str, Any], run_name: str, storage: str, max_failures: int) -> None:
     """One slot through Ray Train; its jobs' ends go to the board, so nothing is returned."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from lorafleet.train.runner import scaling, torch_backend
+    from lorafleet.train.runner import torch_trainer
 
     res = SlotConfig.model_validate(config_json).resources
-    TorchTrainer(
-        slot_loop,
-        train_loop_config=config_json,
-        torch_config=TorchConfig(backend=torch_backend(res.gpus_per_worker)),
-        scaling_config=scaling(res),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-    ).fit()
+    torch_trainer(slot_loop, config_json, res, run_name, storage, max_failures).fit()
 
 
 # ---- the slot's worker -------------------------------------------------------------------
