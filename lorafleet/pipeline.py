@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 from lorafleet import settings, tracking
 from lorafleet.raystart import init_ray
 from lorafleet.spec import JobSpec, PackingSpec, RegistrySpec
+from lorafleet.train.plan import JobPlan
 from lorafleet.train.progress import board_name
-from lorafleet.train.worker import JobPlan
 from lorafleet.validate import FleetCheck, check_fleet
 
 if TYPE_CHECKING:  # the runner imports Ray and torch: loaded when a fleet runs, not to validate

@@ -36,6 +36,19 @@ def init_ray(address: str | None, **options: Any) -> None:
         )
 
 
+def run_env() -> dict[str, Any]:
+    """The runtime env of the tasks that start Ray Train runs (inherited by each run's controller,
+    workers and placement-group cleaner): the job's env plus this cluster's address. Train's
+    placement-group cleaner looks its controller up through the state API, which finds the
+    cluster by scanning the machine when RAY_ADDRESS is unset; with a second Ray instance on the
+    machine (a test cluster, a benchmark) that lookup raised, the cleaner took the controller for
+    dead and removed the run's placement group, killing a healthy job's worker."""
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    return {"env_vars": {**RAY_ENV["env_vars"], "RAY_ADDRESS": address}}
+
+
 def driver_node_affinity() -> Any:
     """Keep resource-free control actors (a job's Ray Train controller, the fleet's board) on the
     driver's node: on a worker node the loss of that node would take down the whole job (or the

@@ -8,11 +8,8 @@ from __future__ import annotations
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
 
-from transformers import TrainerCallback
-
-from lorafleet.train.worker import JobPlan
+from lorafleet.train.plan import JobPlan
 
 KEEP = 2
 STEP_FOLDER = re.compile(r"^checkpoint_(\d+)$")  # ours; Ray Train's own runs use timestamps
@@ -65,15 +62,3 @@ class JobCheckpoints:
         )
         for old in self.steps()[:-KEEP]:
             self.fs.delete_dir(f"{self.root}/checkpoint_{old:06d}")
-
-
-class UploadCheckpoints(TrainerCallback):
-    """After each HF save, the checkpoint goes to the job's folder in the storage path."""
-
-    def __init__(self, checkpoints: JobCheckpoints):
-        self.checkpoints = checkpoints
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if folder.is_dir():
-            self.checkpoints.save(folder, state.global_step)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lorafleet.train.worker import JobPlan
+from lorafleet.train.plan import JobPlan
 
 
 def estimate_job_bytes(plan: JobPlan, config: Any, in_out: list[tuple[int, int]], on_gpu: bool) -> int:

@@ -5,15 +5,13 @@ the fleet's warm slots take their work from (`lorafleet.train.slot`)."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import ray
-from transformers import TrainerCallback
 
 from lorafleet.raystart import NAMESPACE
 
-__all__ = ["NAMESPACE", "InjectedFault", "JobCancelled", "ProgressBoard", "ProgressCallback", "board_name"]
+__all__ = ["NAMESPACE", "InjectedFault", "JobCancelled", "ProgressBoard", "board_name"]
 
 
 class JobCancelled(RuntimeError):
@@ -167,41 +165,3 @@ def board_name(fleet: str) -> str:
 
 def get_board(fleet: str) -> Any:
     return ray.get_actor(board_name(fleet), namespace=NAMESPACE)
-
-
-class ProgressCallback(TrainerCallback):
-    """Rank 0 reports steps and losses; every rank checks for cancellation each step."""
-
-    def __init__(self, board: Any, customer: str, rank: int, fail_at_step: int | None = None):
-        self.board, self.customer, self.rank = board, customer, rank
-        self.fail_at_step = fail_at_step
-        self.started = time.time()
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if self.rank == 0 and self.board is not None:
-            # the node of rank 0 tells users (and tests) where the job ran; a restart after a lost
-            # node begins a new attempt, usually elsewhere
-            self.board.attempt_started.remote(
-                self.customer,
-                state="running",
-                total_steps=state.max_steps,
-                start_step=state.global_step,
-                started=time.time(),
-                node_id=ray.get_runtime_context().get_node_id(),
-            )
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.rank == 0 and self.board is not None:
-            self.board.end_attempt.remote(self.customer, time.time())
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.board is not None and ray.get(self.board.is_cancelled.remote(self.customer)):
-            raise JobCancelled(f"job '{self.customer}' was cancelled at step {state.global_step}")
-        if self.fail_at_step is not None and state.global_step == self.fail_at_step:
-            raise InjectedFault(f"injected fault at step {state.global_step}")
-        if self.rank == 0 and self.board is not None:
-            self.board.update.remote(self.customer, step=state.global_step)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.rank == 0 and self.board is not None and logs:
-            self.board.log.remote(self.customer, {"step": state.global_step, **logs})

@@ -9,6 +9,7 @@ touches the others; a lost worker node costs its jobs a restart from their last 
 from __future__ import annotations
 
 import os
+import re
 import time
 import traceback
 import uuid
@@ -19,10 +20,10 @@ from typing import Any, Literal
 import ray
 
 from lorafleet.errors import LorafleetError
-from lorafleet.raystart import NAMESPACE, RAY_ENV, driver_node_affinity, init_ray
+from lorafleet.raystart import NAMESPACE, RAY_ENV, driver_node_affinity, init_ray, run_env
 from lorafleet.spec import JobSpec, PackingSpec, ResourcesSpec
+from lorafleet.train.plan import JobPlan
 from lorafleet.train.progress import ProgressBoard, board_name
-from lorafleet.train.worker import JobPlan
 
 __all__ = [
     "NAMESPACE",
@@ -133,7 +134,7 @@ def run_job(plan_json: dict[str, Any], run_name: str, storage: str) -> dict[str,
     """One job through Ray Train; returns the adapter's files (small) and final metrics."""
     from ray.train.huggingface.transformers import RayTrainReportCallback
 
-    from lorafleet.train.worker import ADAPTER_FILES
+    from lorafleet.train.plan import ADAPTER_FILES
 
     res = JobPlan.model_validate(plan_json).job.resources
     trainer = torch_trainer(train_loop, plan_json, res, run_name, storage, res.max_failures)
@@ -147,12 +148,21 @@ def run_job(plan_json: dict[str, Any], run_name: str, storage: str) -> dict[str,
     return {"files": files, "metrics": metrics | {"job_wall_s": fit_s}}
 
 
+_SNIPPET_HEADER = re.compile(r"^\[Rank \d+ Error Snippet\]:$")
+
+
 def root_cause(exc: BaseException) -> str:
-    """The user's error inside Ray's wrappers: its last line is what went wrong."""
+    """The user's error inside Ray's wrappers: its last line is what went wrong. A worker that
+    died says so in a line naming no error ("The actor is dead because ..."): that line then."""
     text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not _SNIPPET_HEADER.match(ln.strip())]
+    died = [ln for ln in lines if "is dead because" in ln or "died unexpectedly" in ln]
     causes = [ln for ln in lines if "Error" in ln or "Exception" in ln or "Fault" in ln]
-    return (causes[-1] if causes else lines[-1]).strip()[:2000]
+    # not Ray's wrappers' own lines ("...WorkerGroupError: Training failed due to worker errors:")
+    wrapper = ("ray.train.", "ray.exceptions.")
+    errors = [ln for ln in causes if not ln.endswith(":") and not ln.startswith(wrapper)]
+    pick = (errors or died or causes or lines or [type(exc).__name__])[-1]
+    return pick[:2000]
 
 
 def job_end(customer: str, ref: Any, cancelled: bool) -> JobEnd:
@@ -194,6 +204,7 @@ class Launcher:
         self.pending = list(plans)
         self.refs: dict[Any, str] = {}
         self.demand = {cust: job_demand(plan.job) for cust, plan in plans.items()}
+        self.env = run_env()
 
     def launch(self) -> None:
         limit = {k: v * queue_depth() for k, v in ray.cluster_resources().items()}
@@ -209,7 +220,7 @@ class Launcher:
             for k, v in need.items():
                 used[k] = used.get(k, 0) + v
             plan = self.plans[cust]
-            ref = run_job.options(scheduling_strategy=self.placement).remote(
+            ref = run_job.options(scheduling_strategy=self.placement, runtime_env=self.env).remote(
                 plan.model_dump(mode="json"), ray_run_name(plan.job, plan.job_hash), self.storage
             )
             self.refs[ref] = cust
@@ -351,7 +362,7 @@ class Slots:
                 k_from_memory=packing.max_jobs_per_slot is None,
                 crash_at_step=crash_at_step,
             )
-            ref = run_slot.options(scheduling_strategy=self.placement).remote(
+            ref = run_slot.options(scheduling_strategy=self.placement, runtime_env=run_env()).remote(
                 cfg.model_dump(mode="json"),
                 slot_run_name(self.fleet, self.submission, i),
                 self.storage,

@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field
 from lorafleet.raystart import NAMESPACE
 from lorafleet.spec import QuantizationSpec, ResourcesSpec
 from lorafleet.train.checkpoints import JobCheckpoints
-from lorafleet.train.worker import JobPlan
+from lorafleet.train.plan import JobPlan
 
 STATE_FILE = "slot_state.json"
 DEFAULT_MAX_JOBS = 8  # K when the fleet file does not bound it: the most memory may lower it to
@@ -328,7 +328,7 @@ class Slot:
         return None
 
     def outputs(self, job: SlotJob, adapter: Path) -> dict[str, Any]:
-        from lorafleet.train.worker import ADAPTER_FILES
+        from lorafleet.train.plan import ADAPTER_FILES
 
         metrics = dict(job.metrics)
         if job.losses:  # trl's train_loss: the mean training loss over the run's logged steps

@@ -8,38 +8,17 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, model_validator
+import ray
 from transformers import TrainerCallback
 
 from lorafleet.errors import BaseMismatchError, DataError
-from lorafleet.spec import JobSpec, load_deepspeed, zero_stage
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
-class JobPlan(BaseModel):
-    """Everything a worker needs, sent as the Ray Train loop config."""
-
-    job: JobSpec
-    base_fingerprint: str
-    job_hash: str = ""
-    # sha256 of the dataset as validated; the worker reads it again (from wherever it lives, e.g.
-    # s3://) and refuses bytes that changed since: the lineage would name data it did not train on
-    dataset_sha256: str = ""
-    fleet_board: str | None = None
-    fail_at_step: int | None = None
-    # the job's DeepSpeed config itself, read where the plan is made (the driver): workers on other
-    # nodes then need neither the preset files nor a custom JSON's path
-    deepspeed: dict[str, Any] | None = None
-
-    @model_validator(mode="after")
-    def _read_deepspeed(self) -> JobPlan:
-        if self.deepspeed is None and self.job.training.deepspeed is not None:
-            self.deepspeed = load_deepspeed(self.job.training.deepspeed)
-        return self
+from lorafleet.spec import JobSpec, zero_stage
+from lorafleet.train.plan import ADAPTER_FILES, JobPlan
+from lorafleet.train.progress import InjectedFault, JobCancelled
 
 
 def lora_config(job: JobSpec) -> Any:
@@ -168,6 +147,44 @@ def build_trainer(plan: JobPlan, output_dir: str, device: str, callbacks: list[A
     return trainer
 
 
+class ProgressCallback(TrainerCallback):
+    """Rank 0 reports steps and losses; every rank checks for cancellation each step."""
+
+    def __init__(self, board: Any, customer: str, rank: int, fail_at_step: int | None = None):
+        self.board, self.customer, self.rank = board, customer, rank
+        self.fail_at_step = fail_at_step
+        self.started = time.time()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.rank == 0 and self.board is not None:
+            # the node of rank 0 tells users (and tests) where the job ran; a restart after a lost
+            # node begins a new attempt, usually elsewhere
+            self.board.attempt_started.remote(
+                self.customer,
+                state="running",
+                total_steps=state.max_steps,
+                start_step=state.global_step,
+                started=time.time(),
+                node_id=ray.get_runtime_context().get_node_id(),
+            )
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.rank == 0 and self.board is not None:
+            self.board.end_attempt.remote(self.customer, time.time())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.board is not None and ray.get(self.board.is_cancelled.remote(self.customer)):
+            raise JobCancelled(f"job '{self.customer}' was cancelled at step {state.global_step}")
+        if self.fail_at_step is not None and state.global_step == self.fail_at_step:
+            raise InjectedFault(f"injected fault at step {state.global_step}")
+        if self.rank == 0 and self.board is not None:
+            self.board.update.remote(self.customer, step=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.rank == 0 and self.board is not None and logs:
+            self.board.log.remote(self.customer, {"step": state.global_step, **logs})
+
+
 class BaseEval(TrainerCallback):
     """The base model's loss on the job's eval split, logged as `base_eval_loss` before the first
     step: the yardstick an adapter must beat. peft starts every LoRA B matrix at zero, so the
@@ -258,7 +275,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
     from ray.train.huggingface.transformers import RayTrainReportCallback
 
-    from lorafleet.train.progress import NAMESPACE, ProgressCallback
+    from lorafleet.train.progress import NAMESPACE
 
     plan = JobPlan.model_validate(config)
     ctx = ray.train.get_context()
