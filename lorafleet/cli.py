@@ -474,7 +474,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         dataset = (
             Path(args.dataset) if args.dataset else write_demo_datasets(Path(tempfile.mkdtemp()))["acme"]
         )
-        results = run_train_bench(args.base_model, dataset, args.steps, args.jobs)
+
+        def partial(results: dict) -> None:  # a run cut short keeps what it measured
+            if args.out:
+                Path(args.out).write_text(json.dumps(results | {"partial": True}, indent=2, default=str))
+
+        results = run_train_bench(args.base_model, dataset, args.steps, args.jobs, on_partial=partial)
     elif args.what == "scale":
         from lorafleet.bench.scale_bench import run_scale_bench
         from lorafleet.demo_customers import write_demo_datasets

@@ -17,7 +17,7 @@ RAY_ENV = {
         "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get(
             "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600"
         ),
-    }
+    },
 }
 
 
@@ -29,24 +29,23 @@ def init_ray(address: str | None, **options: Any) -> None:
         ray.init(
             address=address,
             namespace=NAMESPACE,
-            runtime_env=RAY_ENV,
+            runtime_env=RAY_ENV | {"worker_process_setup_hook": pin_cluster_address},
             log_to_driver=False,
             include_dashboard=False,
             **options,
         )
 
 
-def run_env() -> dict[str, Any]:
-    """The runtime env of the tasks that start Ray Train runs (inherited by each run's controller,
-    workers and placement-group cleaner): the job's env plus this cluster's address. Train's
-    placement-group cleaner looks its controller up through the state API, which finds the
-    cluster by scanning the machine when RAY_ADDRESS is unset; with a second Ray instance on the
-    machine (a test cluster, a benchmark) that lookup raised, the cleaner took the controller for
-    dead and removed the run's placement group, killing a healthy job's worker."""
+def pin_cluster_address() -> None:
+    """Every worker process of ours (Ray Train's controllers and placement-group cleaners too)
+    names its own cluster in RAY_ADDRESS. Train's placement-group cleaner looks its controller up
+    through the state API, which finds the cluster by scanning the machine when RAY_ADDRESS is
+    unset; with a second Ray instance on the machine (a test cluster, a benchmark) that lookup
+    raised, the cleaner took the controller for dead and removed the run's placement group,
+    killing a healthy job's worker."""
     import ray
 
-    address = ray.get_runtime_context().gcs_address
-    return {"env_vars": {**RAY_ENV["env_vars"], "RAY_ADDRESS": address}}
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def driver_node_affinity() -> Any:

@@ -83,8 +83,9 @@ def _fleet_seconds(fleet_file: Path) -> tuple[float, dict[str, float]]:
 
 
 def overhead(folder: Path, base: str, dataset: Path, training: dict) -> dict[str, Any]:
-    """One job through the fleet (warm slot; Ray already started) against the same training in
-    this process with no Ray."""
+    """One job through the fleet (Ray already started) against the same training as a plain
+    script in a fresh process (imports, base load, training: what `python train.py` costs), and
+    against the same training in this process, whose imports are already paid."""
     import ray
 
     from lorafleet.raystart import init_ray
@@ -92,35 +93,47 @@ def overhead(folder: Path, base: str, dataset: Path, training: dict) -> dict[str
     start = time.perf_counter()
     init_ray(None)
     ray_init_s = time.perf_counter() - start
-    plain = _plain_seconds(_fleet_file(folder, base, {"solo": dataset}, training, "bench-plain"))
+    plain_file = _fleet_file(folder, base, {"solo": dataset}, training, "bench-plain")
+    plain_process = _plain_processes(plain_file, 1)
+    plain = _plain_seconds(plain_file)
     fleet, _ = _fleet_seconds(_fleet_file(folder, base, {"solo": dataset}, training, "bench-solo"))
     return {
-        "plain_s": plain,
+        "plain_process_s": plain_process,
+        "plain_in_process_s": plain,
         "fleet_s": fleet,
         "ray_init_s": ray_init_s,
         "cpu_slots": int(ray.cluster_resources().get("CPU", 1)),
-        "fleet_vs_plain": fleet / plain,
-    }
-
-
-def fleet_three_ways(folder: Path, base: str, dataset: Path, training: dict, n_jobs: int) -> dict[str, Any]:
-    """n small jobs: warm slots, one Ray Train run per job, plain scripts one after another."""
-    datasets = {f"job-{i}": dataset for i in range(n_jobs)}
-    slots_file = _fleet_file(folder, base, datasets, training, "bench-slots")
-    slots_s, per_job = _fleet_seconds(slots_file)
-    runs_file = _fleet_file(folder, base, datasets, training, "bench-runs", packing={"enabled": False})
-    runs_s, _ = _fleet_seconds(runs_file)
-    plain_s = _plain_processes(slots_file, n_jobs)
-    return {
-        "jobs": n_jobs,
-        "slots_s": slots_s,
-        "own_runs_s": runs_s,
-        "plain_processes_s": plain_s,
-        "slots_vs_own_runs": slots_s / runs_s,
-        "slots_vs_plain_processes": slots_s / plain_s,
-        "slot_job_wall_s": per_job,
+        "fleet_vs_plain_process": fleet / plain_process,
+        "fleet_vs_plain_in_process": fleet / plain,
         "load": _load(),
     }
+
+
+def fleet_three_ways(
+    folder: Path, base: str, dataset: Path, training: dict, n_jobs: int, record: Any = None
+) -> dict[str, Any]:
+    """n small jobs: warm slots, one Ray Train run per job, plain scripts one after another;
+    `record(out)` after each (a long run that is cut short keeps what it measured)."""
+    datasets = {f"job-{i}": dataset for i in range(n_jobs)}
+    out: dict[str, Any] = {"jobs": n_jobs}
+    slots_file = _fleet_file(folder, base, datasets, training, "bench-slots")
+    out["slots_s"], out["slot_job_wall_s"] = _fleet_seconds(slots_file)
+    out["load_after_slots"] = _load()
+    _record(record, out)
+    runs_file = _fleet_file(folder, base, datasets, training, "bench-runs", packing={"enabled": False})
+    out["own_runs_s"], _ = _fleet_seconds(runs_file)
+    out["slots_vs_own_runs"] = out["slots_s"] / out["own_runs_s"]
+    out["load_after_own_runs"] = _load()
+    _record(record, out)
+    out["plain_processes_s"] = _plain_processes(slots_file, n_jobs)
+    out["slots_vs_plain_processes"] = out["slots_s"] / out["plain_processes_s"]
+    out["load"] = _load()
+    return out
+
+
+def _record(record: Any, out: dict[str, Any]) -> None:
+    if record is not None:
+        record(out)
 
 
 def _load() -> dict[str, Any]:
@@ -221,8 +234,14 @@ def gpu_throughput(folder: Path, base: str, dataset: Path, training: dict, n_job
 
 
 def run_train_bench(
-    base: str, dataset: Path, max_steps: int = 20, n_jobs: int = 16, with_memory: bool = True
+    base: str,
+    dataset: Path,
+    max_steps: int = 20,
+    n_jobs: int = 16,
+    with_memory: bool = True,
+    on_partial: Any = None,
 ) -> dict[str, Any]:
+    """The figures above; `on_partial(results)` is called as each part is measured."""
     import torch
 
     training = {
@@ -241,7 +260,12 @@ def run_train_bench(
             folder = Path(tmp)
             results["load_before"] = _load()
             results["overhead"] = overhead(folder, base, dataset, training)
-            results["fleet"] = fleet_three_ways(folder, base, dataset, training, n_jobs)
+            _record(on_partial, results)
+
+            def partial_fleet(fleet: dict[str, Any]) -> None:
+                _record(on_partial, results | {"fleet": fleet})
+
+            results["fleet"] = fleet_three_ways(folder, base, dataset, training, n_jobs, partial_fleet)
             if torch.cuda.is_available():
                 results["gpu"] = gpu_throughput(folder, base, dataset, training, n_jobs)
         finally:

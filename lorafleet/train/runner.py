@@ -20,7 +20,7 @@ from typing import Any, Literal
 import ray
 
 from lorafleet.errors import LorafleetError
-from lorafleet.raystart import NAMESPACE, RAY_ENV, driver_node_affinity, init_ray, run_env
+from lorafleet.raystart import NAMESPACE, RAY_ENV, driver_node_affinity, init_ray
 from lorafleet.spec import JobSpec, PackingSpec, ResourcesSpec
 from lorafleet.train.plan import JobPlan
 from lorafleet.train.progress import ProgressBoard, board_name
@@ -52,7 +52,7 @@ def ray_run_name(job: JobSpec, jhash: str) -> str:
     return f"{job.fleet}-{job.customer}-{jhash[:8]}"
 
 
-def torch_backend(gpus_per_worker: float) -> str:
+def backend_name(gpus_per_worker: float) -> str:
     """The process-group backend, chosen from the torch build rather than this process's devices:
     this task runs on the driver's node, often a CPU-only head, while the workers hold the GPUs.
     With GPUs, CUDA tensors go over NCCL and CPU tensors over gloo, so a job still trains when a
@@ -108,24 +108,40 @@ def scaling(res: Any) -> Any:
     )
 
 
-def torch_trainer(
-    loop: Any, config: dict[str, Any], res: ResourcesSpec, run_name: str, storage: str, max_failures: int
+def ray_trainer(
+    loop: Any,
+    config: dict[str, Any],
+    res: ResourcesSpec,
+    run_name: str,
+    storage: str,
+    max_failures: int,
+    torch_backend: bool = True,
 ) -> Any:
-    """The Ray Train run of one job or one slot: its workers, backend, storage and restarts."""
+    """The Ray Train run of one job or one slot: its workers, backend, storage and restarts. A job
+    gets the torch backend (its workers form a process group: DDP, DeepSpeed); a slot, one worker
+    that needs none, gets Ray Train's plain data-parallel trainer."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    run_config = RunConfig(
+        name=run_name,
+        storage_path=storage,
+        failure_config=FailureConfig(max_failures=max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=2),
+    )
+    if not torch_backend:
+        from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+        return DataParallelTrainer(
+            loop, train_loop_config=config, scaling_config=scaling(res), run_config=run_config
+        )
     from ray.train.torch import TorchConfig, TorchTrainer
 
     return TorchTrainer(
         loop,
         train_loop_config=config,
-        torch_config=TorchConfig(backend=torch_backend(res.gpus_per_worker)),
+        torch_config=TorchConfig(backend=backend_name(res.gpus_per_worker)),
         scaling_config=scaling(res),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
+        run_config=run_config,
     )
 
 
@@ -137,7 +153,7 @@ def run_job(plan_json: dict[str, Any], run_name: str, storage: str) -> dict[str,
     from lorafleet.train.plan import ADAPTER_FILES
 
     res = JobPlan.model_validate(plan_json).job.resources
-    trainer = torch_trainer(train_loop, plan_json, res, run_name, storage, res.max_failures)
+    trainer = ray_trainer(train_loop, plan_json, res, run_name, storage, res.max_failures)
     start = time.perf_counter()
     result = trainer.fit()
     fit_s = time.perf_counter() - start
@@ -204,7 +220,6 @@ class Launcher:
         self.pending = list(plans)
         self.refs: dict[Any, str] = {}
         self.demand = {cust: job_demand(plan.job) for cust, plan in plans.items()}
-        self.env = run_env()
 
     def launch(self) -> None:
         limit = {k: v * queue_depth() for k, v in ray.cluster_resources().items()}
@@ -220,7 +235,7 @@ class Launcher:
             for k, v in need.items():
                 used[k] = used.get(k, 0) + v
             plan = self.plans[cust]
-            ref = run_job.options(scheduling_strategy=self.placement, runtime_env=self.env).remote(
+            ref = run_job.options(scheduling_strategy=self.placement).remote(
                 plan.model_dump(mode="json"), ray_run_name(plan.job, plan.job_hash), self.storage
             )
             self.refs[ref] = cust
@@ -264,14 +279,17 @@ class FleetExecution:
         """Launch what fits, wait up to timeout_s, and return the jobs that ended meanwhile."""
         launcher = self.launcher
         launcher.launch()
-        refs = list(launcher.refs) + list(self.slots.refs)
-        ready = ray.wait(refs, num_returns=1, timeout=timeout_s)[0] if refs else []
+        if launcher.refs:
+            ready = ray.wait(list(launcher.refs), num_returns=1, timeout=timeout_s)[0]
+        else:
+            ready = []
+            self.slots.wait(timeout_s)
         self.snapshot()  # which jobs run: those stop themselves when cancelled
         ends = [JobEnd(c, "cancelled", "cancelled by user") for c in self._cancel_queued()]
         for ref in [r for r in ready if r in launcher.refs]:
             cust = launcher.refs.pop(ref)
             ends.append(job_end(cust, ref, ray.get(self.board.is_cancelled.remote(cust))))
-        return ends + self.slots.poll([r for r in ready if r in self.slots.refs])
+        return ends + self.slots.poll()
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Each job's live state on the board (state, steps, losses, attempts)."""
@@ -284,8 +302,7 @@ class FleetExecution:
         return ray.get(self.board.drain.remote())
 
     def close(self) -> None:
-        for ref in self.slots.refs:  # only left behind when the driver stops early
-            ray.cancel(ref)
+        # slots still running (only when the driver stops early) end when they find the board gone
         ray.kill(self.board)
 
     def _cancel_queued(self) -> list[str]:
@@ -327,7 +344,7 @@ class Slots:
         self.fleet, self.submission, self.plans, self.storage = fleet, submission, plans, storage
         self.board, self.placement = board, placement
         self.open = {p.job.customer for p in plans}  # not ended yet
-        self.refs: dict[Any, str] = {}  # slot run -> slot id
+        self.runs: list[Any] = []  # SlotRun: each slot's Ray Train run, driven from a thread here
         self.failure: str | None = None
 
     def count(self, packing: PackingSpec) -> int:
@@ -338,7 +355,7 @@ class Slots:
         from lorafleet.train.slot import (
             DEFAULT_MAX_JOBS,
             SlotConfig,
-            run_slot,
+            SlotRun,
             slot_max_failures,
             slot_run_name,
         )
@@ -362,37 +379,44 @@ class Slots:
                 k_from_memory=packing.max_jobs_per_slot is None,
                 crash_at_step=crash_at_step,
             )
-            ref = run_slot.options(scheduling_strategy=self.placement, runtime_env=run_env()).remote(
-                cfg.model_dump(mode="json"),
-                slot_run_name(self.fleet, self.submission, i),
-                self.storage,
-                slot_max_failures(self.plans),
-            )
-            self.refs[ref] = cfg.slot
+            run_name = slot_run_name(self.fleet, self.submission, i)
+            config = cfg.model_dump(mode="json")
+            self.runs.append(SlotRun(cfg.slot, config, run_name, self.storage, slot_max_failures(self.plans)))
 
     def busy(self) -> bool:
         return bool(self.open)
 
-    def poll(self, ready: list[Any]) -> list[JobEnd]:
+    def wait(self, timeout_s: float) -> None:
+        """Up to timeout_s, less if a slot's run ends."""
+        if self.runs:
+            self.runs[0].wait(timeout_s) if len(self.runs) == 1 else _wait_any(self.runs, timeout_s)
+        else:
+            time.sleep(timeout_s)
+
+    def poll(self) -> list[JobEnd]:
         """Jobs the slots finished; when the last slot is gone, the jobs it left fail."""
         ends = [JobEnd(**end) for end in ray.get(self.board.take_ended.remote())]
         self.open -= {end.customer for end in ends}
-        for ref in ready:  # a slot's own end: its jobs ended on the board before it returned
-            slot = self.refs.pop(ref)
-            try:
-                ray.get(ref)
-                self.failure = ray.get(self.board.slot_failure.remote(slot)) or self.failure
+        for run in [r for r in self.runs if r.done()]:  # its jobs ended on the board before it did
+            self.runs.remove(run)
+            if run.error is None:
+                self.failure = ray.get(self.board.slot_failure.remote(run.slot)) or self.failure
                 continue
-            except Exception as exc:
-                self.failure = f"{slot} failed: {root_cause(exc)}"
-            lost = [c for c in ray.get(self.board.taken_by.remote(slot)) if c in self.open]
+            self.failure = f"{run.slot} failed: {root_cause(run.error)}"
+            lost = [c for c in ray.get(self.board.taken_by.remote(run.slot)) if c in self.open]
             ends += [JobEnd(c, "failed", self.failure) for c in lost]
             self.open -= set(lost)
-        if not self.refs and self.open:
+        if not self.runs and self.open:
             reason = self.failure or "no slot left to train it"
             ends += [JobEnd(c, "failed", reason) for c in sorted(self.open)]
             self.open.clear()
         return ends
+
+
+def _wait_any(runs: list[Any], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not any(r.done() for r in runs):
+        time.sleep(0.05)
 
 
 def cancel(fleet: str, customer: str | None = None, ray_address: str = "auto") -> None:
