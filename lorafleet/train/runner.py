@@ -388,10 +388,9 @@ class Slots:
 
     def wait(self, timeout_s: float) -> None:
         """Up to timeout_s, less if a slot's run ends."""
-        if self.runs:
-            self.runs[0].wait(timeout_s) if len(self.runs) == 1 else _wait_any(self.runs, timeout_s)
-        else:
-            time.sleep(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not any(run.done() for run in self.runs):
+            time.sleep(0.05)
 
     def poll(self) -> list[JobEnd]:
         """Jobs the slots finished; when the last slot is gone, the jobs it left fail."""
@@ -411,12 +410,6 @@ class Slots:
             ends += [JobEnd(c, "failed", reason) for c in sorted(self.open)]
             self.open.clear()
         return ends
-
-
-def _wait_any(runs: list[Any], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and not any(r.done() for r in runs):
-        time.sleep(0.05)
 
 
 def cancel(fleet: str, customer: str | None = None, ray_address: str = "auto") -> None:

@@ -120,9 +120,6 @@ class SlotRun:
     def done(self) -> bool:
         return self._done.is_set()
 
-    def wait(self, timeout_s: float) -> bool:
-        return self._done.wait(timeout_s)
-
 
 def fit_slot(config_json: dict[str, Any], run_name: str, storage: str, max_failures: int) -> None:
     """One slot through Ray Train; its jobs' ends go to the board, so nothing is returned. A plain
