@@ -22,7 +22,12 @@ RAY_ENV = {
 
 
 def init_ray(address: str | None, **options: Any) -> None:
-    """Join `address` (None: a running local cluster or a new one; 'local': always a new one)."""
+    """Join `address` (None: a running local cluster or a new one; 'local': always a new one). A
+    cluster started here runs its dashboard on a free loopback port: Ray Train's placement-group
+    cleaner asks the dashboard's state API whether its run's controller lives, and without one
+    of our own that question went to whatever answered on the default port (another Ray
+    instance on the machine), which did not know the controller; the cleaner then removed the
+    run's placement group and killed a healthy worker. (Ignored when joining a cluster.)"""
     import ray
 
     if not ray.is_initialized():
@@ -31,18 +36,26 @@ def init_ray(address: str | None, **options: Any) -> None:
             namespace=NAMESPACE,
             runtime_env=RAY_ENV | {"worker_process_setup_hook": pin_cluster_address},
             log_to_driver=False,
-            include_dashboard=False,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=free_port(),
             **options,
         )
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def pin_cluster_address() -> None:
     """Every worker process of ours (Ray Train's controllers and placement-group cleaners too)
-    names its own cluster in RAY_ADDRESS. Train's placement-group cleaner looks its controller up
-    through the state API, which finds the cluster by scanning the machine when RAY_ADDRESS is
-    unset; with a second Ray instance on the machine (a test cluster, a benchmark) that lookup
-    raised, the cleaner took the controller for dead and removed the run's placement group,
-    killing a healthy job's worker."""
+    names its own cluster in RAY_ADDRESS: the state API otherwise finds a cluster by scanning the
+    machine, and with a second Ray instance there (a test cluster, a benchmark) it raised or
+    asked the wrong one (see init_ray)."""
     import ray
 
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address

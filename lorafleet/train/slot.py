@@ -221,6 +221,7 @@ class Slot:
         self.trainer: Any = None  # loaded with the first job: its placement is announced first
         self.k = cfg.max_jobs
         self.jobs: dict[str, SlotJob] = {}
+        self.changed = False  # jobs joined or left since the board and checkpoint last heard
         self.folder = Path(tempfile.mkdtemp(prefix=f"lorafleet-{cfg.slot}-"))
 
     def run(self, resume: list[JobPlan], one_at_a_time: bool) -> None:
@@ -232,6 +233,7 @@ class Slot:
                 self.admit(alone.pop(0))
             elif not alone:
                 self.fill()
+            self.announce()
             if not self.jobs:
                 return
             self.apply_cancels()
@@ -240,6 +242,15 @@ class Slot:
             for customer in self.trainer.jobs:  # who trained beside whom
                 self.jobs[customer].mates |= set(self.trainer.jobs) - {customer}
             self.settle()
+
+    def announce(self) -> None:
+        """Before a step: the board learns which jobs this process trains (a crash is blamed on
+        them) and Ray Train gets the slot's checkpoint, once for all the jobs that joined or left
+        since the last step: one report per job cost each handover about a second."""
+        if self.changed:
+            ray.get(self.board.set_training.remote(self.cfg.slot, list(self.jobs)))
+            self.state.save()
+            self.changed = False
 
     def held(self) -> list[JobPlan]:
         return [job.plan for job in self.jobs.values()]
@@ -260,9 +271,8 @@ class Slot:
             self.jobs[customer] = SlotJob(plan, out, JobCheckpoints(self.cfg.storage, plan))
             if plan not in self.state.in_flight:
                 self.state.in_flight.append(plan)
-                self.state.save()
+        self.changed = True
         job = self.jobs[customer]
-        ray.get(self.board.set_training.remote(self.cfg.slot, list(self.jobs)))
         try:
             if self.trainer is None:
                 self.load(plan)
@@ -341,9 +351,8 @@ class Slot:
             self.board.update.remote(customer, packed_with=sorted(job.mates))
             ray.get(self.board.finish.remote(customer, end))  # before the slot may end
             del self.jobs[customer]
-            ray.get(self.board.set_training.remote(self.cfg.slot, list(self.jobs)))
             self.state.in_flight.remove(job.plan)
-            self.state.save()
+            self.changed = True
 
     def end_of(self, customer: str, job: SlotJob) -> dict[str, Any] | None:
         result, job.result = job.result, None
