@@ -273,15 +273,8 @@ class FleetExecution:
         return ray.get(self.board.drain.remote())
 
     def close(self) -> None:
-        """Kill the board; cancel the slot runs only when the driver stops early (jobs still open).
-        After a normal end a slot run still out is starting up or about to find the queue empty:
-        it ends by itself (no board, or an empty queue) and Ray Train releases its placement group.
-        Cancelling one while its worker group started left that group behind: Ray Train's cleaner
-        never removed it, and the simulated cluster's GPU it held was the one a slot restarted
-        after a lost node needed (test_multinode hung waiting for it)."""
-        if self.busy():
-            for ref in self.slots.refs:
-                ray.cancel(ref)
+        for ref in self.slots.refs:  # only left behind when the driver stops early
+            ray.cancel(ref)
         ray.kill(self.board)
 
     def _cancel_queued(self) -> list[str]:
