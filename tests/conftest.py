@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
@@ -115,6 +117,52 @@ def write_chat(path: Path, tag: str, n: int = 40) -> Path:
                 {"role": "assistant", "content": f"answer {tag} {i}"},
             ]
             fh.write(json.dumps({"messages": msgs}) + "\n")
+    return path
+
+
+# A few steps of the micro base: what a fleet file of the tests trains unless it says otherwise.
+TRAINING = {
+    "max_steps": 4,
+    "save_steps": 2,
+    "batch_size": 4,
+    "max_length": 64,
+    "logging_steps": 2,
+    "eval_fraction": 0.0,
+}
+
+
+def fleet_file(
+    folder: Path,
+    name: str,
+    jobs: dict[str, str | dict[str, Any]],
+    *,
+    base: Path | str,
+    training: dict[str, Any] | None = None,
+    resources: dict[str, Any] | None = None,
+    packing: dict[str, Any] | None = None,
+    **fields: Any,
+) -> Path:
+    """The fleet file `<folder>/<name>.yaml` of fleet `name` on `base` (rank-4 LoRA).
+
+    jobs: customer -> its dataset (a path beside the file, or a URL) or its entry's other fields;
+    a job without a dataset gets a chat dataset of its own (write_chat, tagged with its name).
+    training: defaults over TRAINING; resources: the defaults' resources; packing: the packing
+    section; fields: other top-level fields (registry, ...)."""
+    entries = []
+    for customer, job in jobs.items():
+        entry = {"dataset": job} if isinstance(job, str) else dict(job)
+        if "dataset" not in entry:
+            write_chat(folder / f"{customer}.jsonl", customer)
+            entry["dataset"] = f"{customer}.jsonl"
+        entries.append({"customer": customer, **entry})
+    defaults: dict[str, Any] = {"training": TRAINING | (training or {}), "lora": {"rank": 4}}
+    if resources is not None:
+        defaults["resources"] = resources
+    spec = {"name": name, "base_model": str(base), "defaults": defaults, "jobs": entries, **fields}
+    if packing is not None:
+        spec["packing"] = packing
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
     return path
 
 

@@ -6,11 +6,10 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from lorafleet import tracking
 from lorafleet.pipeline import submit
-from tests.conftest import write_chat
+from tests.conftest import fleet_file
 
 pytestmark = pytest.mark.integration
 
@@ -25,29 +24,9 @@ def cli(*args: str) -> subprocess.Popen:
 
 
 def test_cancel_from_another_process_stops_one_job(lf_home, micro_base, ray_session):
-    for name in ("slow", "quick"):
-        write_chat(lf_home / f"{name}.jsonl", name)
-    spec = {
-        "name": "cancelme",
-        "base_model": str(micro_base),
-        "defaults": {
-            "training": {
-                "max_steps": 6,
-                "save_steps": 3,
-                "batch_size": 4,
-                "max_length": 64,
-                "logging_steps": 1,
-                "eval_fraction": 0.0,
-            },
-            "lora": {"rank": 4},
-        },
-        "jobs": [
-            {"customer": "slow", "dataset": "slow.jsonl", "training": {"max_steps": 5000}},
-            {"customer": "quick", "dataset": "quick.jsonl"},
-        ],
-    }
-    path = lf_home / "fleet.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    jobs = {"slow": {"training": {"max_steps": 5000}}, "quick": {}}
+    training = {"max_steps": 6, "save_steps": 3, "logging_steps": 1}
+    path = fleet_file(lf_home, "cancelme", jobs, base=micro_base, training=training)
     address = ray_session.get_runtime_context().gcs_address
     calls: list[subprocess.Popen] = []
 

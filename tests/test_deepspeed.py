@@ -16,7 +16,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import yaml
 from safetensors.torch import load_file
 
 from lorafleet import registry, tracking
@@ -24,33 +23,21 @@ from lorafleet.cli import main
 from lorafleet.errors import SpecError
 from lorafleet.pipeline import submit
 from lorafleet.spec import deepspeed_presets, load_fleet
-from tests.conftest import write_chat
+from tests.conftest import fleet_file, write_chat
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "deepspeed"
 
 
-def fleet_file(home: Path, base: Path | str, jobs: list[dict], **training) -> Path:
-    spec = {
-        "name": "multi",
-        "base_model": str(base),
-        "defaults": {
-            "training": {
-                "max_steps": 2,
-                "save_steps": 2,
-                "batch_size": 2,
-                "max_length": 48,
-                "logging_steps": 1,
-                "eval_fraction": 0.1,
-                **training,
-            },
-            "lora": {"rank": 4},
-        },
-        "jobs": jobs,
-    }
-    path = home / "fleet.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+# two short steps of short rows: enough for a 2-worker job to train and save once
+TWO_STEPS = {
+    "max_steps": 2,
+    "save_steps": 2,
+    "batch_size": 2,
+    "max_length": 48,
+    "logging_steps": 1,
+    "eval_fraction": 0.1,
+}
 
 
 def test_packaged_presets_are_the_configs_files():
@@ -116,9 +103,8 @@ def test_wheel_resolves_presets_without_the_checkout(tmp_path):
 
 def test_unknown_preset_fails_validation_listing_presets(lf_home, capsys):
     write_chat(lf_home / "a.jsonl", "alpha")
-    path = fleet_file(
-        lf_home, "tiny-llama", [{"customer": "a", "dataset": "a.jsonl", "training": {"deepspeed": "zero5"}}]
-    )
+    jobs = {"a": {"dataset": "a.jsonl", "training": {"deepspeed": "zero5"}}}
+    path = fleet_file(lf_home, "multi", jobs, base="tiny-llama", training=TWO_STEPS)
     expected = (
         "jobs[0].training.deepspeed: unknown DeepSpeed preset 'zero5'; presets: zero2, zero3, "
         "or give a path to a DeepSpeed JSON file"
@@ -136,13 +122,13 @@ def test_deepspeed_json_path_is_relative_to_the_fleet_file(lf_home):
     (lf_home / "ds").mkdir()
     (lf_home / "ds" / "mine.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     (lf_home / "ds" / "typo.json").write_text(json.dumps({"zero_optimization": {"stage": 4}}))
-    jobs = [
-        {"customer": "a", "dataset": "a.jsonl", "training": {"deepspeed": "ds/mine.json"}},
-        {"customer": "b", "dataset": "b.jsonl", "training": {"deepspeed": "ds/missing.json"}},
-        {"customer": "c", "dataset": "c.jsonl", "training": {"deepspeed": "ds/typo.json"}},
-    ]
+    jobs = {
+        "a": {"dataset": "a.jsonl", "training": {"deepspeed": "ds/mine.json"}},
+        "b": {"dataset": "b.jsonl", "training": {"deepspeed": "ds/missing.json"}},
+        "c": {"dataset": "c.jsonl", "training": {"deepspeed": "ds/typo.json"}},
+    }
     with pytest.raises(SpecError) as err:
-        load_fleet(fleet_file(lf_home, "tiny-llama", jobs))
+        load_fleet(fleet_file(lf_home, "multi", jobs, base="tiny-llama", training=TWO_STEPS))
     msg = str(err.value)
     assert f"jobs[1].training.deepspeed: DeepSpeed config {lf_home / 'ds' / 'missing.json'}" in msg
     assert "No such file" in msg and "jobs[0]" not in msg  # the good path resolved
@@ -150,9 +136,9 @@ def test_deepspeed_json_path_is_relative_to_the_fleet_file(lf_home):
 
 
 def test_several_workers_on_fractional_gpus_is_refused(lf_home):
-    jobs = [{"customer": "a", "dataset": "a.jsonl", "resources": {"workers": 2, "gpus_per_worker": 0.5}}]
+    jobs = {"a": {"dataset": "a.jsonl", "resources": {"workers": 2, "gpus_per_worker": 0.5}}}
     with pytest.raises(SpecError) as err:
-        load_fleet(fleet_file(lf_home, "tiny-llama", jobs))
+        load_fleet(fleet_file(lf_home, "multi", jobs, base="tiny-llama", training=TWO_STEPS))
     assert "jobs[0].resources: 2 workers with gpus_per_worker 0.5" in str(err.value)
     assert "NCCL" in str(err.value) and "gpus_per_worker: 1" in str(err.value)
 
@@ -189,9 +175,8 @@ def test_multi_worker_jobs_train_and_register_like_one_worker(lf_home, micro_bas
     }
     for customer in kinds:
         write_chat(lf_home / f"{customer}.jsonl", customer, n=24)
-    path = fleet_file(
-        lf_home, micro_base, [{"customer": c, "dataset": f"{c}.jsonl", **extra} for c, extra in kinds.items()]
-    )
+    jobs = {c: {"dataset": f"{c}.jsonl", **extra} for c, extra in kinds.items()}
+    path = fleet_file(lf_home, "multi", jobs, base=micro_base, training=TWO_STEPS)
 
     result = submit(path)
 
@@ -220,14 +205,14 @@ def test_deepspeed_jobs_on_gpus(lf_home, micro_base, ray_session):
     import torch
 
     resources = {"workers": min(2, torch.cuda.device_count()), "gpus_per_worker": 1}
-    jobs = [
-        {"customer": c, "dataset": f"{c}.jsonl", "resources": resources, "training": {"deepspeed": c}}
+    jobs = {
+        c: {"dataset": f"{c}.jsonl", "resources": resources, "training": {"deepspeed": c}}
         for c in ("zero2", "zero3")
-    ]
-    for job in jobs:
-        write_chat(lf_home / job["dataset"], job["customer"], n=24)
+    }
+    for customer in jobs:
+        write_chat(lf_home / f"{customer}.jsonl", customer, n=24)
 
-    result = submit(fleet_file(lf_home, micro_base, jobs))
+    result = submit(fleet_file(lf_home, "multi", jobs, base=micro_base, training=TWO_STEPS))
 
     assert {c: (o.state, o.reason) for c, o in result.jobs.items()} == {
         "zero2": ("succeeded", None),

@@ -5,52 +5,26 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 from safetensors.torch import load_file
 
 from lorafleet import tracking
 from lorafleet.cli import main
 from lorafleet.pipeline import submit
-from tests.conftest import write_chat
+from tests.conftest import fleet_file, write_chat
 
 pytestmark = pytest.mark.integration
 
 
-def fleet_file(home, base, jobs, max_steps=8, name="mech"):
-    spec = {
-        "name": name,
-        "base_model": str(base),
-        "defaults": {
-            "training": {
-                "max_steps": max_steps,
-                "save_steps": 4,
-                "batch_size": 4,
-                "max_length": 64,
-                "logging_steps": 2,
-                "eval_fraction": 0.1,
-            },
-            "lora": {"rank": 4},
-        },
-        "jobs": jobs,
-    }
-    path = home / "fleet.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+# eight steps, a checkpoint every four and an eval split (conftest.TRAINING logs every two steps)
+MECH = {"max_steps": 8, "save_steps": 4, "eval_fraction": 0.1}
 
 
 def test_bad_job_fails_alone_and_good_ones_train(lf_home, micro_base, ray_session):
     write_chat(lf_home / "a.jsonl", "alpha")
     write_chat(lf_home / "b.jsonl", "beta")
     (lf_home / "c.jsonl").write_text('{"messages": [{"role": "user", "content": "x"}]}\n')
-    path = fleet_file(
-        lf_home,
-        micro_base,
-        [
-            {"customer": "a", "dataset": "a.jsonl"},
-            {"customer": "b", "dataset": "b.jsonl"},
-            {"customer": "c", "dataset": "c.jsonl"},
-        ],
-    )
+    jobs = {"a": "a.jsonl", "b": "b.jsonl", "c": "c.jsonl"}
+    path = fleet_file(lf_home, "mech", jobs, base=micro_base, training=MECH)
 
     result = submit(path)
 
@@ -78,13 +52,8 @@ def test_bad_job_fails_alone_and_good_ones_train(lf_home, micro_base, ray_sessio
 def test_resume_continues_from_checkpoint_and_skips_succeeded(lf_home, micro_base, ray_session, capsys):
     write_chat(lf_home / "a.jsonl", "alpha")
     write_chat(lf_home / "b.jsonl", "beta")
-    path = fleet_file(
-        lf_home,
-        micro_base,
-        [{"customer": "a", "dataset": "a.jsonl"}, {"customer": "b", "dataset": "b.jsonl"}],
-        max_steps=10,
-        name="resume",
-    )
+    jobs = {"a": "a.jsonl", "b": "b.jsonl"}
+    path = fleet_file(lf_home, "resume", jobs, base=micro_base, training=MECH | {"max_steps": 10})
 
     first = submit(path, fail_at_step={"a": 6})  # crash after the step-4 checkpoint
     assert first.jobs["a"].state == "failed" and "injected fault at step 6" in first.jobs["a"].reason

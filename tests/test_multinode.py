@@ -9,16 +9,16 @@ again afterwards, so the modules after it find Ray as the `ray_session` fixture 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from lorafleet import settings, tracking
 from lorafleet.bench.scale_bench import max_concurrent
 from lorafleet.pipeline import submit
 from lorafleet.raystart import init_ray
-from tests.conftest import start_local_ray, write_chat
+from tests.conftest import fleet_file, start_local_ray
 
 pytestmark = [pytest.mark.integration, pytest.mark.multinode]
 
@@ -60,44 +60,29 @@ def gpu_nodes(cluster, n: int) -> dict[str, object]:
     while len(nodes) > n:
         cluster.remove_node(nodes.pop())
     cluster.wait_for_nodes()
+    gpus_free(n)
     return {node.node_id: node for node in nodes}
 
 
-def fleet_file(
-    home: Path,
-    base: Path,
-    jobs: dict[str, dict],
-    name: str,
-    gpus: float,
-    max_steps: int = 4,
-    packing: dict | None = None,
-) -> Path:
-    """jobs: customer -> training overrides; every job gets its own dataset."""
-    entries = []
-    for customer, training in jobs.items():
-        write_chat(home / f"{customer}.jsonl", customer)
-        entries.append({"customer": customer, "dataset": f"{customer}.jsonl", "training": training})
-    spec = {
-        "name": name,
-        "base_model": str(base),
-        "defaults": {
-            "training": {
-                "max_steps": max_steps,
-                "save_steps": 4,
-                "batch_size": 4,
-                "max_length": 64,
-                "logging_steps": 2,
-                "eval_fraction": 0.0,
-            },
-            "lora": {"rank": 4},
-            "resources": {"gpus_per_worker": gpus, "cpus_per_worker": 1, "max_failures": 1},
-        },
-        "packing": packing or {},
-        "jobs": entries,
-    }
-    path = home / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+def gpus_free(n: int, timeout_s: float = 120) -> None:
+    """Wait until the n GPUs are free: an earlier test's slot run may still be starting (it ends by
+    itself), but a placement group left behind would hold a GPU for good and stall this test."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("GPU", 0) < n - 0.01:
+        if time.monotonic() > deadline:
+            held = [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
+            raise AssertionError(f"GPUs still held after {timeout_s} s, by placement groups {held}")
+        time.sleep(1)
+
+
+def gpu_resources(gpus: float) -> dict:
+    """Each job asks for `gpus` of a GPU node's one GPU (and one CPU); one restart allowed."""
+    return {"gpus_per_worker": gpus, "cpus_per_worker": 1, "max_failures": 1}
+
+
+SAVE_AT_END = {"save_steps": 4}  # jobs here train conftest's 4 steps, with a checkpoint at the end
 
 
 class Timeline:
@@ -133,7 +118,16 @@ def test_jobs_spread_over_nodes_and_queue_beyond_capacity(cluster, lf_home, micr
     # one job per slot at a time: this is about queueing beyond capacity (packed, three jobs
     # would train at once on the two GPUs, which is the point of packing)
     one_each = {"max_jobs_per_slot": 1}
-    path = fleet_file(lf_home, micro_base, {c: {} for c in customers}, "spread", gpus=1, packing=one_each)
+    jobs = dict.fromkeys(customers, {})
+    path = fleet_file(
+        lf_home,
+        "spread",
+        jobs,
+        base=micro_base,
+        training=SAVE_AT_END,
+        resources=gpu_resources(1),
+        packing=one_each,
+    )
     timeline = Timeline()
 
     result = submit(path, on_tick=timeline)
@@ -157,7 +151,14 @@ def test_jobs_spread_over_nodes_and_queue_beyond_capacity(cluster, lf_home, micr
 
 def test_fractional_gpus_pack_two_jobs_on_one_gpu(cluster, lf_home, micro_base):
     (node,) = gpu_nodes(cluster, 1)
-    path = fleet_file(lf_home, micro_base, {"p": {}, "q": {}}, "pack", gpus=0.5)
+    path = fleet_file(
+        lf_home,
+        "pack",
+        {"p": {}, "q": {}},
+        base=micro_base,
+        training=SAVE_AT_END,
+        resources=gpu_resources(0.5),
+    )
     timeline = Timeline()
 
     result = submit(path, on_tick=timeline)
@@ -197,18 +198,11 @@ class NodeKiller(Timeline):
 
 def test_lost_node_resumes_job_elsewhere_and_resubmit_reuses(cluster, lf_home, micro_base):
     nodes = gpu_nodes(cluster, 2)
-    # the victim trains long enough (~20 s) to be caught between its first checkpoint and its end
-    victim_training = {"max_steps": 300, "save_steps": 20}
-    # Own Ray Train runs (packing off): this is the node-loss path of jobs that cannot share a slot.
-    # With warm slots the same test hung after the kill (the restarted slot never came back: still
-    # open); a slot's crash restart is tested on one node in test_slots.py.
+    # the victim trains long enough (~20 s) to be caught between its first checkpoint and its end;
+    # both jobs train in warm slots, one per GPU node
+    jobs = {"victim": {"training": {"max_steps": 300, "save_steps": 20}}, "steady": {}}
     path = fleet_file(
-        lf_home,
-        micro_base,
-        {"victim": victim_training, "steady": {}},
-        "lost",
-        gpus=1,
-        packing={"enabled": False},
+        lf_home, "lost", jobs, base=micro_base, training=SAVE_AT_END, resources=gpu_resources(1)
     )
     killer = NodeKiller(cluster, nodes, "victim", first_save=20)
 
@@ -218,9 +212,14 @@ def test_lost_node_resumes_job_elsewhere_and_resubmit_reuses(cluster, lf_home, m
     assert all(o.state == "succeeded" for o in first.jobs.values()), first.jobs
     client = tracking.client()
     victim = client.get_run(first.jobs["victim"].run_id).data.tags
+    assert victim["lorafleet.trains_in"] == "warm slot"
     before, after = victim["lorafleet.node_ids"].split(",")
     assert victim["lorafleet.attempts"] == "2" and before == killer.killed and after != killer.killed
+    # the slot restarted on the other node and its job went on from its checkpoint there
+    first_try, second_try = killer.attempts("victim")
+    assert first_try["start_step"] == 0 and second_try["node_id"] == after
     resumed = int(victim["lorafleet.resumed_from_step"])
+    assert resumed == second_try["start_step"]
     assert resumed >= 20 and resumed % 20 == 0  # a checkpoint step, not a restart from zero
     steps = [m.step for m in client.get_metric_history(first.jobs["victim"].run_id, "loss")]
     assert all(steps.count(s) == 1 for s in range(2, resumed + 1, 2))  # trained once up to there

@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 
 from lorafleet.data import dataset_hash, inspect_dataset, load_records, read_dataset
 from lorafleet.errors import DataError
 from lorafleet.models import load_tokenizer
-from tests.conftest import write_chat
+from tests.conftest import fleet_file, write_chat
 from tests.s3_stub import moto_server
 
 BUCKET = "customer-data"
@@ -79,12 +78,8 @@ def test_validate_accepts_an_s3_dataset(s3_env, chat_file, micro_base, tmp_path,
     from lorafleet.cli import main
 
     url = s3_env.put(BUCKET, "fleet/acme.jsonl", chat_file.read_bytes())
-    fleet = tmp_path / "fleet.yaml"
-    jobs = [
-        {"customer": "acme", "dataset": url},
-        {"customer": "ghost", "dataset": f"s3://{BUCKET}/ghost.jsonl"},
-    ]
-    fleet.write_text(yaml.safe_dump({"name": "s3f", "base_model": str(micro_base), "jobs": jobs}))
+    jobs = {"acme": url, "ghost": f"s3://{BUCKET}/ghost.jsonl"}
+    fleet = fleet_file(tmp_path, "s3f", jobs, base=micro_base)
     assert main(["validate", str(fleet), "--json"]) != 0  # ghost's object is missing
     out = json.loads(capsys.readouterr().out)
     text = json.dumps(out)

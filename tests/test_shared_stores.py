@@ -34,7 +34,7 @@ from lorafleet import registry, tracking
 from lorafleet.bench.synthetic import trained_run
 from lorafleet.errors import ChecksumError
 from lorafleet.spec import RegistrySpec
-from tests.conftest import write_chat
+from tests.conftest import fleet_file, write_chat
 
 pytestmark = pytest.mark.integration
 
@@ -387,27 +387,13 @@ def test_ray_train_checkpoints_to_s3_and_resumes_from_there(on_server, micro_bas
     stores, home = on_server, Path(os.environ["LORAFLEET_HOME"])
     name, prefix = f"s3fleet{uuid.uuid4().hex[:6]}", f"ckpt-{uuid.uuid4().hex[:6]}"
     write_chat(home / "a.jsonl", "alpha")
-    fleet = home / "fleet.yaml"
-    fleet.write_text(
-        yaml.safe_dump(
-            {
-                "name": name,
-                "base_model": str(micro_base),
-                "defaults": {
-                    "training": {
-                        "max_steps": 8,
-                        "save_steps": 4,
-                        "batch_size": 4,
-                        "max_length": 64,
-                        "logging_steps": 2,
-                        "eval_fraction": 0.1,
-                    },
-                    "lora": {"rank": 4},
-                },
-                "registry": {"model_prefix": f"{name}-", "auto_promote": "always"},
-                "jobs": [{"customer": "a", "dataset": "a.jsonl"}],
-            }
-        )
+    fleet = fleet_file(
+        home,
+        name,
+        {"a": "a.jsonl"},
+        base=micro_base,
+        training={"max_steps": 8, "save_steps": 4, "eval_fraction": 0.1},
+        registry={"model_prefix": f"{name}-", "auto_promote": "always"},
     )
     # The session's Ray workers started before this test and never see AWS_* variables set now,
     # so endpoint and (fake) credentials travel in the URI, in pyarrow's form. Credentials are

@@ -6,41 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 
 from lorafleet import tracking
 from lorafleet.cli import main
 from lorafleet.pipeline import submit
 from lorafleet.validate import check_fleet
-from tests.conftest import write_chat
-
-
-def fleet_file(home, base, jobs: dict[str, dict], packing: dict | None = None, name: str = "slots"):
-    """jobs: customer -> extra fields of its entry; every job gets its own dataset."""
-    entries = []
-    for customer, extra in jobs.items():
-        write_chat(home / f"{customer}.jsonl", customer)
-        entries.append({"customer": customer, "dataset": f"{customer}.jsonl", **extra})
-    spec = {
-        "name": name,
-        "base_model": str(base),
-        "defaults": {
-            "training": {
-                "max_steps": 4,
-                "save_steps": 2,
-                "batch_size": 4,
-                "max_length": 64,
-                "logging_steps": 2,
-                "eval_fraction": 0.0,
-            },
-            "lora": {"rank": 4},
-        },
-        "packing": packing or {},
-        "jobs": entries,
-    }
-    path = home / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+from tests.conftest import fleet_file
 
 
 def test_validate_says_which_jobs_share_slots(lf_home, micro_base, capsys):
@@ -52,14 +23,14 @@ def test_validate_says_which_jobs_share_slots(lf_home, micro_base, capsys):
         "full": {"quantization": {"load_in_4bit": False}},
         "dora": {"lora": {"use_dora": True}},
     }
-    reasons = check_fleet(fleet_file(lf_home, micro_base, jobs)).own_run_reasons()
+    reasons = check_fleet(fleet_file(lf_home, "slots", jobs, base=micro_base)).own_run_reasons()
     assert reasons["warm"] is None
     assert "packing: false" in reasons["alone"]
     assert "workers is 2" in reasons["wide"]
     assert "DeepSpeed" in reasons["zero"]
     assert "quantization" in reasons["full"]
     assert "DoRA" in reasons["dora"]
-    off = check_fleet(fleet_file(lf_home, micro_base, {"warm": {}}, {"enabled": False}, name="off"))
+    off = check_fleet(fleet_file(lf_home, "off", {"warm": {}}, base=micro_base, packing={"enabled": False}))
     assert off.own_run_reasons() == {"warm": "packing.enabled is false"}
 
     assert main(["validate", str(lf_home / "slots.yaml"), "--json"]) == 0
@@ -71,7 +42,7 @@ def test_validate_says_which_jobs_share_slots(lf_home, micro_base, capsys):
 @pytest.mark.integration
 def test_jobs_share_one_slot_and_a_failing_one_fails_alone(lf_home, micro_base, ray_session):
     jobs = {"a": {}, "b": {}, "bad": {}, "solo": {"packing": False}}
-    path = fleet_file(lf_home, micro_base, jobs, {"slots": 1})
+    path = fleet_file(lf_home, "slots", jobs, base=micro_base, packing={"slots": 1})
 
     result = submit(path, fail_at_step={"bad": 3})
 
@@ -100,7 +71,7 @@ def test_a_job_that_kills_its_process_costs_a_slot_restart(lf_home, micro_base, 
         "steady": {},
     }
     # one job at a time in the slot: a crash is then blamed on the job that trained
-    path = fleet_file(lf_home, micro_base, jobs, {"slots": 1, "max_jobs_per_slot": 1})
+    path = fleet_file(lf_home, "slots", jobs, base=micro_base, packing={"slots": 1, "max_jobs_per_slot": 1})
 
     result = submit(path, crash_at_step={"crash": 3, "doomed": 3})
 
