@@ -34,7 +34,7 @@ def init_ray(address: str | None, **options: Any) -> None:
         ray.init(
             address=address,
             namespace=NAMESPACE,
-            runtime_env=RAY_ENV | {"worker_process_setup_hook": pin_cluster_address},
+            runtime_env=RAY_ENV | {"worker_process_setup_hook": "lorafleet.raystart.pin_cluster_address"},
             log_to_driver=False,
             include_dashboard=True,
             dashboard_host="127.0.0.1",

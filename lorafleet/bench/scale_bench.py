@@ -150,6 +150,8 @@ def figures(
         "submit_to_first_training_s": min(a["started"] for a in attempts) - t0,
         "makespan_s": makespan,
         "makespan_incl_prepare_s": t_end - t0,
+        # from the last job's end in its slot to the driver's return (its MLflow writes)
+        "driver_tail_s": t_end - max(a["ended"] for a in attempts),
         "job_slot_s": _stats([a["ended"] - a["placed"] for a in attempts]),
         "job_fit_wall_s": _stats(walls),
         "slots": slots,
