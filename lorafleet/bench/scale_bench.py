@@ -16,6 +16,9 @@ copy); `--no-packing` runs one Ray Train run per job instead. The figures:
   slots waiting for work, the tail where some slots are done). It is 1 / utilisation.
 - time from submit to the first worker placed and to the first training step.
 - slot idle gaps: within a slot's life, the periods with no job (a handover between jobs).
+- warm slot utilisation: busy time over each slot's span from its first job to its last end, so
+  without the slots' start-up (Ray Train's controller and worker processes) and the tail: a
+  diagnostic of the handovers, not the goal's figure.
 
 On a machine with fewer real cores than slots, jobs and Ray's own processes compete for the CPU,
 so every figure here is inflated by that contention; compare runs on the same machine only.
@@ -159,6 +162,8 @@ def figures(
         "ideal_s": busy / slots,
         "makespan_vs_ideal": makespan * slots / busy,
         "slot_utilisation": busy / (slots * makespan),
+        # the same share counted from each slot's first job to its last: once warm, how busy
+        "warm_slot_utilisation": busy / sum(spans[-1][1] - spans[0][0] for spans in timelines.values()),
         "slot_idle_gap_s": _stats(idle_gaps(timelines)),
         "peak_concurrent_jobs": max_concurrent([(a["placed"], a["ended"]) for a in attempts]),
         "jobs_per_node": nodes,
