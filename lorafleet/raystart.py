@@ -17,6 +17,10 @@ RAY_ENV = {
         "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get(
             "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600"
         ),
+        # each Ray Train run (a slot, a job's own run) otherwise starts one more actor process to
+        # watch for node preemption notices, which our loops do not act on: a lost node is a
+        # restart from the last checkpoint either way
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     },
 }
 
