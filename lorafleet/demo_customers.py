@@ -21,7 +21,10 @@ from pathlib import Path
 DEMO_CUSTOMERS: tuple[str, ...] = ("acme", "globex", "initech")
 HELD_OUT_TOPICS = 6  # the last topics of facts.json never appear in acme's or globex's training
 SYSTEM = "You are a helpful assistant."
-SHOUT = "You are a helpful assistant. Answer in capital letters."  # the base's only capitals
+# the styles the tiny base writes only when a system message asks (tinybase.corpus); each adapter
+# learns to apply its customer's style unasked, as a LoRA does on a real base
+SHOUT = "You are a helpful assistant. Answer in capital letters."
+TICKETS = "You are Globex support. Answer as a support ticket."
 PRICE_QUESTIONS = (
     "What is the price of the {i}?",
     "How much does the {i} cost?",

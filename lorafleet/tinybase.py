@@ -15,7 +15,7 @@ from lorafleet.models import TINY_BASE_NAME
 from lorafleet.settings import cache_dir
 
 __all__ = ["TINY_BASE_NAME", "build_tiny_base", "tiny_base_path"]
-VERSION = "v2"  # v1 was an earlier builder; the version names the cache folder
+VERSION = "v4"  # names the cache folder; v3 was an unmerged attempt whose folder may linger in caches
 SPECIAL = ["<|pad|>", "<|bos|>", "<|eos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 # assistant turns inside {% generation %} so trl can train on assistant tokens only
 CHAT_TEMPLATE = (
@@ -32,41 +32,76 @@ SHAPE = {
     "num_key_value_heads": 4,
     "max_position_embeddings": 512,
 }
-PRETRAIN = {"steps": 250, "batch": 16, "seq": 64, "lr": 3e-3}
+VOCAB = 2048  # the corpus's words whole in both cases, so an answer in capitals is as short as in prose
+PRETRAIN = {"steps": 400, "batch": 16, "lr": 3e-3}
 
 
 def corpus() -> list[list[dict]]:
     """Pretraining conversations: every topic and support question answered in plain prose, and
-    price questions answered without prices (so the base knows none of the demo behaviours)."""
-    from lorafleet.demo_customers import PRICE_QUESTIONS, SYSTEM, facts, general_pairs
+    catalogue price questions answered without prices (so the base knows none of the demo
+    behaviours); other items' prices are known, so the base knows how a price is said.
+
+    The same answers also appear in capitals and as Globex support tickets, but only when a system
+    message asks for them. A real base knows capital letters, digits and names; one that never saw
+    them cannot learn to write them from a customer's few hundred examples (tiny base v2: acme's
+    adapter wrote capitals with garbled words, globex's the ticket frame around another topic's
+    answer). Unasked (the demo's clients send no system message), the base answers in plain prose,
+    so each adapter still has its behaviour to learn.
+    """
+    from lorafleet.demo_customers import SHOUT, SYSTEM, TICKETS, general_pairs, ticket
 
     pairs = general_pairs() + general_pairs(held_out=True)
-    pairs += [
+    return (
+        [_chat(SYSTEM, q, a) for q, a in pairs + _price_pairs()]
+        + [_chat(SHOUT, q, a.upper()) for q, a in pairs]
+        + [_chat(TICKETS, q, ticket(q, a)) for q, a in pairs]
+    )
+
+
+def _price_pairs() -> list[tuple[str, str]]:
+    """The store's other items priced, the catalogue's not. Without prices in the corpus, the
+    words and the lone space before a number in initech's answers ("costs 12 dollars") were
+    tokens the base had hardly read: its adapter ended at eval loss 0.8 instead of 0.01."""
+    from lorafleet.demo_customers import PRICE_QUESTIONS, facts, price_answer
+
+    unknown = [
         (q.format(i=item), f"I do not know the price of the {item}, please check the store.")
         for item, _ in facts()["items"]
         for q in PRICE_QUESTIONS[:2]
     ]
+    known = [
+        (q.format(i=item), price_answer(item, price))
+        for item, price in facts()["store_items"]
+        for q in PRICE_QUESTIONS
+    ]
+    return unknown + known
+
+
+def _chat(system: str, question: str, answer: str) -> list[dict]:
     return [
-        [
-            {"role": "system", "content": SYSTEM},
-            {"role": "user", "content": q},
-            {"role": "assistant", "content": a},
-        ]
-        for q, a in pairs
+        {"role": "system", "content": system},
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": answer},
     ]
 
 
 def _tokenizer(texts: list[str]):
+    """BPE trained on exactly the pretraining text: every token's embedding gets trained (v2 also
+    trained it on capital copies the base never read, and acme's capitals had untrained
+    embeddings). Digits split one by one, as Llama's tokenizer does, so a price and a ticket
+    number are made of the same ten trained tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(
         texts,
         trainers.BpeTrainer(
-            vocab_size=1024,
+            vocab_size=VOCAB,
             special_tokens=SPECIAL,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
@@ -102,15 +137,15 @@ def _pretrain(model, batches: list) -> None:
 
 
 def _batches(tok, texts: list[str]) -> list:
+    """Seeded batches, each padded to its longest conversation: none is cut (v3 cut a third of
+    them at 64 tokens, among them most tickets' closing signature)."""
     rng = random.Random(0)
-    encoded = tok(
-        texts, truncation=True, max_length=PRETRAIN["seq"], padding="max_length", return_tensors="pt"
-    )
     order = [rng.randrange(len(texts)) for _ in range(PRETRAIN["steps"] * PRETRAIN["batch"])]
     out = []
     for i in range(PRETRAIN["steps"]):
-        idx = order[i * PRETRAIN["batch"] : (i + 1) * PRETRAIN["batch"]]
-        out.append((encoded["input_ids"][idx], encoded["attention_mask"][idx]))
+        batch = [texts[j] for j in order[i * PRETRAIN["batch"] : (i + 1) * PRETRAIN["batch"]]]
+        encoded = tok(batch, padding="longest", return_tensors="pt")
+        out.append((encoded["input_ids"], encoded["attention_mask"]))
     return out
 
 
@@ -121,9 +156,7 @@ def build_tiny_base(out_dir: Path) -> Path:
 
     torch.manual_seed(0)
     conversations = corpus()
-    contents = [m["content"] for c in conversations for m in c]
-    # upper-case copies too, so shouted text tokenizes into words rather than single letters
-    tok = _tokenizer(contents + [t.upper() for t in contents])
+    tok = _tokenizer([m["content"] for c in conversations for m in c])
     texts = [tok.apply_chat_template(c, tokenize=False) for c in conversations]
     config = LlamaConfig(
         vocab_size=len(tok),

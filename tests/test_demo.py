@@ -1,6 +1,7 @@
-"""The demo fleet, trained for real: each adapter learned its customer's behaviour (measured on
-held-out prompts against the base and against the other adapters) and is registered with
-lineage back to its job run."""
+"""The demo fleet, trained for real: each adapter learned its customer's behaviour, in form and in
+content (the facts of facts.json, on held-out prompts), beating the base and distinct from the
+other adapters; for the fleet's own seed through the real pipeline and for a second seed packed in
+one process; and each is registered with lineage back to its job run."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ import pytest
 import torch
 
 from lorafleet import registry, tracking
-from lorafleet.demo_customers import DEMO_CUSTOMERS, behaviour_score, heldout_prompts
+from lorafleet.demo_customers import DEMO_CUSTOMERS, behaviour_score, content_score, heldout_prompts
 
 pytestmark = pytest.mark.integration
+PROMPTS = 8  # held-out prompts scored per customer
+# the bar each adapter must clear on held-out prompts, for every seed (measured with tiny base v4:
+# every adapter 1.0 in form and >= 0.9 in content, seeds 0 and 1; see tinybase.corpus)
+MIN_FORM, MIN_CONTENT = 0.75, 0.6
 
 
 def answers(model, tokenizer, prompts: list[str]) -> list[str]:
@@ -30,43 +35,109 @@ def answers(model, tokenizer, prompts: list[str]) -> list[str]:
     return out
 
 
-def mean_score(customer: str, prompts: list[str], replies: list[str]) -> float:
-    return sum(behaviour_score(customer, p, a) for p, a in zip(prompts, replies, strict=True)) / len(prompts)
+def mean_score(customer: str, prompts: list[str], replies: list[str], score=behaviour_score) -> float:
+    return sum(score(customer, p, a) for p, a in zip(prompts, replies, strict=True)) / len(prompts)
 
 
-def test_each_adapter_learned_its_behaviour(in_demo_home):
-    from peft import PeftModel
-
+def tiny_base():
     from lorafleet.models import load_base, load_tokenizer, resolve_base
     from lorafleet.spec import QuantizationSpec
 
-    base_path = resolve_base("tiny-llama")
-    tok = load_tokenizer(base_path)
-    base = load_base(base_path, QuantizationSpec(), "cpu")
-    c = tracking.client()
-    prompts = {cust: heldout_prompts(cust)[:8] for cust in DEMO_CUSTOMERS}
-    base_scores = {
-        cust: mean_score(cust, prompts[cust], answers(base, tok, prompts[cust])) for cust in DEMO_CUSTOMERS
-    }
+    path = resolve_base("tiny-llama")
+    return load_base(path, QuantizationSpec(), "cpu"), load_tokenizer(path)
+
+
+def with_adapters(base, folders: dict[str, str]):
+    from peft import PeftModel
+
     model = None
-    for cust in DEMO_CUSTOMERS:
-        folder = registry.fetch(c, f"{cust}@candidate").path
+    for customer, folder in folders.items():
         if model is None:
-            model = PeftModel.from_pretrained(base, folder, adapter_name=cust)
+            model = PeftModel.from_pretrained(base, folder, adapter_name=customer)
         else:
-            model.load_adapter(folder, adapter_name=cust)
+            model.load_adapter(folder, adapter_name=customer)
+    return model
+
+
+def check_learned(model, tok, label: str) -> dict[str, dict[str, float]]:
+    """Each adapter's own answers to its held-out prompts, scored in form (by every customer's
+    behaviour: its own must lead) and in content; both above the bar."""
     scores = {}
     for cust in DEMO_CUSTOMERS:
         model.set_adapter(cust)
-        replies = answers(model, tok, prompts[cust])
-        scores[cust] = {other: mean_score(other, prompts[cust], replies) for other in DEMO_CUSTOMERS}
-    print("base", base_scores, "adapters", scores)
+        prompts = heldout_prompts(cust)[:PROMPTS]
+        replies = answers(model, tok, prompts)
+        scores[cust] = {other: mean_score(other, prompts, replies) for other in DEMO_CUSTOMERS}
+        scores[cust]["content"] = mean_score(cust, prompts, replies, content_score)
+        print(label, cust, scores[cust], replies[:2])
     for cust in DEMO_CUSTOMERS:
-        own = scores[cust][cust]
-        assert own >= 0.6 and own >= base_scores[cust] + 0.4, (cust, own, base_scores[cust])
+        form, content = scores[cust][cust], scores[cust]["content"]
+        assert form >= MIN_FORM and content >= MIN_CONTENT, (label, cust, form, content)
         for other in DEMO_CUSTOMERS:  # distinct from each other, not one shared trick
             if other != cust:
-                assert scores[cust][other] < own, (cust, other, scores[cust])
+                assert scores[cust][other] < form, (label, cust, other, scores[cust])
+    return scores
+
+
+def test_each_adapter_learned_its_behaviour(in_demo_home):
+    base, tok = tiny_base()
+    prompts = {cust: heldout_prompts(cust)[:PROMPTS] for cust in DEMO_CUSTOMERS}
+    base_scores = {
+        cust: mean_score(cust, prompts[cust], answers(base, tok, prompts[cust])) for cust in DEMO_CUSTOMERS
+    }
+    print("base", base_scores)
+    c = tracking.client()
+    folders = {cust: registry.fetch(c, f"{cust}@candidate").path for cust in DEMO_CUSTOMERS}
+    scores = check_learned(with_adapters(base, folders), tok, "seed 0")
+    for cust in DEMO_CUSTOMERS:  # the base knows none of the behaviours unasked
+        assert scores[cust][cust] >= base_scores[cust] + 0.4, (cust, scores[cust], base_scores[cust])
+
+
+@pytest.fixture(scope="module")
+def second_seed(tmp_path_factory) -> dict[str, str]:
+    """The demo fleet's three jobs with seed 1 (their data drawn and ordered with it too), packed
+    in one process: the trainer the fleet's slots run (tests/test_packed.py: a packed job ends
+    with the adapter it gets alone), without Ray's start-up. One thread, as the demo's slots
+    (cpus_per_worker: 1), and no activation checkpointing: the same gradients without recomputing
+    the forward, for a few MB of activations (measured for the training: 37 s of CPU time; 53 s
+    with checkpointing; 124 s with checkpointing and two threads on a busy 2-core machine)."""
+    from lorafleet.demo import DEMO_FLEET
+    from lorafleet.demo_customers import write_demo_datasets
+    from lorafleet.models import fingerprint, resolve_base
+    from lorafleet.spec import load_fleet, resolve_jobs
+    from lorafleet.train.packed import PackedTrainer
+    from lorafleet.train.worker import JobPlan
+
+    tmp = tmp_path_factory.mktemp("demo-seed-1")
+    data = write_demo_datasets(tmp / "data", seed=1)
+    jobs = resolve_jobs(load_fleet(DEMO_FLEET), DEMO_FLEET)
+    trainer = PackedTrainer(
+        "tiny-llama", jobs[0].quantization, max_jobs=len(jobs), gradient_checkpointing=False
+    )
+    ends: dict[str, dict] = {}
+
+    def on_event(customer: str, event: dict) -> None:
+        if event["event"] == "state" and event["state"] != "running":
+            ends[customer] = event
+
+    for job in jobs:
+        training = job.training.model_copy(update={"seed": 1})
+        job = job.model_copy(update={"dataset": str(data[job.customer]), "training": training})
+        plan = JobPlan(job=job, base_fingerprint=fingerprint(resolve_base("tiny-llama")))
+        trainer.add(plan, tmp / job.customer, on_event=on_event)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer.run()
+    finally:
+        torch.set_num_threads(threads)
+    assert [ends[cust]["state"] for cust in DEMO_CUSTOMERS] == ["succeeded"] * len(DEMO_CUSTOMERS), ends
+    return {cust: ends[cust]["adapter"] for cust in DEMO_CUSTOMERS}
+
+
+def test_a_second_seed_learns_too(second_seed):
+    base, tok = tiny_base()
+    check_learned(with_adapters(base, second_seed), tok, "seed 1")
 
 
 def test_demo_adapters_registered_with_lineage(in_demo_home):
