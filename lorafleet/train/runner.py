@@ -267,7 +267,7 @@ class FleetExecution:
         own = {c: p for c, p in plans.items() if c not in slot_jobs}
         self.launcher = Launcher(own, storage, here)
         slot_plans = [plans[c] for c in plans if c in slot_jobs]
-        self.slots = Slots(fleet, self.submission, slot_plans, storage, self.board, here)
+        self.slots = Slots(fleet, self.submission, slot_plans, storage, self.board)
         if slot_jobs:
             self.slots.start(packing or PackingSpec(), crash_at_step or {})
         self.running: set[str] = set()  # jobs the board has seen training
@@ -338,11 +338,9 @@ class Slots:
     """The fleet's warm slots (lorafleet.train.slot): their jobs wait in the board's queue; each
     slot is one Ray Train run that takes jobs until the queue is empty."""
 
-    def __init__(
-        self, fleet: str, submission: str, plans: list[JobPlan], storage: str, board: Any, placement: Any
-    ):
+    def __init__(self, fleet: str, submission: str, plans: list[JobPlan], storage: str, board: Any):
         self.fleet, self.submission, self.plans, self.storage = fleet, submission, plans, storage
-        self.board, self.placement = board, placement
+        self.board = board  # a slot's Ray Train controller is placed on this (the driver's) node
         self.open = {p.job.customer for p in plans}  # not ended yet
         self.runs: list[Any] = []  # SlotRun: each slot's Ray Train run, driven from a thread here
         self.failure: str | None = None
