@@ -267,7 +267,7 @@ class FleetExecution:
         own = {c: p for c, p in plans.items() if c not in slot_jobs}
         self.launcher = Launcher(own, storage, here)
         slot_plans = [plans[c] for c in plans if c in slot_jobs]
-        self.slots = Slots(fleet, self.submission, slot_plans, storage, self.board)
+        self.slots = Slots(fleet, self.submission, slot_plans, storage, self.board, here)
         if slot_jobs:
             self.slots.start(packing or PackingSpec(), crash_at_step or {})
         self.running: set[str] = set()  # jobs the board has seen training
@@ -279,17 +279,14 @@ class FleetExecution:
         """Launch what fits, wait up to timeout_s, and return the jobs that ended meanwhile."""
         launcher = self.launcher
         launcher.launch()
-        if launcher.refs:
-            ready = ray.wait(list(launcher.refs), num_returns=1, timeout=timeout_s)[0]
-        else:
-            ready = []
-            self.slots.wait(timeout_s)
+        refs = list(launcher.refs) + list(self.slots.refs)
+        ready = ray.wait(refs, num_returns=1, timeout=timeout_s)[0] if refs else []
         self.snapshot()  # which jobs run: those stop themselves when cancelled
         ends = [JobEnd(c, "cancelled", "cancelled by user") for c in self._cancel_queued()]
         for ref in [r for r in ready if r in launcher.refs]:
             cust = launcher.refs.pop(ref)
             ends.append(job_end(cust, ref, ray.get(self.board.is_cancelled.remote(cust))))
-        return ends + self.slots.poll()
+        return ends + self.slots.poll([r for r in ready if r in self.slots.refs])
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Each job's live state on the board (state, steps, losses, attempts)."""
@@ -302,7 +299,15 @@ class FleetExecution:
         return ray.get(self.board.drain.remote())
 
     def close(self) -> None:
-        # slots still running (only when the driver stops early) end when they find the board gone
+        """Kill the board; cancel the slot runs only when the driver stops early (jobs still open).
+        After a normal end a slot run still out is starting up or about to find the queue empty:
+        it ends by itself (no board, or an empty queue) and Ray Train releases its placement group.
+        Cancelling one while its worker group started left that group behind: Ray Train's cleaner
+        never removed it, and the simulated cluster's GPU it held was the one a slot restarted
+        after a lost node needed (test_multinode hung waiting for it)."""
+        if self.busy():
+            for ref in self.slots.refs:
+                ray.cancel(ref)
         ray.kill(self.board)
 
     def _cancel_queued(self) -> list[str]:
@@ -338,11 +343,13 @@ class Slots:
     """The fleet's warm slots (lorafleet.train.slot): their jobs wait in the board's queue; each
     slot is one Ray Train run that takes jobs until the queue is empty."""
 
-    def __init__(self, fleet: str, submission: str, plans: list[JobPlan], storage: str, board: Any):
+    def __init__(
+        self, fleet: str, submission: str, plans: list[JobPlan], storage: str, board: Any, placement: Any
+    ):
         self.fleet, self.submission, self.plans, self.storage = fleet, submission, plans, storage
-        self.board = board  # a slot's Ray Train controller is placed on this (the driver's) node
+        self.board, self.placement = board, placement
         self.open = {p.job.customer for p in plans}  # not ended yet
-        self.runs: list[Any] = []  # SlotRun: each slot's Ray Train run, driven from a thread here
+        self.refs: dict[Any, str] = {}  # slot run (a task driving its Ray Train run) -> slot id
         self.failure: str | None = None
 
     def count(self, packing: PackingSpec) -> int:
@@ -353,7 +360,7 @@ class Slots:
         from lorafleet.train.slot import (
             DEFAULT_MAX_JOBS,
             SlotConfig,
-            SlotRun,
+            run_slot,
             slot_max_failures,
             slot_run_name,
         )
@@ -377,33 +384,33 @@ class Slots:
                 k_from_memory=packing.max_jobs_per_slot is None,
                 crash_at_step=crash_at_step,
             )
-            run_name = slot_run_name(self.fleet, self.submission, i)
-            config = cfg.model_dump(mode="json")
-            self.runs.append(SlotRun(cfg.slot, config, run_name, self.storage, slot_max_failures(self.plans)))
+            ref = run_slot.options(scheduling_strategy=self.placement).remote(
+                cfg.model_dump(mode="json"),
+                slot_run_name(self.fleet, self.submission, i),
+                self.storage,
+                slot_max_failures(self.plans),
+            )
+            self.refs[ref] = cfg.slot
 
     def busy(self) -> bool:
         return bool(self.open)
 
-    def wait(self, timeout_s: float) -> None:
-        """Up to timeout_s, less if a slot's run ends."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and not any(run.done() for run in self.runs):
-            time.sleep(0.05)
-
-    def poll(self) -> list[JobEnd]:
+    def poll(self, ready: list[Any]) -> list[JobEnd]:
         """Jobs the slots finished; when the last slot is gone, the jobs it left fail."""
         ends = [JobEnd(**end) for end in ray.get(self.board.take_ended.remote())]
         self.open -= {end.customer for end in ends}
-        for run in [r for r in self.runs if r.done()]:  # its jobs ended on the board before it did
-            self.runs.remove(run)
-            if run.error is None:
-                self.failure = ray.get(self.board.slot_failure.remote(run.slot)) or self.failure
+        for ref in ready:  # a slot's own end: its jobs ended on the board before it returned
+            slot = self.refs.pop(ref)
+            try:
+                ray.get(ref)
+                self.failure = ray.get(self.board.slot_failure.remote(slot)) or self.failure
                 continue
-            self.failure = f"{run.slot} failed: {root_cause(run.error)}"
-            lost = [c for c in ray.get(self.board.taken_by.remote(run.slot)) if c in self.open]
+            except Exception as exc:
+                self.failure = f"{slot} failed: {root_cause(exc)}"
+            lost = [c for c in ray.get(self.board.taken_by.remote(slot)) if c in self.open]
             ends += [JobEnd(c, "failed", self.failure) for c in lost]
             self.open -= set(lost)
-        if not self.runs and self.open:
+        if not self.refs and self.open:
             reason = self.failure or "no slot left to train it"
             ends += [JobEnd(c, "failed", reason) for c in sorted(self.open)]
             self.open.clear()

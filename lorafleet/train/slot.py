@@ -92,39 +92,15 @@ def slot_max_failures(plans: list[JobPlan]) -> int:
     return sum(p.job.resources.max_failures + 1 for p in plans)
 
 
-class SlotRun:
-    """One slot's Ray Train run, driven from a thread of the driver: `fit()` only waits on the run's
-    controller actor (which Ray Train places on this node), so a Ray task of its own would cost
-    each slot one more worker process and its imports before the first job. A daemon thread: a
-    driver that stops early is not held by a run it no longer tracks (its actors die with it)."""
+@ray.remote(num_cpus=0, max_retries=0)
+def run_slot(config_json: dict[str, Any], run_name: str, storage: str, max_failures: int) -> None:
+    """One slot through Ray Train, driven from a resource-free task on the driver's node; its
+    jobs' ends go to the board, so nothing is returned. A plain DataParallelTrainer: a slot is
+    one worker, so the torch backend's process group (and torch in this process) buys nothing.
 
-    def __init__(
-        self, slot: str, config_json: dict[str, Any], run_name: str, storage: str, max_failures: int
-    ):
-        import threading
-
-        self.slot, self.error = slot, None
-        self._args = (config_json, run_name, storage, max_failures)
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lorafleet-{slot}", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            fit_slot(*self._args)
-        except BaseException as exc:  # reported by poll(): the slot's end, not the driver's
-            self.error = exc
-        finally:
-            self._done.set()
-
-    def done(self) -> bool:
-        return self._done.is_set()
-
-
-def fit_slot(config_json: dict[str, Any], run_name: str, storage: str, max_failures: int) -> None:
-    """One slot through Ray Train; its jobs' ends go to the board, so nothing is returned. A plain
-    DataParallelTrainer: a slot is one worker, so the torch backend's process group (and torch in
-    the driver) would buy nothing."""
+    A task, not a thread of the driver: a slot run still starting when its fleet ends (more slots
+    than work) finishes by itself, and a driver thread blocked in it made ray.shutdown() abort
+    the whole process."""
     from lorafleet.train.runner import ray_trainer
 
     res = SlotConfig.model_validate(config_json).resources
