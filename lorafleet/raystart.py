@@ -48,6 +48,8 @@ def init_ray(address: str | None, **options: Any) -> None:
 
 
 def free_port() -> int:
+    """A free loopback port (the dashboard of a cluster started here; the benches' and tests'
+    servers)."""
     import socket
 
     with socket.socket() as sock:

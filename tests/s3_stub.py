@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from lorafleet.raystart import free_port
 
 # set anyway, so that no client wanders off to a real AWS credential chain
 CREDENTIALS = {
@@ -45,12 +46,6 @@ class S3Stub:
         return f"s3://{bucket}/{key}?endpoint_override={host}&scheme=http"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def moto_server(log: Path, buckets: tuple[str, ...] = ()) -> Iterator[S3Stub]:
     missing = [m for m in ("moto", "boto3") if importlib.util.find_spec(m) is None]
@@ -58,7 +53,7 @@ def moto_server(log: Path, buckets: tuple[str, ...] = ()) -> Iterator[S3Stub]:
         pytest.skip(f"{', '.join(missing)} not installed: pip install -e '.[dev]'")
     import boto3
 
-    port = _free_port()
+    port = free_port()
     with open(log, "w") as fh:
         proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],

@@ -4,7 +4,6 @@ with proxied artefacts (as on a cluster)."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -19,15 +18,10 @@ from lorafleet.bench.synthetic import make_adapter, trained_run
 from lorafleet.cli import main
 from lorafleet.errors import BaseMismatchError, ChecksumError, RegistryError
 from lorafleet.models import fingerprint, merge_adapter
+from lorafleet.raystart import free_port
 from lorafleet.spec import RegistrySpec
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

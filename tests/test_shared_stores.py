@@ -16,7 +16,6 @@ import hashlib
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ import yaml
 from lorafleet import registry, tracking
 from lorafleet.bench.synthetic import trained_run
 from lorafleet.errors import ChecksumError
+from lorafleet.raystart import free_port
 from lorafleet.spec import RegistrySpec
 from tests.conftest import fleet_file, write_chat
 
@@ -46,12 +46,6 @@ S3_ENV = {
     "AWS_DEFAULT_REGION": "us-east-1",
 }
 ARTIFACT_BUCKET, CHECKPOINT_BUCKET = "mlflow", "lorafleet"  # the buckets infra/ creates
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tail(path: Path, lines: int = 30) -> str:
