@@ -209,11 +209,13 @@ def attempt_tags(attempts: list[dict[str, Any]]) -> dict[str, str]:
 
 
 def packing_tags(info: dict[str, Any]) -> dict[str, str]:
-    """Which slot trained the job, with whom, and how many jobs that slot trains at once."""
+    """Which slot trained the job, with whom, how many jobs that slot trains at once, and whether
+    the slot was kept warm from an earlier submission (`packing.keep_warm_s`)."""
     if "slot" not in info:
         return {}
     return {
         "slot": info["slot"],
+        "slot_reused": str(bool(info.get("slot_reused"))).lower(),
         "pack_k": str(info["pack_k"]),
         "packed_with": ",".join(info.get("packed_with") or []) or "none",
     }

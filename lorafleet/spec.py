@@ -200,6 +200,14 @@ class PackingSpec(_Strict):
         description="slots to start; default: as many as the cluster holds (each asks for one job's "
         "resources), at most one per slot job",
     )
+    keep_warm_s: float = Field(
+        0.0,
+        ge=0,
+        le=3600,
+        description="after the fleet's jobs end, its slots wait this long (base loaded, resources "
+        "held) for the next submission from the same process with the same base, quantisation, "
+        "slot size and K, whose jobs then start at once; 0: slots end with the fleet",
+    )
 
 
 class Defaults(_Strict):

@@ -1,5 +1,6 @@
 """Warm slots on real Ray Train, trl, peft and bitsandbytes (NF4) with MLflow on SQLite: several
-jobs through one slot (one base load), a failing job alone, a job that kills its process."""
+jobs through one slot (one base load), a failing job alone, a job that kills its process, and a
+slot kept warm for the next submission (`packing.keep_warm_s`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from lorafleet import tracking
 from lorafleet.cli import main
 from lorafleet.pipeline import submit
+from lorafleet.train.pool import POOL, release
 from lorafleet.validate import check_fleet
 from tests.conftest import fleet_file
 
@@ -57,7 +59,7 @@ def test_jobs_share_one_slot_and_a_failing_one_fails_alone(lf_home, micro_base, 
         assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4]
         assert result.jobs[customer].registered == f"{customer}/1"
     tags = {c: client.get_run(result.jobs[c].run_id).data.tags for c in ("a", "b", "bad", "solo")}
-    assert {tags[c]["lorafleet.slot"] for c in ("a", "b", "bad")} == {"slot0"}  # one slot, one base
+    assert len({tags[c]["lorafleet.slot"] for c in ("a", "b", "bad")}) == 1  # one slot, one base
     assert tags["a"]["lorafleet.trains_in"] == "warm slot" and tags["a"]["lorafleet.pack_k"] == "8"
     assert tags["a"]["lorafleet.packed_with"] == "b,bad"  # trained at once, on one base copy
     assert tags["solo"]["lorafleet.trains_in"] == "own run" and "lorafleet.slot" not in tags["solo"]
@@ -86,3 +88,51 @@ def test_a_job_that_kills_its_process_costs_a_slot_restart(lf_home, micro_base, 
     assert [m.step for m in client.get_metric_history(crash.info.run_id, "loss")] == [2, 4]
     steady = client.get_run(result.jobs["steady"].run_id).data.tags
     assert steady["lorafleet.attempts"] == "1"
+
+
+def _tags(result, customer):
+    return tracking.client().get_run(result.jobs[customer].run_id).data.tags
+
+
+@pytest.mark.integration
+def test_a_warm_slot_takes_the_next_submission_and_survives_a_crash_in_it(lf_home, micro_base, ray_session):
+    """The second fleet's jobs run on the slot the first kept warm; a job that kills the slot's
+    process there resumes in the restarted worker, which finds the second submission through the
+    pool (its Ray Train config names the first)."""
+    one_at_a_time = {"slots": 1, "max_jobs_per_slot": 1}
+    first = fleet_file(
+        lf_home, "warm-a", {"a": {}}, base=micro_base, packing=one_at_a_time | {"keep_warm_s": 120}
+    )
+    jobs = {"b": {"resources": {"max_failures": 1}}, "c": {}}
+    second = fleet_file(lf_home, "warm-b", jobs, base=micro_base, packing=one_at_a_time)
+
+    r1 = submit(first)
+    r2 = submit(second, crash_at_step={"b": 3})
+
+    assert r1.ok() and r2.ok(), {c: o.reason for c, o in (r1.jobs | r2.jobs).items()}
+    a, b, c = _tags(r1, "a"), _tags(r2, "b"), _tags(r2, "c")
+    assert a["lorafleet.slot"] == b["lorafleet.slot"] == c["lorafleet.slot"]
+    assert (a["lorafleet.slot_reused"], c["lorafleet.slot_reused"]) == ("false", "true")
+    assert b["lorafleet.attempts"] == "2" and b["lorafleet.resumed_from_step"] == "2"
+    assert r2.jobs["b"].registered == "b/1" and r2.jobs["c"].registered == "c/1"
+    # the second fleet keeps nothing warm: its slot's run ends
+    ref = POOL.refs[a["lorafleet.slot"]]
+    assert ray_session.wait([ref], timeout=120)[0] == [ref]
+    assert release() == []
+
+
+@pytest.mark.integration
+def test_warm_slots_end_when_released_or_their_wait_runs_out(lf_home, micro_base, ray_session):
+    kept = fleet_file(lf_home, "warm-c", {"d": {}}, base=micro_base, packing={"slots": 1, "keep_warm_s": 600})
+    brief = fleet_file(lf_home, "warm-d", {"e": {}}, base=micro_base, packing={"slots": 1, "keep_warm_s": 2})
+
+    slot = _tags(submit(kept), "d")["lorafleet.slot"]
+    assert release() == [slot]  # e.g. before serving on the same GPUs
+    ref = POOL.refs[slot]
+    assert ray_session.wait([ref], timeout=120)[0] == [ref]
+
+    e = _tags(submit(brief), "e")
+    assert e["lorafleet.slot"] != slot and e["lorafleet.slot_reused"] == "false"
+    ref = POOL.refs[e["lorafleet.slot"]]
+    assert ray_session.wait([ref], timeout=120)[0] == [ref]  # nobody claimed it within 2 s
+    assert release() == []

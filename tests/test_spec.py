@@ -99,6 +99,8 @@ def test_bad_override_names_file_and_field(tmp_path, job_fields, expected):
         (lambda d: d.pop("jobs"), "jobs: required field is missing"),
         (lambda d: d.update(jobs=[]), "jobs: List should have at least 1 item"),
         (lambda d: d["defaults"]["training"].update(batch_size="eight"), "defaults.training.batch_size"),
+        (lambda d: d.update(packing={"keep_warm_s": -1}), "packing.keep_warm_s"),
+        (lambda d: d.update(packing={"keep_warm_s": 86400}), "packing.keep_warm_s"),
     ],
 )
 def test_bad_fleet_fields(tmp_path, mutate, expected):

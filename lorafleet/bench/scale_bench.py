@@ -57,16 +57,23 @@ def start_cluster(nodes: int, gpus_per_node: float, cpus_per_node: float) -> Any
 
 
 def fleet_file(
-    folder: Path, base: str, dataset: Path, n_jobs: int, training: dict, resources: dict, packing: bool = True
+    folder: Path,
+    base: str,
+    dataset: Path,
+    n_jobs: int,
+    training: dict,
+    resources: dict,
+    packing: dict,
+    name: str = "bench-scale",
 ) -> Path:
     spec = {
-        "name": "bench-scale",
+        "name": name,
         "base_model": base,
         "defaults": {"training": training, "resources": resources, "lora": {"rank": 4}},
-        "packing": {"enabled": packing},
+        "packing": packing,
         "jobs": [{"customer": f"job-{i:03d}", "dataset": str(dataset)} for i in range(n_jobs)],
     }
-    path = folder / "bench-scale.yaml"
+    path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
 
@@ -184,7 +191,6 @@ def run_scale_bench(
 ) -> dict[str, Any]:
     import ray
 
-    from lorafleet.pipeline import prepare, run_fleet
     from lorafleet.train.runner import queue_depth
 
     training = {
@@ -211,6 +217,8 @@ def run_scale_bench(
         "queue_depth": queue_depth(),
         "real_cpus": os.cpu_count(),
         "packing": packing,
+        "training": training,
+        "dataset": str(dataset),
         "loadavg_1_5_15_before": os.getloadavg(),
     }
     saved_home = os.environ.get("LORAFLEET_HOME")
@@ -220,13 +228,10 @@ def run_scale_bench(
         cluster = start_cluster(nodes, gpus_per_node, cpus_per_node)
         config["cluster_start_s"] = time.perf_counter() - start
         try:
-            path = fleet_file(Path(tmp), base, dataset, n_jobs, training, resources, packing)
-            rows = LastRows()
-            t0 = time.time()
-            sub = prepare(path, register=False)
-            t_launch = time.time()
-            result = run_fleet(sub, str(Path(tmp) / "checkpoints"), on_tick=rows)
-            t_end = time.time()
+            # cold: the slots start with the fleet; they stay warm for the second fleet (same
+            # jobs, another name so nothing is reused), whose figures are those of warm slots
+            cold = timed_fleet(Path(tmp), "bench-scale", n_jobs, config, keep_warm_s=120 if packing else 0)
+            warm = timed_fleet(Path(tmp), "bench-scale-warm", n_jobs, config) if packing else None
         finally:
             ray.shutdown()
             cluster.shutdown()
@@ -234,9 +239,25 @@ def run_scale_bench(
                 os.environ.pop("LORAFLEET_HOME", None)
             else:
                 os.environ["LORAFLEET_HOME"] = saved_home
+    config["loadavg_1_5_15_after"] = os.getloadavg()
+    return {"config": config, **cold} | ({"warm": warm} if warm else {})
+
+
+def timed_fleet(folder: Path, name: str, n_jobs: int, config: dict, keep_warm_s: float = 0) -> dict:
+    """One fleet of the bench's jobs through prepare and run_fleet, and its figures."""
+    from lorafleet.pipeline import prepare, run_fleet
+
+    packing = {"enabled": config["packing"], "keep_warm_s": keep_warm_s}
+    base, dataset, training = config["base"], Path(config["dataset"]), config["training"]
+    path = fleet_file(folder, base, dataset, n_jobs, training, config["resources_per_job"], packing, name)
+    rows = LastRows()
+    t0 = time.time()
+    sub = prepare(path, register=False)
+    t_launch = time.time()
+    result = run_fleet(sub, str(folder / "checkpoints"), on_tick=rows)
+    t_end = time.time()
     bad = {c: o.reason for c, o in result.jobs.items() if o.state != "succeeded"}
     if bad:
         raise RuntimeError(f"benchmark jobs failed: {bad}")
     walls = [o.metrics["job_wall_s"] for o in result.jobs.values()]
-    config["loadavg_1_5_15_after"] = os.getloadavg()
-    return {"config": config, **figures(t0, t_launch, t_end, rows.rows, walls, per_node * nodes)}
+    return figures(t0, t_launch, t_end, rows.rows, walls, config["slots"])

@@ -7,6 +7,9 @@ The fleet three ways, same jobs, same machine, one after another:
 - one Ray Train run per job (`packing.enabled: false`, what every job did before slots),
 - plain trl scripts, one after another, each in a fresh Python process (`worker.train_plain`),
   which is what a user with a for-loop would run.
+One job alone goes through the fleet twice: cold (its slot's Ray Train run starts with it) and
+warm (on the slot the cold submission kept warm, as a process that submits fleets one after
+another gets with `packing.keep_warm_s`).
 """
 
 from __future__ import annotations
@@ -85,7 +88,8 @@ def _fleet_seconds(fleet_file: Path) -> tuple[float, dict[str, float]]:
 def overhead(folder: Path, base: str, dataset: Path, training: dict) -> dict[str, Any]:
     """One job through the fleet (Ray already started) against the same training as a plain
     script in a fresh process (imports, base load, training: what `python train.py` costs), and
-    against the same training in this process, whose imports are already paid."""
+    against the same training in this process, whose imports are already paid. Twice through the
+    fleet: cold (its slot starts with it) and warm (a slot the cold one kept, `keep_warm_s`)."""
     import ray
 
     from lorafleet.raystart import init_ray
@@ -96,15 +100,21 @@ def overhead(folder: Path, base: str, dataset: Path, training: dict) -> dict[str
     plain_file = _fleet_file(folder, base, {"solo": dataset}, training, "bench-plain")
     plain_process = _plain_processes(plain_file, 1)
     plain = _plain_seconds(plain_file)
-    fleet, _ = _fleet_seconds(_fleet_file(folder, base, {"solo": dataset}, training, "bench-solo"))
+    solo = {"solo": dataset}
+    keep = {"keep_warm_s": 60}
+    cold, _ = _fleet_seconds(_fleet_file(folder, base, solo, training, "bench-solo", packing=keep))
+    warm, _ = _fleet_seconds(_fleet_file(folder, base, solo, training, "bench-solo-warm"))
     return {
         "plain_process_s": plain_process,
         "plain_in_process_s": plain,
-        "fleet_s": fleet,
+        "fleet_s": cold,
+        "fleet_warm_s": warm,
         "ray_init_s": ray_init_s,
         "cpu_slots": int(ray.cluster_resources().get("CPU", 1)),
-        "fleet_vs_plain_process": fleet / plain_process,
-        "fleet_vs_plain_in_process": fleet / plain,
+        "fleet_vs_plain_process": cold / plain_process,
+        "fleet_vs_plain_in_process": cold / plain,
+        "fleet_warm_vs_plain_process": warm / plain_process,
+        "fleet_warm_vs_plain_in_process": warm / plain,
         "load": _load(),
     }
 

@@ -24,6 +24,7 @@ from lorafleet.raystart import NAMESPACE, RAY_ENV, driver_node_affinity, init_ra
 from lorafleet.spec import JobSpec, PackingSpec, ResourcesSpec
 from lorafleet.train.plan import JobPlan
 from lorafleet.train.progress import ProgressBoard, board_name
+from lorafleet.train.slot import run_slot, slot_run_name
 
 __all__ = [
     "NAMESPACE",
@@ -270,12 +271,16 @@ class FleetExecution:
         self.slots = Slots(fleet, self.submission, slot_plans, storage, self.board, here)
         if slot_jobs:
             self.slots.start(packing or PackingSpec(), crash_at_step or {})
+        else:  # warm slots an earlier submission left would hold resources these jobs need
+            from lorafleet.train.pool import release
+
+            release()
         self.running: set[str] = set()  # jobs the board has seen training
 
     def busy(self) -> bool:
         return self.launcher.busy() or self.slots.busy()
 
-    def poll(self, timeout_s: float = 1.0) -> list[JobEnd]:
+    def poll(self, timeout_s: float = 0.25) -> list[JobEnd]:
         """Launch what fits, wait up to timeout_s, and return the jobs that ended meanwhile."""
         launcher = self.launcher
         launcher.launch()
@@ -306,8 +311,11 @@ class FleetExecution:
         never removed it, and the simulated cluster's GPU it held was the one a slot restarted
         after a lost node needed (test_multinode hung waiting for it)."""
         if self.busy():
+            from lorafleet.train.pool import POOL
+
             for ref in self.slots.refs:
                 ray.cancel(ref)
+            POOL.forget(list(self.slots.refs.values()))
         ray.kill(self.board)
 
     def _cancel_queued(self) -> list[str]:
@@ -323,6 +331,11 @@ class FleetExecution:
         dropped = [cust for cust in launcher.pending if cust in cancelled or "*" in cancelled]
         launcher.pending = [cust for cust in launcher.pending if cust not in dropped]
         return dropped
+
+
+# Ray Train restarts a slot kept warm may make, at least: its later submissions' jobs need
+# them (a warm slot is only handed a submission whose jobs' crashes its budget still covers)
+WARM_SLOT_RESTARTS = 16
 
 
 def slots_that_fit(res: ResourcesSpec) -> int:
@@ -357,40 +370,51 @@ class Slots:
         return max(1, min(packing.slots or slots_that_fit(res), len(self.plans)))
 
     def start(self, packing: PackingSpec, crash_at_step: dict[str, int]) -> None:
-        from lorafleet.train.slot import (
-            DEFAULT_MAX_JOBS,
-            SlotConfig,
-            run_slot,
-            slot_max_failures,
-            slot_run_name,
-        )
+        """Queue the jobs; take over warm slots that match (`lorafleet.train.pool`), start the rest."""
+        from lorafleet.train.pool import POOL, Assignment, slot_key
+        from lorafleet.train.slot import DEFAULT_MAX_JOBS, SlotConfig, slot_max_failures
 
         ray.get(self.board.enqueue.remote([p.model_dump(mode="json") for p in self.plans]))
-        first = self.plans[0]
-        res = first.job.resources.model_copy(update={"workers": 1, "max_failures": 0})
-        count = self.count(packing)
-        for i in range(count):
-            cfg = SlotConfig(
-                slot=f"slot{i}",
-                slots=count,
-                submission=self.submission,
-                fleet_board=board_name(self.fleet),
-                base_model=first.job.base_model,
-                base_fingerprint=first.base_fingerprint,
-                quantization=first.job.quantization,
-                resources=res,
-                storage=self.storage,
-                max_jobs=packing.max_jobs_per_slot or DEFAULT_MAX_JOBS,
-                k_from_memory=packing.max_jobs_per_slot is None,
-                crash_at_step=crash_at_step,
-            )
+        first, count = self.plans[0], self.count(packing)
+        work = Assignment(
+            fleet_board=board_name(self.fleet),
+            submission=self.submission,
+            slots=count,
+            storage=self.storage,
+            keep_warm_s=packing.keep_warm_s,
+            crash_at_step=crash_at_step,
+        )
+        pool = POOL.get()
+        POOL.prune()
+        template = SlotConfig(
+            slot="",
+            pool=POOL.name,
+            work=work,
+            base_model=first.job.base_model,
+            base_fingerprint=first.base_fingerprint,
+            quantization=first.job.quantization,
+            resources=first.job.resources.model_copy(update={"workers": 1, "max_failures": 0}),
+            max_jobs=packing.max_jobs_per_slot or DEFAULT_MAX_JOBS,
+            k_from_memory=packing.max_jobs_per_slot is None,
+        ).model_dump(mode="json")
+        needed = slot_max_failures(self.plans)
+        work_json = work.model_dump(mode="json")
+        warm = ray.get(pool.claim.remote(slot_key(template), count, work_json, needed))
+        ray.get(pool.release.remote())  # idle slots not taken hold resources this submission may need
+        self.refs |= {POOL.refs[slot]: slot for slot in warm if slot in POOL.refs}
+        # a slot that may stay warm gets a restart budget for later submissions as well
+        restarts = max(needed, WARM_SLOT_RESTARTS) if packing.keep_warm_s > 0 else needed
+        for _ in range(count - len(warm)):
+            name = POOL.new_name()
+            ray.get(pool.add.remote(name, work_json, restarts))
             ref = run_slot.options(scheduling_strategy=self.placement).remote(
-                cfg.model_dump(mode="json"),
-                slot_run_name(self.fleet, self.submission, i),
+                template | {"slot": name},
+                slot_run_name(self.fleet, self.submission, name),
                 self.storage,
-                slot_max_failures(self.plans),
+                restarts,
             )
-            self.refs[ref] = cfg.slot
+            POOL.refs[name] = ref
+            self.refs[ref] = name
 
     def busy(self) -> bool:
         return bool(self.open)

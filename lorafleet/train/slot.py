@@ -28,30 +28,27 @@ from lorafleet.raystart import NAMESPACE
 from lorafleet.spec import QuantizationSpec, ResourcesSpec
 from lorafleet.train.checkpoints import JobCheckpoints
 from lorafleet.train.plan import JobPlan
+from lorafleet.train.pool import Assignment, slot_key
 
 STATE_FILE = "slot_state.json"
 DEFAULT_MAX_JOBS = 8  # K when the fleet file does not bound it: the most memory may lower it to
 
 
 class SlotConfig(BaseModel):
-    """What a slot's worker needs: sent as the Ray Train loop config."""
+    """What a slot's worker needs: sent as the Ray Train loop config. The submission it works for
+    comes from the pool (`lorafleet.train.pool`): a warm slot moves on to later submissions."""
 
     slot: str
-    submission: str = Field("", description="the submission (and board) this slot works for")
-    slots: int = Field(1, description="the fleet's slots: each takes its share of the queue")
-    fleet_board: str
+    pool: str = Field(description="the driver's SlotPool actor: assignments and restart budgets")
+    work: Assignment = Field(description="the submission the slot was started for")
     base_model: str
     base_fingerprint: str
     quantization: QuantizationSpec
     resources: ResourcesSpec = Field(description="one job's resources: what the slot asks for")
-    storage: str
     max_jobs: int = Field(
         DEFAULT_MAX_JOBS, description="K: jobs trained at once; the most, when k_from_memory"
     )
     k_from_memory: bool = True
-    crash_at_step: dict[str, int] = Field(
-        default_factory=dict, description="tests: customer -> step at which its process dies (once)"
-    )
 
 
 class SlotState(BaseModel):
@@ -82,8 +79,9 @@ class SlotState(BaseModel):
             ray.train.report({"in_flight": len(self.in_flight)}, checkpoint=Checkpoint.from_directory(folder))
 
 
-def slot_run_name(fleet: str, submission: str, index: int) -> str:
-    return f"{fleet}-slot{index}-{submission}"
+def slot_run_name(fleet: str, submission: str, slot: str) -> str:
+    """The slot's Ray Train run, named after the submission that started it (a warm slot keeps it)."""
+    return f"{fleet}-{slot}-{submission}"
 
 
 def slot_max_failures(plans: list[JobPlan]) -> int:
@@ -111,20 +109,55 @@ def run_slot(config_json: dict[str, Any], run_name: str, storage: str, max_failu
 
 
 def slot_loop(config: dict[str, Any]) -> None:
-    """Ray Train entry point of a slot: take jobs until the fleet's queue is empty."""
-    from lorafleet.train.runner import cpu_if_no_cuda
-
+    """Ray Train entry point of a slot: take its submission's jobs until the queue is empty; then,
+    if the submission keeps its slots warm, wait for the next submission the pool hands it."""
     cfg = SlotConfig.model_validate(config)
     try:
-        board = ray.get_actor(cfg.fleet_board, namespace=NAMESPACE)
-        if ray.get(board.submission_id.remote()) != cfg.submission:
-            return  # restarted after its submission ended: the board by that name is a later one's
-    except ValueError:
-        return  # restarted after its submission ended and took its board along
-    state = SlotState.restore()
-    resume, one_at_a_time = settle_crash(cfg, board, state)
-    cpu_if_no_cuda()
-    slot = Slot(cfg, board, state)
+        pool = ray.get_actor(cfg.pool, namespace=NAMESPACE)
+        work = ray.get(pool.begin.remote(cfg.slot))
+    except (ValueError, ray.exceptions.RayActorError):
+        return  # the driver that started the slot is gone, and its pool with it
+    slot = None
+    while work is not None:
+        assignment = Assignment.model_validate(work)
+        slot, ok = work_for(cfg, assignment, slot)
+        if not ok or assignment.keep_warm_s <= 0:
+            return
+        try:
+            work = ray.get(pool.wait_for_work.remote(cfg.slot, slot_key(config), assignment.keep_warm_s))
+        except ray.exceptions.RayActorError:
+            return
+
+
+def submission_board(work: Assignment) -> Any:
+    """The board of the submission the slot works for; None when that submission has ended (the
+    board is gone, or the name is now a later submission's)."""
+    try:
+        board = ray.get_actor(work.fleet_board, namespace=NAMESPACE)
+        if ray.get(board.submission_id.remote()) == work.submission:
+            return board
+    except (ValueError, ray.exceptions.RayActorError):
+        pass
+    return None
+
+
+def work_for(cfg: SlotConfig, work: Assignment, slot: Slot | None) -> tuple[Slot | None, bool]:
+    """Train one submission's share of jobs; returns the slot (base loaded, for the next
+    submission) and whether it may go on (False: the slot itself broke)."""
+    from lorafleet.train.runner import cpu_if_no_cuda
+
+    board = submission_board(work)
+    if board is None:
+        return slot, True
+    if slot is None:  # the worker's first submission, or the one it was training when it died
+        state = SlotState.restore()
+        resume, one_at_a_time = settle_crash(cfg, board, state)
+        cpu_if_no_cuda()
+        slot = Slot(cfg, work, board, state)
+        slot.reused = work.submission != cfg.work.submission  # restarted while on a later submission
+    else:
+        slot.take_over(work, board)
+        resume, one_at_a_time = [], False
     try:
         slot.run(resume, one_at_a_time)
     except Exception as exc:  # the slot itself broke (e.g. the base): its jobs fail, not the fleet's
@@ -139,7 +172,9 @@ def slot_loop(config: dict[str, Any]) -> None:
                 ray.get(board.finish.remote(plan.job.customer, _end(plan, "failed", reason)))
             ray.get(board.slot_failed.remote(cfg.slot, reason))  # the slot takes no more jobs
         except ray.exceptions.RayActorError:
-            return  # the board is gone: the submission ended (its driver stopped), nothing to tell
+            pass  # the board is gone: the submission ended (its driver stopped), nothing to tell
+        return slot, False
+    return slot, True
 
 
 def settle_crash(cfg: SlotConfig, board: Any, state: SlotState) -> tuple[list[JobPlan], bool]:
@@ -162,7 +197,7 @@ def settle_crash(cfg: SlotConfig, board: Any, state: SlotState) -> tuple[list[Jo
         else:
             resume.append(plan)
     resume += waiting
-    if training or waiting:
+    if state.in_flight != resume:  # the board is the truth; the checkpoint may be an earlier submission's
         state.in_flight = resume
         state.save()
     return resume, len(training) > 1 or bool(waiting)
@@ -192,24 +227,35 @@ class Slot:
     with its own adapter, optimizer, schedule, checkpoints and events; a job that ends leaves and
     the next queued one joins at the next step."""
 
-    def __init__(self, cfg: SlotConfig, board: Any, state: SlotState):
-        self.cfg, self.board, self.state = cfg, board, state
+    def __init__(self, cfg: SlotConfig, work: Assignment, board: Any, state: SlotState):
+        self.cfg, self.work, self.board, self.state = cfg, work, board, state
+        self.reused = False  # True once the slot works for a later submission than its first
         self.trainer: Any = None  # loaded with the first job: its placement is announced first
         self.k = cfg.max_jobs
         self.jobs: dict[str, SlotJob] = {}
         self.changed = False  # jobs joined or left since the board and checkpoint last heard
         self.folder = Path(tempfile.mkdtemp(prefix=f"lorafleet-{cfg.slot}-"))
 
+    def take_over(self, work: Assignment, board: Any) -> None:
+        """A later submission's jobs, on the base already loaded (the slot held no job meanwhile)."""
+        self.work, self.board, self.reused = work, board, True
+        self.state.in_flight, self.changed = [], False
+
     def run(self, resume: list[JobPlan], one_at_a_time: bool) -> None:
         alone = list(resume) if one_at_a_time else []
         for plan in [] if one_at_a_time else resume:
             self.admit(plan)
         while True:
-            if alone and not self.jobs:
-                self.admit(alone.pop(0))
-            elif not alone:
-                self.fill()
-            self.announce()
+            try:
+                if alone and not self.jobs:
+                    self.admit(alone.pop(0))
+                elif not alone:
+                    self.fill()
+                self.announce()
+            except ray.exceptions.RayActorError:
+                if self.jobs:
+                    raise
+                return  # the board went while the slot held nothing: the submission is over
             if not self.jobs:
                 return
             self.apply_cancels()
@@ -234,7 +280,7 @@ class Slot:
     def fill(self) -> None:
         free = self.k - len(self.jobs)
         if free > 0:
-            for plan in ray.get(self.board.take.remote(self.cfg.slot, free, self.cfg.slots)):
+            for plan in ray.get(self.board.take.remote(self.cfg.slot, free, self.work.slots)):
                 self.admit(JobPlan.model_validate(plan))
 
     def admit(self, plan: JobPlan) -> None:
@@ -243,8 +289,8 @@ class Slot:
             customer, placed=time.time(), node_id=ray.get_runtime_context().get_node_id(), slot=self.cfg.slot
         )
         if customer not in self.jobs:
-            out = self.folder / customer
-            self.jobs[customer] = SlotJob(plan, out, JobCheckpoints(self.cfg.storage, plan))
+            out = self.folder / f"{self.work.submission}-{customer}"
+            self.jobs[customer] = SlotJob(plan, out, JobCheckpoints(self.work.storage, plan))
             if plan not in self.state.in_flight:
                 self.state.in_flight.append(plan)
         self.changed = True
@@ -284,7 +330,7 @@ class Slot:
 
     def crash_if_asked(self) -> None:
         """Tests: a job's process dies at its crash step, once (as an OOM kill would kill it)."""
-        for customer, step in self.cfg.crash_at_step.items():
+        for customer, step in self.work.crash_at_step.items():
             running = self.trainer.jobs.get(customer)
             at_step = running is not None and running.step == step
             if at_step and not ray.get(self.board.death_count.remote(customer)):
@@ -302,7 +348,7 @@ class Slot:
                 started=time.time(),
                 node_id=ray.get_runtime_context().get_node_id(),
             )
-            self.board.update.remote(customer, slot=self.cfg.slot, pack_k=self.k)
+            self.board.update.remote(customer, slot=self.cfg.slot, pack_k=self.k, slot_reused=self.reused)
         elif kind == "state":
             self.board.end_attempt.remote(customer, time.time())
             job.result = event
