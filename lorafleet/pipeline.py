@@ -5,8 +5,12 @@ is the only place that runs those stages in order; `lorafleet.train` runs jobs o
 - validate: `lorafleet.validate.check_fleet` (spec, base, datasets); a bad dataset fails its job.
 - plan: a job MLflow run per customer; a job already trained with the same spec, data and base is
   reused (and registered if it never was), the rest become `JobPlan`s.
-- launch + track: `lorafleet.train.runner.FleetExecution` runs the plans on Ray; each tick the
-  board's progress is copied into the job runs (state, metric history, where it ran).
+- launch: each plan goes to `lorafleet.train.runner.FleetExecution` as soon as it is made, so
+  the first jobs train while the driver still writes the later ones' MLflow runs (a 1,000-job
+  fleet no longer waits a minute of MLflow writes for its first step); the execution starts with
+  the first job that trains (a fleet that only reuses starts nothing on Ray).
+- track: each tick the board's progress is copied into the job runs (state, metric history,
+  where it ran).
 - register: each adapter that trained becomes a version of its customer's registered model.
 """
 
@@ -14,7 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +52,7 @@ class FleetResult:
     fleet: str
     fleet_run_id: str
     jobs: dict[str, JobOutcome]
+    launched_at: float | None = None  # when its Ray side started (time.time()); None: nothing ran
 
     def ok(self) -> bool:
         return all(j.state == "succeeded" for j in self.jobs.values())
@@ -86,25 +92,32 @@ def job_hash(job: JobSpec, data_sha: str, base_fp: str) -> str:
 # ---- validate + plan ---------------------------------------------------------------------
 
 
-def prepare(
-    fleet_file: Path, fail_at_step: dict[str, int] | None = None, register: bool = True
-) -> Submission:
-    """Validate spec and data, open the MLflow runs; bad jobs fail here, before any training."""
-    check = check_fleet(fleet_file)
-    fleet, base_fp = check.fleet, check.base_fingerprint
+def open_submission(check: FleetCheck, fleet_file: Path, register: bool = True) -> Submission:
+    """The fleet's MLflow experiment and fleet run, for a fleet that passed validation."""
+    fleet = check.fleet
     c = tracking.client()
     exp_id = tracking.ensure_experiment(c, fleet.name)
     sub = Submission(
         fleet.name,
-        tracking.start_fleet_run(c, exp_id, fleet.name, fleet_file, base_fp),
+        tracking.start_fleet_run(c, exp_id, fleet.name, fleet_file, check.base_fingerprint),
         exp_id,
         fleet.registry if register else None,
     )
     sub.packing = fleet.packing
+    return sub
+
+
+def plan_jobs(
+    sub: Submission, check: FleetCheck, fail_at_step: dict[str, int] | None = None
+) -> Iterator[str]:
+    """Open each job's MLflow run, in fleet-file order; yields the customers whose jobs are to
+    train (bad data fails a job here, a job trained before is reused), as each is planned."""
+    c = tracking.client()
     routes = check.own_run_reasons()
     for job in check.jobs:
         _plan_job(c, sub, job, check, (fail_at_step or {}).get(job.customer), routes[job.customer])
-    return sub
+        if job.customer in sub.plans:
+            yield job.customer
 
 
 def _plan_job(
@@ -258,18 +271,49 @@ def register_adapter(c: Any, sub: Submission, plan: JobPlan, outcome: JobOutcome
 # ---- the stages in order -----------------------------------------------------------------
 
 
+class Launch:
+    """The fleet's Ray side, started when first needed (Ray joined, the board, then the slots with
+    the first slot job); planned jobs are handed to it one by one."""
+
+    def __init__(self, sub: Submission, check: FleetCheck, storage: str, ray_address: str | None):
+        self.sub, self.check, self.storage, self.ray_address = sub, check, storage, ray_address
+        self.execution: FleetExecution | None = None
+        self.launched_at: float | None = None  # when the execution started (time.time())
+
+    def start(self) -> FleetExecution:
+        if self.execution is None:
+            from lorafleet.train.runner import FleetExecution
+
+            init_ray(self.ray_address)
+            self.launched_at = time.time()
+            self.execution = FleetExecution(
+                self.sub.fleet, self.storage, self.sub.packing, self.sub.crash_at_step
+            )
+        return self.execution
+
+    def add(self, customer: str) -> None:
+        execution = self.start()
+        in_slot = customer in self.sub.slot_jobs
+        if in_slot and not execution.slots.started:
+            execution.start_slots(slot_candidates(self.check), self.check.base_fingerprint)
+        execution.add(self.sub.plans[customer].plan, in_slot)
+
+
+def slot_candidates(check: FleetCheck) -> list[JobSpec]:
+    """The jobs that may train in warm slots (their data is valid; some may yet be reused): the
+    slots are sized for these before the last of them is planned."""
+    routes = check.own_run_reasons()
+    return [j for j in check.jobs if routes[j.customer] is None and j.customer not in check.errors]
+
+
 def run_fleet(
     sub: Submission,
-    storage: str,
+    execution: FleetExecution,
     on_tick: Callable[[dict], None] | None = None,
     on_finished: Callable[[JobOutcome], None] | None = None,
 ) -> FleetResult:
-    """Launch the planned jobs on Ray, track them into MLflow, register each adapter; wait."""
-    from lorafleet.train.runner import FleetExecution
-
+    """Track the launched jobs into MLflow, register each adapter; wait until all have ended."""
     c = tracking.client()
-    plans = {cust: p.plan for cust, p in sub.plans.items()}
-    execution = FleetExecution(sub.fleet, plans, storage, sub.slot_jobs, sub.packing, sub.crash_at_step)
     monitor = FleetMonitor(c, sub, execution)
     outcomes = dict(sub.done)
     try:
@@ -321,9 +365,25 @@ def submit(
     """Validate, train every job of a fleet file, register each new adapter; returns outcomes.
     fail_at_step / crash_at_step (tests): a job raises at that step / its slot's process dies
     there (once)."""
-    sub = prepare(Path(fleet_file), fail_at_step, register)
+    import ray
+
+    fleet_file = Path(fleet_file)
+    check = check_fleet(fleet_file)  # spec errors raise here, before anything starts
+    sub = open_submission(check, fleet_file, register)
     sub.crash_at_step = crash_at_step or {}
-    if not sub.plans:
+    launch = Launch(sub, check, storage or settings.storage_path(), ray_address)
+    try:
+        if ray.is_initialized() and any(j.customer not in check.errors for j in check.jobs):
+            launch.start()  # the board's process starts while the jobs' MLflow runs are written
+        for customer in plan_jobs(sub, check, fail_at_step):
+            launch.add(customer)
+    except BaseException:
+        if launch.execution is not None:
+            launch.execution.close()
+        raise
+    if launch.execution is None:
         return close_fleet(tracking.client(), sub, dict(sub.done))
-    init_ray(ray_address)
-    return run_fleet(sub, storage or settings.storage_path(), on_tick, on_finished)
+    launch.execution.seal()
+    result = run_fleet(sub, launch.execution, on_tick, on_finished)
+    result.launched_at = launch.launched_at
+    return result

@@ -7,7 +7,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
-LIGHT = ("lorafleet.pipeline", "lorafleet.train.runner", "lorafleet.train.slot", "lorafleet.train.progress")
+LIGHT = (
+    "lorafleet.pipeline",
+    "lorafleet.train.runner",
+    "lorafleet.train.slot",
+    "lorafleet.train.pool",
+    "lorafleet.train.progress",
+)
 
 
 def test_orchestration_modules_stay_light() -> None:

@@ -244,18 +244,19 @@ def run_scale_bench(
 
 
 def timed_fleet(folder: Path, name: str, n_jobs: int, config: dict, keep_warm_s: float = 0) -> dict:
-    """One fleet of the bench's jobs through prepare and run_fleet, and its figures."""
-    from lorafleet.pipeline import prepare, run_fleet
+    """One fleet of the bench's jobs through `submit`, and its figures; the makespan counts from
+    the fleet's launch (its Ray side started, after validation and the first job's MLflow run),
+    as the later jobs' MLflow runs are written while the first ones train."""
+    from lorafleet.pipeline import submit
 
     packing = {"enabled": config["packing"], "keep_warm_s": keep_warm_s}
     base, dataset, training = config["base"], Path(config["dataset"]), config["training"]
     path = fleet_file(folder, base, dataset, n_jobs, training, config["resources_per_job"], packing, name)
     rows = LastRows()
     t0 = time.time()
-    sub = prepare(path, register=False)
-    t_launch = time.time()
-    result = run_fleet(sub, str(folder / "checkpoints"), on_tick=rows)
+    result = submit(path, register=False, storage=str(folder / "checkpoints"), on_tick=rows)
     t_end = time.time()
+    t_launch = result.launched_at or t0
     bad = {c: o.reason for c, o in result.jobs.items() if o.state != "succeeded"}
     if bad:
         raise RuntimeError(f"benchmark jobs failed: {bad}")

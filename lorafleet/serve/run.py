@@ -31,10 +31,12 @@ def start(
 
     from lorafleet.raystart import init_ray
     from lorafleet.serve.app import build_app
+    from lorafleet.train.pool import release as release_warm_slots
 
     if args.tracking_uri is None:  # replicas don't share our cwd: give them the absolute store
         args = args.model_copy(update={"tracking_uri": settings.tracking_uri()})
     init_ray(ray_address)
+    release_warm_slots()  # idle training slots of this process would hold the replicas' resources
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args.model_dump()), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"

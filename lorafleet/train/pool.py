@@ -43,18 +43,23 @@ class Assignment(BaseModel):
 
 @ray.remote(num_cpus=0)
 class SlotPool:
-    """The driver's slots: assignments, restart budgets, and the idle ones waiting for work."""
+    """The driver's slots: assignments, restart budgets, and which can take a new submission:
+    those waiting idle, and those whose submission ended but that have not reached their wait yet
+    (the driver returns as soon as the last job ends; the slot gets there a moment later)."""
 
     def __init__(self) -> None:
         self.work: dict[str, dict[str, Any]] = {}  # slot -> its current assignment
+        self.keys: dict[str, str] = {}
         self.restarts_left: dict[str, int] = {}
         self.started: set[str] = set()  # slots whose worker began once (a later begin is a restart)
-        self.idle: dict[str, str] = {}  # slot -> its key, while it waits for a submission
-        self.wakeup: dict[str, asyncio.Event] = {}
+        self.ended: set[str] = set()  # submissions whose jobs all ended
+        self.idle: dict[str, asyncio.Event] = {}  # slots waiting for a submission, and their wake-up
+        self.handed: set[str] = set()  # claimed before they reached their wait: they go on at once
+        self.releasing: set[str] = set()  # released before they reached their wait: they end there
 
-    async def add(self, slot: str, work: dict[str, Any], restarts: int) -> None:
+    async def add(self, slot: str, key: str, work: dict[str, Any], restarts: int) -> None:
         """A new slot run (not started yet) for a submission; Ray Train may restart it `restarts` times."""
-        self.work[slot], self.restarts_left[slot] = work, restarts
+        self.keys[slot], self.work[slot], self.restarts_left[slot] = key, work, restarts
 
     async def begin(self, slot: str) -> dict[str, Any] | None:
         """The slot's worker starts: its assignment, or None if it is to end. A start after the
@@ -64,44 +69,69 @@ class SlotPool:
         self.started.add(slot)
         return self.work.get(slot)
 
-    async def wait_for_work(self, slot: str, key: str, keep_warm_s: float) -> dict[str, Any] | None:
-        """An idle slot waits up to keep_warm_s to be claimed; None: it is to end (released or
-        not claimed in time). Either way it leaves the idle set here, so a claim never races it."""
-        self.idle[slot] = key
-        self.wakeup[slot] = event = asyncio.Event()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), keep_warm_s)
-        self.wakeup.pop(slot, None)
-        if self.idle.pop(slot, None) is not None:  # nobody claimed it: it ends
-            self.work.pop(slot, None)
-            return None
-        return self.work.get(slot)
+    async def finished(self, submission: str) -> None:
+        """The driver saw every job of `submission` end: its warm slots may be handed on."""
+        self.ended.add(submission)
+
+    async def wait_for_work(self, slot: str, keep_warm_s: float) -> dict[str, Any] | None:
+        """The slot's submission has no more jobs for it: its next assignment, after waiting up to
+        keep_warm_s to be claimed; None: it is to end (released, or not claimed in time)."""
+        if slot in self.handed:
+            self.handed.discard(slot)
+            return self.work.get(slot)
+        if slot not in self.releasing:
+            self.idle[slot] = event = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), keep_warm_s)
+            if self.idle.pop(slot, None) is None:  # claimed: idle was cleared for it
+                return self.work.get(slot)
+        self.releasing.discard(slot)
+        self.work.pop(slot, None)
+        return None
+
+    def _available(self, slot: str) -> bool:
+        """Idle, or about to be: its submission ended, it keeps warm, nobody claimed or released it."""
+        if slot in self.idle:
+            return True
+        work = self.work.get(slot)
+        on_hold = slot in self.handed or slot in self.releasing
+        return bool(work) and work["submission"] in self.ended and work["keep_warm_s"] > 0 and not on_hold
 
     async def claim(self, key: str, n: int, work: dict[str, Any], restarts_needed: int) -> list[str]:
-        """Up to n idle slots of `key` with the restarts a submission needs, now working for it."""
-        picks = [s for s, k in self.idle.items() if k == key and self.restarts_left[s] >= restarts_needed]
-        for slot in picks[:n]:
-            del self.idle[slot]
+        """Up to n available slots of `key` with the restarts a submission needs, now working for it."""
+        picks = [
+            s
+            for s in self.work
+            if self._available(s) and self.keys.get(s) == key and self.restarts_left[s] >= restarts_needed
+        ][:n]
+        for slot in picks:
             self.work[slot] = work
-            self.wakeup[slot].set()
-        return picks[:n]
+            if slot in self.idle:
+                self.idle.pop(slot).set()
+            else:
+                self.handed.add(slot)
+        return picks
 
-    async def release(self, keep_key: str | None = None) -> list[str]:
-        """End the idle slots (all, or those of other keys than `keep_key`): they hold a worker's
-        resources that the submission about to start (or anything else) may need."""
-        out = [s for s, k in self.idle.items() if k != keep_key]
+    async def release(self) -> list[str]:
+        """End the available slots: they hold a worker's resources that the submission about to
+        start (or anything else, e.g. serving) may need."""
+        out = [s for s in self.work if self._available(s)]
         for slot in out:
-            self.wakeup[slot].set()  # still in idle: wait_for_work returns None
+            if slot in self.idle:
+                self.idle[slot].set()  # still in idle: wait_for_work returns None
+            else:
+                self.releasing.add(slot)
         return out
 
     async def forget(self, slots: list[str]) -> None:
         """Slots whose runs ended or were cancelled."""
         for slot in slots:
             self.work.pop(slot, None)
-            self.idle.pop(slot, None)
+            if slot in self.idle:
+                self.idle.pop(slot).set()
 
-    async def idle_slots(self) -> dict[str, str]:
-        return dict(self.idle)
+    async def idle_slots(self) -> list[str]:
+        return sorted(self.idle)
 
 
 def slot_key(config: dict[str, Any]) -> str:
@@ -118,7 +148,8 @@ class _DriverPool:
     stays with the process that made it; a later submission watches the slots it takes over)."""
 
     def __init__(self) -> None:
-        self.job_id: str | None = None
+        self.session: tuple[str, str, str] | None = None
+        self.job_id = ""
         self.actor: Any = None
         self.refs: dict[str, Any] = {}  # slot -> its run's ref
         self.count = 0  # slots started in this Ray session: names are unique across submissions
@@ -129,16 +160,16 @@ class _DriverPool:
 
     def get(self) -> Any:
         """The pool actor of this process's Ray session (a new one after ray.shutdown/init)."""
-        job_id = ray.get_runtime_context().get_job_id()
-        if job_id != self.job_id:
-            self.job_id, self.refs, self.count = job_id, {}, 0
+        if not self.active():
+            self.session, self.refs, self.count = _session(), {}, 0
+            self.job_id = self.session[1]
             self.actor = SlotPool.options(
                 name=self.name, namespace=NAMESPACE, scheduling_strategy=driver_node_affinity()
             ).remote()
         return self.actor
 
     def active(self) -> bool:
-        return ray.is_initialized() and self.job_id == ray.get_runtime_context().get_job_id()
+        return ray.is_initialized() and self.session == _session()
 
     def new_name(self) -> str:
         name, self.count = f"slot{self.count}", self.count + 1
@@ -156,6 +187,13 @@ class _DriverPool:
             self.refs.pop(slot, None)
         if slots and self.active():
             self.actor.forget.remote(slots)
+
+
+def _session() -> tuple[str, str, str]:
+    """This driver's Ray session: job ids restart at 1 in every new cluster (a test's, a bench's),
+    so the cluster's address and the driver node's id (random per node start) go with it."""
+    ctx = ray.get_runtime_context()
+    return ctx.gcs_address, ctx.get_job_id(), ctx.get_node_id()
 
 
 POOL = _DriverPool()

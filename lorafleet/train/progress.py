@@ -30,6 +30,7 @@ class ProgressBoard:
         self.pending: dict[str, list[dict[str, Any]]] = {}
         self.cancelled: set[str] = set()
         self.queue: list[tuple[str, dict[str, Any]]] = []  # slot jobs not yet taken: (customer, plan)
+        self.sealed = False  # the driver planned every job: an empty queue stays empty
         self.taken: dict[str, str] = {}  # customer -> slot that took it
         self.ended: dict[str, dict[str, Any]] = {}  # slot jobs' ends, until the driver takes them
         self.slot_failures: dict[str, str] = {}  # slot -> why it stopped taking jobs
@@ -81,13 +82,28 @@ class ProgressBoard:
         """A queued slot job ends here at once; a training one stops itself at its next step."""
         self.cancelled.add(customer or "*")
         for cust, _ in [q for q in self.queue if self.is_cancelled(q[0])]:
-            self.finish(cust, {"customer": cust, "state": "cancelled", "reason": "cancelled by user"})
+            self.finish(cust, _cancelled(cust))
         self.queue = [q for q in self.queue if not self.is_cancelled(q[0])]
 
     # ---- the warm slots' queue ----
 
     def enqueue(self, plans: list[dict[str, Any]]) -> None:
-        self.queue += [(plan["job"]["customer"], plan) for plan in plans]
+        """Jobs as the driver plans them; one already cancelled (cancel all) ends here at once."""
+        for plan in plans:
+            customer = plan["job"]["customer"]
+            if self.is_cancelled(customer):
+                self.finish(
+                    customer, {"customer": customer, "state": "cancelled", "reason": "cancelled by user"}
+                )
+            else:
+                self.queue.append((customer, plan))
+
+    def seal(self) -> None:
+        self.sealed = True
+
+    def queue_open(self) -> bool:
+        """More jobs may be taken: some are queued, or the driver may still add some."""
+        return bool(self.queue) or not self.sealed
 
     def take(self, slot: str, n: int, slots: int) -> list[dict[str, Any]]:
         """Up to n queued plans, in fleet-file order, for `slot` to train; a slot holds at most its
@@ -150,6 +166,10 @@ class ProgressBoard:
 
     def is_cancelled(self, customer: str) -> bool:
         return customer in self.cancelled or "*" in self.cancelled
+
+
+def _cancelled(customer: str) -> dict[str, Any]:
+    return {"customer": customer, "state": "cancelled", "reason": "cancelled by user"}
 
 
 def _copy_job(job: dict[str, Any]) -> dict[str, Any]:

@@ -241,21 +241,25 @@ class Launcher:
             )
             self.refs[ref] = cust
 
+    def add(self, plan: JobPlan) -> None:
+        customer = plan.job.customer
+        self.plans[customer], self.demand[customer] = plan, job_demand(plan.job)
+        self.pending.append(customer)
+
     def busy(self) -> bool:
         return bool(self.pending or self.refs)
 
 
 class FleetExecution:
     """A fleet's jobs on Ray: the fleet's board (progress, cancellation, the slots' queue), its
-    warm slots and the runs of the jobs that train alone. The caller polls it until `busy()` is
-    false, and closes it."""
+    warm slots and the runs of the jobs that train alone. Jobs are added as the driver plans them
+    (`add`); `seal` says no more will come. The caller polls it until `busy()` is false, and
+    closes it."""
 
     def __init__(
         self,
         fleet: str,
-        plans: dict[str, JobPlan],
         storage: str,
-        slot_jobs: set[str] | None = None,
         packing: PackingSpec | None = None,
         crash_at_step: dict[str, int] | None = None,
     ):
@@ -264,21 +268,35 @@ class FleetExecution:
         self.board = ProgressBoard.options(
             name=board_name(fleet), namespace=NAMESPACE, scheduling_strategy=here
         ).remote(self.submission)
-        slot_jobs = slot_jobs or set()
-        own = {c: p for c, p in plans.items() if c not in slot_jobs}
-        self.launcher = Launcher(own, storage, here)
-        slot_plans = [plans[c] for c in plans if c in slot_jobs]
-        self.slots = Slots(fleet, self.submission, slot_plans, storage, self.board, here)
-        if slot_jobs:
-            self.slots.start(packing or PackingSpec(), crash_at_step or {})
-        else:  # warm slots an earlier submission left would hold resources these jobs need
+        self.packing, self.crash_at_step = packing or PackingSpec(), crash_at_step or {}
+        self.launcher = Launcher({}, storage, here)
+        self.slots = Slots(fleet, self.submission, storage, self.board, here)
+        self.sealed = False
+        self.running: set[str] = set()  # jobs the board has seen training
+
+    def start_slots(self, jobs: list[JobSpec], base_fingerprint: str) -> None:
+        """Warm slots for these jobs (those that may share one; the first of them is planned)."""
+        self.slots.start(jobs, base_fingerprint, self.packing, self.crash_at_step)
+
+    def add(self, plan: JobPlan, in_slot: bool) -> None:
+        """A planned job: into the slots' queue, or to the launcher for a run of its own."""
+        if in_slot:
+            self.slots.add(plan)
+        else:
+            self.launcher.add(plan)
+            self.launcher.launch()
+
+    def seal(self) -> None:
+        """Every job is planned: slots that find the queue empty from now on are done."""
+        ray.get(self.board.seal.remote())
+        self.sealed = True
+        if not self.slots.started:  # warm slots an earlier submission left hold resources these need
             from lorafleet.train.pool import release
 
             release()
-        self.running: set[str] = set()  # jobs the board has seen training
 
     def busy(self) -> bool:
-        return self.launcher.busy() or self.slots.busy()
+        return not self.sealed or self.launcher.busy() or self.slots.busy()
 
     def poll(self, timeout_s: float = 0.25) -> list[JobEnd]:
         """Launch what fits, wait up to timeout_s, and return the jobs that ended meanwhile."""
@@ -310,12 +328,14 @@ class FleetExecution:
         Cancelling one while its worker group started left that group behind: Ray Train's cleaner
         never removed it, and the simulated cluster's GPU it held was the one a slot restarted
         after a lost node needed (test_multinode hung waiting for it)."""
-        if self.busy():
-            from lorafleet.train.pool import POOL
+        from lorafleet.train.pool import POOL
 
+        if self.busy():
             for ref in self.slots.refs:
                 ray.cancel(ref)
             POOL.forget(list(self.slots.refs.values()))
+        elif self.slots.started:  # its slots that keep warm may be handed to the next submission
+            POOL.get().finished.remote(self.submission)
         ray.kill(self.board)
 
     def _cancel_queued(self) -> list[str]:
@@ -354,35 +374,36 @@ def slots_that_fit(res: ResourcesSpec) -> int:
 
 class Slots:
     """The fleet's warm slots (lorafleet.train.slot): their jobs wait in the board's queue; each
-    slot is one Ray Train run that takes jobs until the queue is empty."""
+    slot is one Ray Train run that takes jobs until the queue is sealed and empty."""
 
-    def __init__(
-        self, fleet: str, submission: str, plans: list[JobPlan], storage: str, board: Any, placement: Any
-    ):
-        self.fleet, self.submission, self.plans, self.storage = fleet, submission, plans, storage
+    def __init__(self, fleet: str, submission: str, storage: str, board: Any, placement: Any):
+        self.fleet, self.submission, self.storage = fleet, submission, storage
         self.board, self.placement = board, placement
-        self.open = {p.job.customer for p in plans}  # not ended yet
+        self.open: set[str] = set()  # queued or training, not ended yet
         self.refs: dict[Any, str] = {}  # slot run (a task driving its Ray Train run) -> slot id
         self.failure: str | None = None
+        self.started = False
 
-    def count(self, packing: PackingSpec) -> int:
-        res = self.plans[0].job.resources
-        return max(1, min(packing.slots or slots_that_fit(res), len(self.plans)))
+    def add(self, plan: JobPlan) -> None:
+        self.open.add(plan.job.customer)
+        self.board.enqueue.remote([plan.model_dump(mode="json")])  # in order with seal(): one caller
 
-    def start(self, packing: PackingSpec, crash_at_step: dict[str, int]) -> None:
-        """Queue the jobs; take over warm slots that match (`lorafleet.train.pool`), start the rest."""
+    def start(self, jobs: list[JobSpec], base_fp: str, packing: PackingSpec, crash: dict[str, int]) -> None:
+        """Take over warm slots that match (`lorafleet.train.pool`), start the rest: one per
+        job-sized place in the cluster, at most one per job."""
         from lorafleet.train.pool import POOL, Assignment, slot_key
         from lorafleet.train.slot import DEFAULT_MAX_JOBS, SlotConfig, slot_max_failures
 
-        ray.get(self.board.enqueue.remote([p.model_dump(mode="json") for p in self.plans]))
-        first, count = self.plans[0], self.count(packing)
+        self.started = True
+        first = jobs[0]
+        count = max(1, min(packing.slots or slots_that_fit(first.resources), len(jobs)))
         work = Assignment(
             fleet_board=board_name(self.fleet),
             submission=self.submission,
             slots=count,
             storage=self.storage,
             keep_warm_s=packing.keep_warm_s,
-            crash_at_step=crash_at_step,
+            crash_at_step=crash,
         )
         pool = POOL.get()
         POOL.prune()
@@ -390,23 +411,24 @@ class Slots:
             slot="",
             pool=POOL.name,
             work=work,
-            base_model=first.job.base_model,
-            base_fingerprint=first.base_fingerprint,
-            quantization=first.job.quantization,
-            resources=first.job.resources.model_copy(update={"workers": 1, "max_failures": 0}),
+            base_model=first.base_model,
+            base_fingerprint=base_fp,
+            quantization=first.quantization,
+            resources=first.resources.model_copy(update={"workers": 1, "max_failures": 0}),
             max_jobs=packing.max_jobs_per_slot or DEFAULT_MAX_JOBS,
             k_from_memory=packing.max_jobs_per_slot is None,
         ).model_dump(mode="json")
-        needed = slot_max_failures(self.plans)
+        needed = slot_max_failures(jobs)
         work_json = work.model_dump(mode="json")
-        warm = ray.get(pool.claim.remote(slot_key(template), count, work_json, needed))
+        key = slot_key(template)
+        warm = ray.get(pool.claim.remote(key, count, work_json, needed))
         ray.get(pool.release.remote())  # idle slots not taken hold resources this submission may need
         self.refs |= {POOL.refs[slot]: slot for slot in warm if slot in POOL.refs}
         # a slot that may stay warm gets a restart budget for later submissions as well
         restarts = max(needed, WARM_SLOT_RESTARTS) if packing.keep_warm_s > 0 else needed
         for _ in range(count - len(warm)):
             name = POOL.new_name()
-            ray.get(pool.add.remote(name, work_json, restarts))
+            ray.get(pool.add.remote(name, key, work_json, restarts))
             ref = run_slot.options(scheduling_strategy=self.placement).remote(
                 template | {"slot": name},
                 slot_run_name(self.fleet, self.submission, name),

@@ -25,10 +25,10 @@ import ray
 from pydantic import BaseModel, Field
 
 from lorafleet.raystart import NAMESPACE
-from lorafleet.spec import QuantizationSpec, ResourcesSpec
+from lorafleet.spec import JobSpec, QuantizationSpec, ResourcesSpec
 from lorafleet.train.checkpoints import JobCheckpoints
 from lorafleet.train.plan import JobPlan
-from lorafleet.train.pool import Assignment, slot_key
+from lorafleet.train.pool import Assignment
 
 STATE_FILE = "slot_state.json"
 DEFAULT_MAX_JOBS = 8  # K when the fleet file does not bound it: the most memory may lower it to
@@ -84,10 +84,10 @@ def slot_run_name(fleet: str, submission: str, slot: str) -> str:
     return f"{fleet}-{slot}-{submission}"
 
 
-def slot_max_failures(plans: list[JobPlan]) -> int:
+def slot_max_failures(jobs: list[JobSpec]) -> int:
     """Slot restarts Ray Train may make: each job can crash the process at most max_failures + 1
     times before it is marked failed, so this bound is never what fails a job."""
-    return sum(p.job.resources.max_failures + 1 for p in plans)
+    return sum(job.resources.max_failures + 1 for job in jobs)
 
 
 @ray.remote(num_cpus=0, max_retries=0)
@@ -124,7 +124,7 @@ def slot_loop(config: dict[str, Any]) -> None:
         if not ok or assignment.keep_warm_s <= 0:
             return
         try:
-            work = ray.get(pool.wait_for_work.remote(cfg.slot, slot_key(config), assignment.keep_warm_s))
+            work = ray.get(pool.wait_for_work.remote(cfg.slot, assignment.keep_warm_s))
         except ray.exceptions.RayActorError:
             return
 
@@ -257,7 +257,10 @@ class Slot:
                     raise
                 return  # the board went while the slot held nothing: the submission is over
             if not self.jobs:
-                return
+                if not self.more_to_come():
+                    return
+                time.sleep(0.05)  # the driver is still planning the fleet's jobs
+                continue
             self.apply_cancels()
             self.trainer.step()
             self.crash_if_asked()
@@ -273,6 +276,13 @@ class Slot:
             ray.get(self.board.set_training.remote(self.cfg.slot, list(self.jobs)))
             self.state.save()
             self.changed = False
+
+    def more_to_come(self) -> bool:
+        """Jobs may still come to this slot: the queue is not sealed yet (or not empty)."""
+        try:
+            return ray.get(self.board.queue_open.remote())
+        except ray.exceptions.RayActorError:
+            return False
 
     def held(self) -> list[JobPlan]:
         return [job.plan for job in self.jobs.values()]
