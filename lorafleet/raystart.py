@@ -21,6 +21,10 @@ RAY_ENV = {
         # watch for node preemption notices, which our loops do not act on: a lost node is a
         # restart from the last checkpoint either way
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+        # a worker holds one reported result until its controller polls (every 2 s by default):
+        # a slot reporting its checkpoint at two handovers in a row waited for that poll, and a
+        # job's own run ended up to 2 s after its last step
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
     },
 }
 

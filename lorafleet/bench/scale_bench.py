@@ -20,6 +20,13 @@ copy); `--no-packing` runs one Ray Train run per job instead. The figures:
   without the slots' start-up (Ray Train's controller and worker processes) and the tail: a
   diagnostic of the handovers, not the goal's figure.
 
+The makespan counts from the fleet's launch (its Ray side started: after validation and the first
+job's MLflow run; the later jobs' runs are written while the first ones train) to `submit`'s
+return. The fleet runs twice on the same cluster: cold (its slots start with it; the top-level
+figures) and warm (`warm`: a second fleet of the same jobs under another name, on the slots the
+first kept warm with `packing.keep_warm_s`, as a process that submits fleets one after another
+gets them).
+
 On a machine with fewer real cores than slots, jobs and Ray's own processes compete for the CPU,
 so every figure here is inflated by that contention; compare runs on the same machine only.
 """
