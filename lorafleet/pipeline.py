@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from lorafleet import settings, tracking
 from lorafleet.raystart import init_ray
-from lorafleet.spec import JobSpec, PackingSpec, RegistrySpec
+from lorafleet.spec import FleetSpec, JobSpec, PackingSpec, RegistrySpec, load_fleet
 from lorafleet.train.plan import JobPlan
 from lorafleet.train.progress import board_name
 from lorafleet.validate import FleetCheck, check_fleet
@@ -272,31 +272,33 @@ def register_adapter(c: Any, sub: Submission, plan: JobPlan, outcome: JobOutcome
 
 
 class Launch:
-    """The fleet's Ray side, started when first needed (Ray joined, the board, then the slots with
-    the first slot job); planned jobs are handed to it one by one."""
+    """The fleet's Ray side, started when first needed (Ray joined, the board; the slots with the
+    first slot job); planned jobs are handed to it one by one."""
 
-    def __init__(self, sub: Submission, check: FleetCheck, storage: str, ray_address: str | None):
-        self.sub, self.check, self.storage, self.ray_address = sub, check, storage, ray_address
+    def __init__(self, storage: str, ray_address: str | None, crash_at_step: dict[str, int]):
+        self.storage, self.ray_address, self.crash_at_step = storage, ray_address, crash_at_step
         self.execution: FleetExecution | None = None
-        self.launched_at: float | None = None  # when the execution started (time.time())
+        self.launched_at: float | None = None  # when the first job went to Ray (time.time())
 
-    def start(self) -> FleetExecution:
+    def start(self, fleet: FleetSpec) -> FleetExecution:
         if self.execution is None:
             from lorafleet.train.runner import FleetExecution
 
             init_ray(self.ray_address)
-            self.launched_at = time.time()
-            self.execution = FleetExecution(
-                self.sub.fleet, self.storage, self.sub.packing, self.sub.crash_at_step
-            )
+            self.execution = FleetExecution(fleet.name, self.storage, fleet.packing, self.crash_at_step)
         return self.execution
 
-    def add(self, customer: str) -> None:
-        execution = self.start()
-        in_slot = customer in self.sub.slot_jobs
+    def add(self, sub: Submission, check: FleetCheck, customer: str) -> None:
+        execution = self.start(check.fleet)
+        self.launched_at = self.launched_at or time.time()
+        in_slot = customer in sub.slot_jobs
         if in_slot and not execution.slots.started:
-            execution.start_slots(slot_candidates(self.check), self.check.base_fingerprint)
-        execution.add(self.sub.plans[customer].plan, in_slot)
+            execution.start_slots(slot_candidates(check), check.base_fingerprint)
+        execution.add(sub.plans[customer].plan, in_slot)
+
+    def close(self) -> None:
+        if self.execution is not None:
+            self.execution.close()
 
 
 def slot_candidates(check: FleetCheck) -> list[JobSpec]:
@@ -368,20 +370,20 @@ def submit(
     import ray
 
     fleet_file = Path(fleet_file)
-    check = check_fleet(fleet_file)  # spec errors raise here, before anything starts
-    sub = open_submission(check, fleet_file, register)
-    sub.crash_at_step = crash_at_step or {}
-    launch = Launch(sub, check, storage or settings.storage_path(), ray_address)
+    launch = Launch(storage or settings.storage_path(), ray_address, crash_at_step or {})
     try:
-        if ray.is_initialized() and any(j.customer not in check.errors for j in check.jobs):
-            launch.start()  # the board's process starts while the jobs' MLflow runs are written
+        if ray.is_initialized():  # the board's process starts while the fleet is validated
+            launch.start(load_fleet(fleet_file))  # a spec error raises here, before anything starts
+        check = check_fleet(fleet_file)
+        sub = open_submission(check, fleet_file, register)
+        sub.crash_at_step = crash_at_step or {}
         for customer in plan_jobs(sub, check, fail_at_step):
-            launch.add(customer)
+            launch.add(sub, check, customer)
     except BaseException:
-        if launch.execution is not None:
-            launch.execution.close()
+        launch.close()
         raise
-    if launch.execution is None:
+    if launch.launched_at is None:  # nothing to train: every job reused, or its data is bad
+        launch.close()
         return close_fleet(tracking.client(), sub, dict(sub.done))
     launch.execution.seal()
     result = run_fleet(sub, launch.execution, on_tick, on_finished)
