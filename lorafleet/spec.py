@@ -206,7 +206,7 @@ class PackingSpec(_Strict):
         le=3600,
         description="after the fleet's jobs end, its slots wait this long (base loaded, resources "
         "held) for the next submission from the same process with the same base, quantisation, "
-        "slot size and K, whose jobs then start at once; 0: slots end with the fleet",
+        "slot size, K and storage path, whose jobs then start at once; 0: slots end with the fleet",
     )
 
 

@@ -25,16 +25,18 @@ def _config(**changes) -> dict:
         "max_jobs": 8,
         "k_from_memory": True,
         "slot": "slot0",
+        "work": _work("s1"),
     }
     return config | changes
 
 
 def test_the_slot_key_is_what_a_warm_slot_holds():
-    assert slot_key(_config()) == slot_key(_config(slot="slot7"))  # not which slot
+    assert slot_key(_config()) == slot_key(_config(slot="slot7", work=_work("s2")))  # not which slot or fleet
     resources = _config()["resources"] | {"max_failures": 3}
     assert slot_key(_config()) == slot_key(_config(resources=resources))  # not a job's retries
     assert slot_key(_config()) != slot_key(_config(base_fingerprint="other"))
     assert slot_key(_config()) != slot_key(_config(max_jobs=2))
+    assert slot_key(_config()) != slot_key(_config(work=_work("s1") | {"storage": "/elsewhere"}))
     other_size = _config()["resources"] | {"cpus_per_worker": 2}
     assert slot_key(_config()) != slot_key(_config(resources=other_size))
 

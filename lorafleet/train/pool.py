@@ -1,6 +1,6 @@
 """Warm slots kept between submissions. A fleet whose `packing.keep_warm_s` is above 0 leaves its
 slots running when its jobs end: each waits that long, base loaded, for the next submission from
-the same process with the same slot key (base, quantisation, slot size, K). That submission takes
+the same process with the same slot key (base, quantisation, slot size, K, storage). That submission takes
 them over, so its first jobs start in well under a second instead of after a Ray Train run's
 start-up (controller, worker process, imports of torch and transformers, the base load), which is
 most of what a small job costs.
@@ -136,10 +136,12 @@ class SlotPool:
 
 def slot_key(config: dict[str, Any]) -> str:
     """What a warm slot must match to take a submission's jobs: the base copy it holds, how it is
-    quantised, the resources its worker has, and K."""
+    quantised, the resources its worker has, K, and the storage its Ray Train run reports its
+    checkpoints to (a later fleet elsewhere may not keep the first one's folder)."""
     fields = ("base_model", "base_fingerprint", "quantization", "resources", "max_jobs", "k_from_memory")
     chosen = {f: config[f] for f in fields}
     chosen["resources"] = {k: chosen["resources"][k] for k in ("cpus_per_worker", "gpus_per_worker")}
+    chosen["storage"] = config["work"]["storage"]
     return json.dumps(chosen, sort_keys=True)
 
 
