@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lorafleet.errors import LorafleetError
 
@@ -74,15 +75,30 @@ def _route(own_run_reason: str | None) -> dict[str, str | None]:
 
 @command("submit")
 def cmd_submit(args: argparse.Namespace) -> int:
+    """Every fleet file's spec is checked before any runs; then the fleets run one after another
+    in this process, so a fleet with `packing.keep_warm_s` hands its slots to the next one."""
+    from lorafleet.spec import load_fleet
+
+    for fleet_file in args.fleets:
+        load_fleet(fleet_file)  # a spec error in any file stops all of them, before anything runs
+    if len(args.fleets) > 1:
+        from lorafleet.raystart import init_ray
+
+        init_ray(args.ray_address)  # one Ray for all: the warm slots live in it
+    results = [_submit_one(fleet_file, args) for fleet_file in args.fleets]
+    return 0 if all(result.ok() for result in results) else 1
+
+
+def _submit_one(fleet_file: str, args: argparse.Namespace) -> Any:
     from rich.live import Live
 
     from lorafleet.pipeline import submit
     from lorafleet.ui import console, progress_table
 
-    fleet_name = Path(args.fleet).stem
+    fleet_name = Path(fleet_file).stem
     with Live(console=console, refresh_per_second=2, transient=False) as live:
         result = submit(
-            args.fleet,
+            fleet_file,
             ray_address=args.ray_address,
             storage=args.storage,
             on_tick=lambda rows: live.update(progress_table(fleet_name, rows)),
@@ -102,7 +118,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         f"fleet run {result.fleet_run_id}: "
         f"{sum(o.state == 'succeeded' for o in result.jobs.values())}/{len(result.jobs)} succeeded"
     )
-    return 0 if result.ok() else 1
+    return result
 
 
 @command("status")
@@ -564,8 +580,14 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a fleet file and its datasets; no training")
     v.add_argument("fleet")
     v.add_argument("--json", action="store_true")
-    s = sub.add_parser("submit", help="validate, then train every job of a fleet file")
-    s.add_argument("fleet")
+    s = sub.add_parser("submit", help="validate, then train every job of one or more fleet files")
+    s.add_argument(
+        "fleets",
+        nargs="+",
+        metavar="fleet",
+        help="fleet file(s); several run one after another, and slots kept warm "
+        "(packing.keep_warm_s) pass from one to the next",
+    )
     s.add_argument("--ray-address", default=None, help="Ray cluster (default: start a local one)")
     s.add_argument("--storage", default=None, help="checkpoint storage path or s3:// URI")
     st = sub.add_parser("status", help="a fleet's jobs as recorded in MLflow")

@@ -305,9 +305,9 @@ def test_rayjob_entrypoint_is_a_real_command_on_a_real_fleet():
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[0] == "lorafleet"
     args = parse_cli(argv[1:])
-    assert args.command == "submit" and args.ray_address == "auto"
-    fleet_file = ROOT / args.fleet
-    assert fleet_file.is_file(), f"{args.fleet} is not in the repository (the image's /app)"
+    assert args.command == "submit" and args.ray_address == "auto" and len(args.fleets) == 1
+    fleet_file = ROOT / args.fleets[0]
+    assert fleet_file.is_file(), f"{args.fleets[0]} is not in the repository (the image's /app)"
     fleet = load_fleet(fleet_file)  # the spec itself validates
     for j in resolve_jobs(fleet, fleet_file):
         assert Path(j.dataset).is_file(), j.dataset  # baked into the image with the fleet

@@ -136,3 +136,25 @@ def test_warm_slots_end_when_released_or_their_wait_runs_out(lf_home, micro_base
     ref = POOL.refs[e["lorafleet.slot"]]
     assert ray_session.wait([ref], timeout=120)[0] == [ref]  # nobody claimed it within 2 s
     assert release() == []
+
+
+def test_submit_checks_every_fleet_file_before_any_runs(lf_home, micro_base, capsys):
+    good = fleet_file(lf_home, "first", {"a": {}}, base=micro_base)
+    bad = fleet_file(lf_home, "second", {"b": {}}, base=micro_base, packing={"keep_warm_s": -1})
+
+    assert main(["submit", str(good), str(bad)]) == 2
+    assert "packing.keep_warm_s" in capsys.readouterr().err
+    assert tracking.latest_fleet_run(tracking.client(), "first") is None  # the first never started
+
+
+@pytest.mark.integration
+def test_fleet_files_submitted_together_pass_on_their_warm_slots(lf_home, micro_base, ray_session):
+    first = fleet_file(lf_home, "team-a", {"a": {}}, base=micro_base, packing={"slots": 1, "keep_warm_s": 60})
+    second = fleet_file(lf_home, "team-b", {"b": {}}, base=micro_base, packing={"slots": 1})
+
+    assert main(["submit", str(first), str(second)]) == 0
+
+    client = tracking.client()
+    a, b = (tracking.job_runs(client, tracking.latest_fleet_run(client, f))[0] for f in ("team-a", "team-b"))
+    assert a.data.tags["lorafleet.slot"] == b.data.tags["lorafleet.slot"]
+    assert b.data.tags["lorafleet.slot_reused"] == "true"
