@@ -92,9 +92,7 @@ class ProgressBoard:
         for plan in plans:
             customer = plan["job"]["customer"]
             if self.is_cancelled(customer):
-                self.finish(
-                    customer, {"customer": customer, "state": "cancelled", "reason": "cancelled by user"}
-                )
+                self.finish(customer, _cancelled(customer))
             else:
                 self.queue.append((customer, plan))
 

@@ -23,8 +23,9 @@ from lorafleet.errors import LorafleetError
 from lorafleet.raystart import NAMESPACE, RAY_ENV, driver_node_affinity, init_ray
 from lorafleet.spec import JobSpec, PackingSpec, ResourcesSpec
 from lorafleet.train.plan import JobPlan
+from lorafleet.train.pool import POOL, Assignment, release, slot_key
 from lorafleet.train.progress import ProgressBoard, board_name
-from lorafleet.train.slot import run_slot, slot_run_name
+from lorafleet.train.slot import DEFAULT_MAX_JOBS, SlotConfig, run_slot, slot_max_failures, slot_run_name
 
 __all__ = [
     "NAMESPACE",
@@ -291,8 +292,6 @@ class FleetExecution:
         ray.get(self.board.seal.remote())
         self.sealed = True
         if not self.slots.started:  # warm slots an earlier submission left hold resources these need
-            from lorafleet.train.pool import release
-
             release()
 
     def busy(self) -> bool:
@@ -328,8 +327,6 @@ class FleetExecution:
         Cancelling one while its worker group started left that group behind: Ray Train's cleaner
         never removed it, and the simulated cluster's GPU it held was the one a slot restarted
         after a lost node needed (test_multinode hung waiting for it)."""
-        from lorafleet.train.pool import POOL
-
         if self.busy():
             for ref in self.slots.refs:
                 ray.cancel(ref)
@@ -372,6 +369,21 @@ def slots_that_fit(res: ResourcesSpec) -> int:
     return fit
 
 
+def slot_template(job: JobSpec, base_fp: str, packing: PackingSpec, work: Any, pool: str) -> dict[str, Any]:
+    """A slot's Ray Train loop config, less its name: what every slot of the fleet holds."""
+    return SlotConfig(
+        slot="",
+        pool=pool,
+        work=work,
+        base_model=job.base_model,
+        base_fingerprint=base_fp,
+        quantization=job.quantization,
+        resources=job.resources.model_copy(update={"workers": 1, "max_failures": 0}),
+        max_jobs=packing.max_jobs_per_slot or DEFAULT_MAX_JOBS,
+        k_from_memory=packing.max_jobs_per_slot is None,
+    ).model_dump(mode="json")
+
+
 class Slots:
     """The fleet's warm slots (lorafleet.train.slot): their jobs wait in the board's queue; each
     slot is one Ray Train run that takes jobs until the queue is sealed and empty."""
@@ -391,12 +403,8 @@ class Slots:
     def start(self, jobs: list[JobSpec], base_fp: str, packing: PackingSpec, crash: dict[str, int]) -> None:
         """Take over warm slots that match (`lorafleet.train.pool`), start the rest: one per
         job-sized place in the cluster, at most one per job."""
-        from lorafleet.train.pool import POOL, Assignment, slot_key
-        from lorafleet.train.slot import DEFAULT_MAX_JOBS, SlotConfig, slot_max_failures
-
         self.started = True
-        first = jobs[0]
-        count = max(1, min(packing.slots or slots_that_fit(first.resources), len(jobs)))
+        count = max(1, min(packing.slots or slots_that_fit(jobs[0].resources), len(jobs)))
         work = Assignment(
             fleet_board=board_name(self.fleet),
             submission=self.submission,
@@ -407,20 +415,8 @@ class Slots:
         )
         pool = POOL.get()
         POOL.prune()
-        template = SlotConfig(
-            slot="",
-            pool=POOL.name,
-            work=work,
-            base_model=first.base_model,
-            base_fingerprint=base_fp,
-            quantization=first.quantization,
-            resources=first.resources.model_copy(update={"workers": 1, "max_failures": 0}),
-            max_jobs=packing.max_jobs_per_slot or DEFAULT_MAX_JOBS,
-            k_from_memory=packing.max_jobs_per_slot is None,
-        ).model_dump(mode="json")
-        needed = slot_max_failures(jobs)
-        work_json = work.model_dump(mode="json")
-        key = slot_key(template)
+        template = slot_template(jobs[0], base_fp, packing, work, POOL.name)
+        needed, key, work_json = slot_max_failures(jobs), slot_key(template), work.model_dump(mode="json")
         warm = ray.get(pool.claim.remote(key, count, work_json, needed))
         ray.get(pool.release.remote())  # idle slots not taken hold resources this submission may need
         self.refs |= {POOL.refs[slot]: slot for slot in warm if slot in POOL.refs}
