@@ -341,7 +341,7 @@ def test_rayservice_app_exists_in_code_and_matches_serve_apps():
     # it serves the base the RayJob's fleet trains on (else every adapter is refused, 409)
     from lorafleet.spec import load_fleet
 
-    trained = parse_cli(shlex.split(one("RayJob")["spec"]["entrypoint"])[1:]).fleet
+    trained = parse_cli(shlex.split(one("RayJob")["spec"]["entrypoint"])[1:]).fleets[0]
     assert args.base_model == load_fleet(ROOT / trained).base_model
     assert config["http_options"]["port"] == 8000
     assert service["spec"]["upgradeStrategy"]["type"] in {"NewCluster", "NewClusterWithIncrementalUpgrade"}
