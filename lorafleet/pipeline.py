@@ -289,10 +289,12 @@ class Launch:
 
     def add(self, sub: Submission, check: FleetCheck, customer: str) -> None:
         execution = self.start(check.fleet)
-        self.launched_at = self.launched_at or time.time()
-        in_slot = customer in sub.slot_jobs
+        in_slot, candidates = customer in sub.slot_jobs, slot_candidates(check)
         if in_slot and not execution.slots.started:
-            execution.start_slots(slot_candidates(check), check.base_fingerprint)
+            execution.start_slots(candidates, check.base_fingerprint)
+        if not candidates and self.launched_at is None:  # no slots for this fleet: free the warm ones now
+            execution.release_warm_slots()
+        self.launched_at = self.launched_at or time.time()
         execution.add(sub.plans[customer].plan, in_slot)
 
     def close(self) -> None:
@@ -377,13 +379,14 @@ def submit(
         sub = open_submission(check, fleet_file, register)
         for customer in plan_jobs(sub, check, fail_at_step):
             launch.add(sub, check, customer)
+        if launch.launched_at is not None:
+            launch.execution.seal()
     except BaseException:
         launch.close()
         raise
     if launch.launched_at is None:  # nothing to train: every job reused, or its data is bad
         launch.close()
         return close_fleet(tracking.client(), sub, dict(sub.done))
-    launch.execution.seal()
     result = run_fleet(sub, launch.execution, on_tick, on_finished)
     result.launched_at = launch.launched_at
     return result

@@ -86,3 +86,37 @@ def test_a_slot_whose_submission_ended_is_handed_on_before_it_waits(ray_session)
     assert ray.get(pool.release.remote()) == ["b"]
     assert ray.get(pool.wait_for_work.remote("a", 60)) == _work("s2")  # at once
     assert ray.get(pool.wait_for_work.remote("b", 60)) is None  # at once
+
+
+@pytest.mark.integration
+def test_a_restarted_worker_spends_a_restart_and_ends_the_wait_its_dead_process_left(ray_session):
+    ray = ray_session
+    pool = SlotPool.remote()
+    ray.get(pool.add.remote("a", "k", _work("s1"), 3))
+    ray.get(pool.begin.remote("a"))
+    ray.get(pool.finished.remote("s1"))
+    dead_wait = pool.wait_for_work.remote("a", 60)  # its process then dies while it waits
+    while ray.get(pool.idle_slots.remote()) != ["a"]:
+        time.sleep(0.01)
+
+    assert ray.get(pool.begin.remote("a")) == _work("s1")  # Ray Train restarted it
+    assert ray.get(pool.restarts.remote("a")) == 2
+    assert ray.get(dead_wait) is None  # over at once; the restarted worker waits on its own
+    live_wait = pool.wait_for_work.remote("a", 60)
+    while ray.get(pool.idle_slots.remote()) != ["a"]:
+        time.sleep(0.01)
+    assert ray.get(pool.claim.remote("k", 1, _work("s2"), 1)) == ["a"]
+    assert ray.get(live_wait) == _work("s2")
+
+
+@pytest.mark.integration
+def test_a_slot_that_left_is_never_claimed_and_an_aborted_ones_end_at_their_wait(ray_session):
+    ray = ray_session
+    pool = SlotPool.remote()
+    for slot in "ab":
+        ray.get(pool.add.remote(slot, "k", _work("s1"), 4))
+    ray.get(pool.leave.remote("a"))  # it broke and returned
+    assert ray.get(pool.release.remote(["b"])) == ["b"]  # its submission stopped early
+    ray.get(pool.finished.remote("s1"))
+    assert ray.get(pool.claim.remote("k", 2, _work("s2"), 1)) == []
+    assert ray.get(pool.wait_for_work.remote("b", 60)) is None  # at once

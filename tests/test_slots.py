@@ -117,7 +117,7 @@ def test_a_warm_slot_takes_the_next_submission_and_survives_a_crash_in_it(lf_hom
     assert r2.jobs["b"].registered == "b/1" and r2.jobs["c"].registered == "c/1"
     # the second fleet keeps nothing warm: its slot's run ends
     ref = POOL.refs[a["lorafleet.slot"]]
-    assert ray_session.wait([ref], timeout=120)[0] == [ref]
+    assert ray_session.wait([ref], timeout=120)[0] == [ref] and ray_session.get(ref) is None  # ended cleanly
     assert release() == []
 
 
@@ -129,12 +129,12 @@ def test_warm_slots_end_when_released_or_their_wait_runs_out(lf_home, micro_base
     slot = _tags(submit(kept), "d")["lorafleet.slot"]
     assert release() == [slot]  # e.g. before serving on the same GPUs
     ref = POOL.refs[slot]
-    assert ray_session.wait([ref], timeout=120)[0] == [ref]
+    assert ray_session.wait([ref], timeout=120)[0] == [ref] and ray_session.get(ref) is None
 
     e = _tags(submit(brief), "e")
     assert e["lorafleet.slot"] != slot and e["lorafleet.slot_reused"] == "false"
     ref = POOL.refs[e["lorafleet.slot"]]
-    assert ray_session.wait([ref], timeout=120)[0] == [ref]  # nobody claimed it within 2 s
+    assert ray_session.wait([ref], timeout=120)[0] == [ref] and ray_session.get(ref) is None  # not claimed
     assert release() == []
 
 

@@ -11,8 +11,8 @@ called, or when their wait runs out). Its bookkeeping per slot:
 - the slot's current assignment (which submission's board it works for), which a restarted
   worker reads back, since its Ray Train config names the first submission only;
 - the restarts its Ray Train run has left (FailureConfig is fixed when the run starts): a warm
-  slot is only handed a submission whose jobs cannot, crashing each past its max_failures,
-  exhaust them, so Ray Train's bound still never decides a job's fate.
+  slot is only handed a submission whose jobs' crashes (max_failures + 1 each) its remaining
+  restarts still cover, as a new slot's budget covers its first submission's.
 """
 
 from __future__ import annotations
@@ -41,6 +41,18 @@ class Assignment(BaseModel):
     )
 
 
+class _Waiter:
+    """One idle wait of a slot: how it ended decides what wait_for_work returns."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.outcome = "timed out"  # or "claimed", "released", "superseded"
+
+    def end(self, outcome: str) -> None:
+        self.outcome = outcome
+        self.event.set()
+
+
 @ray.remote(num_cpus=0)
 class SlotPool:
     """The driver's slots: assignments, restart budgets, and which can take a new submission:
@@ -48,12 +60,12 @@ class SlotPool:
     (the driver returns as soon as the last job ends; the slot gets there a moment later)."""
 
     def __init__(self) -> None:
-        self.work: dict[str, dict[str, Any]] = {}  # slot -> its current assignment
+        self.work: dict[str, dict[str, Any]] = {}  # slot -> its current assignment (live slots only)
         self.keys: dict[str, str] = {}
         self.restarts_left: dict[str, int] = {}
         self.started: set[str] = set()  # slots whose worker began once (a later begin is a restart)
         self.ended: set[str] = set()  # submissions whose jobs all ended
-        self.idle: dict[str, asyncio.Event] = {}  # slots waiting for a submission, and their wake-up
+        self.idle: dict[str, _Waiter] = {}  # slots waiting for a submission
         self.handed: set[str] = set()  # claimed before they reached their wait: they go on at once
         self.releasing: set[str] = set()  # released before they reached their wait: they end there
 
@@ -63,11 +75,20 @@ class SlotPool:
 
     async def begin(self, slot: str) -> dict[str, Any] | None:
         """The slot's worker starts: its assignment, or None if it is to end. A start after the
-        first is a restart, and spends one of the run's restarts."""
+        first is a restart: it spends one of the run's restarts, and a wait the dead worker left
+        in here is over (its caller is gone)."""
         if slot in self.started:
             self.restarts_left[slot] = self.restarts_left.get(slot, 0) - 1
+            if slot in self.idle:
+                self.idle.pop(slot).end("superseded")
         self.started.add(slot)
         return self.work.get(slot)
+
+    async def leave(self, slot: str) -> None:
+        """The slot's worker returns for good (it broke, or its wait ended): never hand it work."""
+        self.work.pop(slot, None)
+        self.handed.discard(slot)
+        self.releasing.discard(slot)
 
     async def finished(self, submission: str) -> None:
         """The driver saw every job of `submission` end: its warm slots may be handed on."""
@@ -79,14 +100,15 @@ class SlotPool:
         if slot in self.handed:
             self.handed.discard(slot)
             return self.work.get(slot)
-        if slot not in self.releasing:
-            self.idle[slot] = event = asyncio.Event()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), keep_warm_s)
-            if self.idle.pop(slot, None) is None:  # claimed: idle was cleared for it
-                return self.work.get(slot)
-        self.releasing.discard(slot)
-        self.work.pop(slot, None)
+        if slot in self.releasing or slot not in self.work:
+            return None
+        self.idle[slot] = waiter = _Waiter()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(waiter.event.wait(), keep_warm_s)
+        if waiter.outcome == "claimed":
+            return self.work.get(slot)
+        if self.idle.get(slot) is waiter:  # timed out: nobody else ended this wait
+            del self.idle[slot]
         return None
 
     def _available(self, slot: str) -> bool:
@@ -107,31 +129,34 @@ class SlotPool:
         for slot in picks:
             self.work[slot] = work
             if slot in self.idle:
-                self.idle.pop(slot).set()
+                self.idle.pop(slot).end("claimed")
             else:
                 self.handed.add(slot)
         return picks
 
-    async def release(self) -> list[str]:
-        """End the available slots: they hold a worker's resources that the submission about to
-        start (or anything else, e.g. serving) may need."""
-        out = [s for s in self.work if self._available(s)]
+    async def release(self, slots: list[str] | None = None) -> list[str]:
+        """End the available slots (or these): they hold a worker's resources that the submission
+        about to start (or anything else, e.g. serving) may need."""
+        out = [s for s in self.work if self._available(s) or (slots is not None and s in slots)]
         for slot in out:
             if slot in self.idle:
-                self.idle[slot].set()  # still in idle: wait_for_work returns None
+                self.idle.pop(slot).end("released")
             else:
                 self.releasing.add(slot)
         return out
 
     async def forget(self, slots: list[str]) -> None:
-        """Slots whose runs ended or were cancelled."""
+        """Slots whose runs ended."""
         for slot in slots:
-            self.work.pop(slot, None)
+            await self.leave(slot)
             if slot in self.idle:
-                self.idle.pop(slot).set()
+                self.idle.pop(slot).end("released")
 
     async def idle_slots(self) -> list[str]:
         return sorted(self.idle)
+
+    async def restarts(self, slot: str) -> int:
+        return self.restarts_left.get(slot, 0)
 
 
 def slot_key(config: dict[str, Any]) -> str:
@@ -188,7 +213,7 @@ class _DriverPool:
         for slot in slots:
             self.refs.pop(slot, None)
         if slots and self.active():
-            self.actor.forget.remote(slots)
+            ray.get(self.actor.forget.remote(slots))
 
 
 def _session() -> tuple[str, str, str]:

@@ -153,6 +153,10 @@ class ProgressBoard:
     def slot_failure(self, slot: str) -> str | None:
         return self.slot_failures.get(slot)
 
+    def unfinished(self, slot: str) -> list[dict[str, Any]]:
+        """The plans `slot` took and did not finish (training, or waiting in it for their turn)."""
+        return [self.plans[c] for c, s in self.taken.items() if s == slot and c not in self.done]
+
     def taken_by(self, slot: str) -> list[str]:
         return [cust for cust, s in self.taken.items() if s == slot]
 

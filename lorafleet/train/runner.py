@@ -291,8 +291,12 @@ class FleetExecution:
         """Every job is planned: slots that find the queue empty from now on are done."""
         ray.get(self.board.seal.remote())
         self.sealed = True
-        if not self.slots.started:  # warm slots an earlier submission left hold resources these need
-            release()
+        if not self.slots.started:
+            self.release_warm_slots()
+
+    def release_warm_slots(self) -> None:
+        """Warm slots an earlier submission left hold resources the jobs in runs of their own need."""
+        release()
 
     def busy(self) -> bool:
         return not self.sealed or self.launcher.busy() or self.slots.busy()
@@ -321,18 +325,17 @@ class FleetExecution:
         return ray.get(self.board.drain.remote())
 
     def close(self) -> None:
-        """Kill the board; cancel the slot runs only when the driver stops early (jobs still open).
-        After a normal end a slot run still out is starting up or about to find the queue empty:
-        it ends by itself (no board, or an empty queue) and Ray Train releases its placement group.
-        Cancelling one while its worker group started left that group behind: Ray Train's cleaner
-        never removed it, and the simulated cluster's GPU it held was the one a slot restarted
-        after a lost node needed (test_multinode hung waiting for it)."""
-        if self.busy():
-            for ref in self.slots.refs:
-                ray.cancel(ref)
-            POOL.forget(list(self.slots.refs.values()))
-        elif self.slots.started:  # its slots that keep warm may be handed to the next submission
-            POOL.get().finished.remote(self.submission)
+        """Kill the board. Slot runs are never cancelled: cancelling one while its worker group
+        started left that group behind (Ray Train's cleaner never removed it, and the simulated
+        cluster's GPU it held was the one a slot restarted after a lost node needed). A slot still
+        working for this submission finds the board gone and returns; one that keeps warm waits
+        for the next submission, unless this one stopped early (jobs still open): then it ends at
+        its wait."""
+        if self.slots.started:
+            pool = POOL.get()
+            if self.busy():
+                ray.get(pool.release.remote(list(self.slots.refs.values())))
+            ray.get(pool.finished.remote(self.submission))  # before the next submission claims
         ray.kill(self.board)
 
     def _cancel_queued(self) -> list[str]:
@@ -350,9 +353,9 @@ class FleetExecution:
         return dropped
 
 
-# Ray Train restarts a slot kept warm may make, at least: its later submissions' jobs need
-# them (a warm slot is only handed a submission whose jobs' crashes its budget still covers)
-WARM_SLOT_RESTARTS = 16
+# Ray Train restarts a slot kept warm may make beyond what its first submission's jobs need: its
+# later submissions' jobs need them (a warm slot is only handed a submission they still cover)
+WARM_SLOT_RESTARTS = 256
 
 
 def slots_that_fit(res: ResourcesSpec) -> int:
@@ -421,7 +424,7 @@ class Slots:
         ray.get(pool.release.remote())  # idle slots not taken hold resources this submission may need
         self.refs |= {POOL.refs[slot]: slot for slot in warm if slot in POOL.refs}
         # a slot that may stay warm gets a restart budget for later submissions as well
-        restarts = max(needed, WARM_SLOT_RESTARTS) if packing.keep_warm_s > 0 else needed
+        restarts = needed + WARM_SLOT_RESTARTS if packing.keep_warm_s > 0 else needed
         for _ in range(count - len(warm)):
             name = POOL.new_name()
             ray.get(pool.add.remote(name, key, work_json, restarts))
@@ -441,16 +444,16 @@ class Slots:
         """Jobs the slots finished; when the last slot is gone, the jobs it left fail."""
         ends = [JobEnd(**end) for end in ray.get(self.board.take_ended.remote())]
         self.open -= {end.customer for end in ends}
-        for ref in ready:  # a slot's own end: its jobs ended on the board before it returned
+        for ref in ready:  # a slot's own end: the jobs it finished ended on the board before
             slot = self.refs.pop(ref)
             try:
                 ray.get(ref)
                 self.failure = ray.get(self.board.slot_failure.remote(slot)) or self.failure
-                continue
+                reason = self.failure or f"{slot} ended before it finished the job"
             except Exception as exc:
-                self.failure = f"{slot} failed: {root_cause(exc)}"
+                self.failure = reason = f"{slot} failed: {root_cause(exc)}"
             lost = [c for c in ray.get(self.board.taken_by.remote(slot)) if c in self.open]
-            ends += [JobEnd(c, "failed", self.failure) for c in lost]
+            ends += [JobEnd(c, "failed", reason) for c in lost]
             self.open -= set(lost)
         if not self.refs and self.open:
             reason = self.failure or "no slot left to train it"

@@ -14,7 +14,9 @@ that job resumes from its checkpoint, or fails once it has crashed more than `ma
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -117,16 +119,19 @@ def slot_loop(config: dict[str, Any]) -> None:
         work = ray.get(pool.begin.remote(cfg.slot))
     except (ValueError, ray.exceptions.RayActorError):
         return  # the driver that started the slot is gone, and its pool with it
-    slot = None
-    while work is not None:
-        assignment = Assignment.model_validate(work)
-        slot, ok = work_for(cfg, assignment, slot)
-        if not ok or assignment.keep_warm_s <= 0:
-            return
-        try:
+    try:
+        slot = None
+        while work is not None:
+            assignment = Assignment.model_validate(work)
+            slot, ok = work_for(cfg, assignment, slot)
+            if not ok or assignment.keep_warm_s <= 0:
+                return
             work = ray.get(pool.wait_for_work.remote(cfg.slot, assignment.keep_warm_s))
-        except ray.exceptions.RayActorError:
-            return
+    except ray.exceptions.RayActorError:
+        return  # the pool is gone: its driver stopped
+    finally:
+        with contextlib.suppress(ray.exceptions.RayActorError):
+            ray.get(pool.leave.remote(cfg.slot))  # a slot that returns is never handed work again
 
 
 def submission_board(work: Assignment) -> Any:
@@ -167,9 +172,12 @@ def work_for(cfg: SlotConfig, work: Assignment, slot: Slot | None) -> tuple[Slot
 
         traceback.print_exc()  # into the worker's log
         reason = f"{cfg.slot} failed: {root_cause(exc)}"
-        try:
-            for plan in slot.held():
-                ray.get(board.finish.remote(plan.job.customer, _end(plan, "failed", reason)))
+        try:  # every job it took and did not finish, those waiting for their turn after a restart too
+            for plan in ray.get(board.unfinished.remote(cfg.slot)):
+                customer = plan["job"]["customer"]
+                ray.get(
+                    board.finish.remote(customer, {"customer": customer, "state": "failed", "reason": reason})
+                )
             ray.get(board.slot_failed.remote(cfg.slot, reason))  # the slot takes no more jobs
         except ray.exceptions.RayActorError:
             pass  # the board is gone: the submission ended (its driver stopped), nothing to tell
@@ -230,6 +238,7 @@ class Slot:
     def __init__(self, cfg: SlotConfig, work: Assignment, board: Any, state: SlotState):
         self.cfg, self.work, self.board, self.state = cfg, work, board, state
         self.reused = False  # True once the slot works for a later submission than its first
+        self.k_for_next = False  # K from memory is to be worked out again with the next job admitted
         self.trainer: Any = None  # loaded with the first job: its placement is announced first
         self.k = cfg.max_jobs
         self.jobs: dict[str, SlotJob] = {}
@@ -237,9 +246,11 @@ class Slot:
         self.folder = Path(tempfile.mkdtemp(prefix=f"lorafleet-{cfg.slot}-"))
 
     def take_over(self, work: Assignment, board: Any) -> None:
-        """A later submission's jobs, on the base already loaded (the slot held no job meanwhile)."""
+        """A later submission's jobs, on the base already loaded (the slot held no job meanwhile);
+        K from memory is worked out again with its first job (its jobs may be larger)."""
         self.work, self.board, self.reused = work, board, True
         self.state.in_flight, self.changed = [], False
+        self.k_for_next = self.cfg.k_from_memory
 
     def run(self, resume: list[JobPlan], one_at_a_time: bool) -> None:
         alone = list(resume) if one_at_a_time else []
@@ -284,9 +295,6 @@ class Slot:
         except ray.exceptions.RayActorError:
             return False
 
-    def held(self) -> list[JobPlan]:
-        return [job.plan for job in self.jobs.values()]
-
     def fill(self) -> None:
         free = self.k - len(self.jobs)
         if free > 0:
@@ -308,6 +316,9 @@ class Slot:
         try:
             if self.trainer is None:
                 self.load(plan)
+            elif self.k_for_next:
+                self.k = self.trainer.max_jobs = k_from_memory(self.trainer, plan, self.cfg.max_jobs)
+            self.k_for_next = False
             self.trainer.add(plan, job.out, job.checkpoints.latest(), self.on_event)
         except Exception as exc:  # PackingError, or a base that does not load: this job's
             from lorafleet.train.runner import root_cause
@@ -383,6 +394,7 @@ class Slot:
             self.board.update.remote(customer, packed_with=sorted(job.mates))
             ray.get(self.board.finish.remote(customer, end))  # before the slot may end
             del self.jobs[customer]
+            shutil.rmtree(job.out, ignore_errors=True)  # its adapter went out with its end
             self.state.in_flight.remove(job.plan)
             self.changed = True
 
@@ -431,6 +443,7 @@ def k_from_memory(trainer: Any, plan: JobPlan, cap: int) -> int:
     if on_gpu:
         import torch
 
+        torch.cuda.empty_cache()  # blocks cached for jobs that left are free for the next ones
         free = torch.cuda.mem_get_info(torch.device(trainer.device))[0]
     else:
         free = psutil.virtual_memory().available
