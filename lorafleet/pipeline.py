@@ -278,6 +278,7 @@ class Launch:
         self.storage, self.ray_address, self.crash_at_step = storage, ray_address, crash_at_step
         self.execution: FleetExecution | None = None
         self.launched_at: float | None = None  # when the first job went to Ray (time.time())
+        self.candidates: list[JobSpec] | None = None  # the fleet's slot candidates, found once
 
     def start(self, fleet: FleetSpec) -> FleetExecution:
         if self.execution is None:
@@ -289,7 +290,9 @@ class Launch:
 
     def add(self, sub: Submission, check: FleetCheck, customer: str) -> None:
         execution = self.start(check.fleet)
-        in_slot, candidates = customer in sub.slot_jobs, slot_candidates(check)
+        if self.candidates is None:
+            self.candidates = slot_candidates(check)
+        in_slot, candidates = customer in sub.slot_jobs, self.candidates
         if in_slot and not execution.slots.started:
             execution.start_slots(candidates, check.base_fingerprint)
         if not candidates and self.launched_at is None:  # no slots for this fleet: free the warm ones now

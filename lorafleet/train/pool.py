@@ -175,21 +175,19 @@ class _DriverPool:
     stays with the process that made it; a later submission watches the slots it takes over)."""
 
     def __init__(self) -> None:
-        self.session: tuple[str, str, str] | None = None
-        self.job_id = ""
+        self.session: tuple[str, str, str] | None = None  # (cluster address, job id, driver node)
         self.actor: Any = None
         self.refs: dict[str, Any] = {}  # slot -> its run's ref
         self.count = 0  # slots started in this Ray session: names are unique across submissions
 
     @property
     def name(self) -> str:
-        return f"slot-pool-{self.job_id}"
+        return f"slot-pool-{self.session[1] if self.session else ''}"
 
     def get(self) -> Any:
         """The pool actor of this process's Ray session (a new one after ray.shutdown/init)."""
         if not self.active():
             self.session, self.refs, self.count = _session(), {}, 0
-            self.job_id = self.session[1]
             self.actor = SlotPool.options(
                 name=self.name, namespace=NAMESPACE, scheduling_strategy=driver_node_affinity()
             ).remote()

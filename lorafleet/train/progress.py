@@ -108,8 +108,7 @@ class ProgressBoard:
         share (the unfinished jobs over the fleet's slots), so work spreads over the slots (and
         their GPUs) instead of piling into the first one started."""
         unfinished = len(self.queue) + len([c for c in self.taken if c not in self.done])
-        held = len([c for c, s in self.taken.items() if s == slot and c not in self.done])
-        n = min(n, max(0, -(-unfinished // slots) - held))
+        n = min(n, max(0, -(-unfinished // slots) - len(self._held(slot))))
         taken, self.queue = self.queue[:n], self.queue[n:]
         for cust, plan in taken:
             self.taken[cust] = slot
@@ -123,7 +122,7 @@ class ProgressBoard:
     def in_flight(self, slot: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Plans `slot` took and did not finish, after a restart: (those its dead process was
         training, those waiting in it for their turn)."""
-        held = [c for c, s in self.taken.items() if s == slot and c not in self.done]
+        held = self._held(slot)
         training = [c for c in self.training.get(slot, []) if c in held]
         return [self.plans[c] for c in training], [self.plans[c] for c in held if c not in training]
 
@@ -155,7 +154,11 @@ class ProgressBoard:
 
     def unfinished(self, slot: str) -> list[dict[str, Any]]:
         """The plans `slot` took and did not finish (training, or waiting in it for their turn)."""
-        return [self.plans[c] for c, s in self.taken.items() if s == slot and c not in self.done]
+        return [self.plans[c] for c in self._held(slot)]
+
+    def _held(self, slot: str) -> list[str]:
+        """The jobs `slot` took and did not finish."""
+        return [c for c, s in self.taken.items() if s == slot and c not in self.done]
 
     def taken_by(self, slot: str) -> list[str]:
         return [cust for cust, s in self.taken.items() if s == slot]

@@ -173,11 +173,8 @@ def work_for(cfg: SlotConfig, work: Assignment, slot: Slot | None) -> tuple[Slot
         traceback.print_exc()  # into the worker's log
         reason = f"{cfg.slot} failed: {root_cause(exc)}"
         try:  # every job it took and did not finish, those waiting for their turn after a restart too
-            for plan in ray.get(board.unfinished.remote(cfg.slot)):
-                customer = plan["job"]["customer"]
-                ray.get(
-                    board.finish.remote(customer, {"customer": customer, "state": "failed", "reason": reason})
-                )
+            for plan in map(JobPlan.model_validate, ray.get(board.unfinished.remote(cfg.slot))):
+                ray.get(board.finish.remote(plan.job.customer, _end(plan, "failed", reason)))
             ray.get(board.slot_failed.remote(cfg.slot, reason))  # the slot takes no more jobs
         except ray.exceptions.RayActorError:
             pass  # the board is gone: the submission ended (its driver stopped), nothing to tell
