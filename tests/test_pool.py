@@ -120,3 +120,23 @@ def test_a_slot_that_left_is_never_claimed_and_an_aborted_ones_end_at_their_wait
     ray.get(pool.finished.remote("s1"))
     assert ray.get(pool.claim.remote("k", 2, _work("s2"), 1)) == []
     assert ray.get(pool.wait_for_work.remote("b", 60)) is None  # at once
+
+
+@pytest.mark.integration
+def test_a_slot_whose_run_ended_ends_its_wait_and_is_never_claimed(ray_session):
+    """Its host reports the end of the Ray Train run (restarts spent, released, wait over): the
+    pool records how it ended for whoever watches the slot."""
+    ray = ray_session
+    pool = SlotPool.remote()
+    for slot in "ab":
+        ray.get(pool.add.remote(slot, "k", _work("s1", keep_warm_s=60), 4))
+    ray.get(pool.finished.remote("s1"))
+    wait = pool.wait_for_work.remote("a", 60)
+    while ray.get(pool.idle_slots.remote()) != ["a"]:
+        time.sleep(0.01)
+
+    ray.get(pool.run_ended.remote("a", "TrainingFailedError: restarts spent"))
+    ray.get(pool.run_ended.remote("b", None))
+    assert ray.get(wait) is None
+    assert ray.get(pool.claim.remote("k", 2, _work("s2"), 1)) == []
+    assert ray.get(pool.ended_runs.remote()) == {"a": "TrainingFailedError: restarts spent", "b": None}

@@ -5,13 +5,19 @@ slot kept warm for the next submission (`packing.keep_warm_s`)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 
 from lorafleet import tracking
 from lorafleet.cli import main
 from lorafleet.pipeline import submit
-from lorafleet.train.pool import POOL, release
+from lorafleet.raystart import NAMESPACE
+from lorafleet.train.pool import POOL_NAME, release
+from lorafleet.train.slot import slot_host
 from lorafleet.validate import check_fleet
 from tests.conftest import fleet_file
 
@@ -94,6 +100,19 @@ def _tags(result, customer):
     return tracking.client().get_run(result.jobs[customer].run_id).data.tags
 
 
+def _run_end(ray, slot: str, timeout_s: float = 120) -> str | None:
+    """How the slot's Ray Train run ended (None: cleanly), once it has; its host is gone then."""
+    pool = ray.get_actor(POOL_NAME, namespace=NAMESPACE)
+    deadline = time.monotonic() + timeout_s
+    while slot not in (ends := ray.get(pool.ended_runs.remote())):
+        assert time.monotonic() < deadline, f"{slot} is still running"
+        time.sleep(0.2)
+    while slot_host(slot) is not None:  # it exits a moment after its run ends
+        assert time.monotonic() < deadline, f"{slot}'s host is still there"
+        time.sleep(0.2)
+    return ends[slot]
+
+
 @pytest.mark.integration
 def test_a_warm_slot_takes_the_next_submission_and_survives_a_crash_in_it(lf_home, micro_base, ray_session):
     """The second fleet's jobs run on the slot the first kept warm; a job that kills the slot's
@@ -116,8 +135,7 @@ def test_a_warm_slot_takes_the_next_submission_and_survives_a_crash_in_it(lf_hom
     assert b["lorafleet.attempts"] == "2" and b["lorafleet.resumed_from_step"] == "2"
     assert r2.jobs["b"].registered == "b/1" and r2.jobs["c"].registered == "c/1"
     # the second fleet keeps nothing warm: its slot's run ends
-    ref = POOL.refs[a["lorafleet.slot"]]
-    assert ray_session.wait([ref], timeout=120)[0] == [ref] and ray_session.get(ref) is None  # ended cleanly
+    assert _run_end(ray_session, a["lorafleet.slot"]) is None  # cleanly
     assert release() == []
 
 
@@ -128,13 +146,11 @@ def test_warm_slots_end_when_released_or_their_wait_runs_out(lf_home, micro_base
 
     slot = _tags(submit(kept), "d")["lorafleet.slot"]
     assert release() == [slot]  # e.g. before serving on the same GPUs
-    ref = POOL.refs[slot]
-    assert ray_session.wait([ref], timeout=120)[0] == [ref] and ray_session.get(ref) is None
+    assert _run_end(ray_session, slot) is None
 
     e = _tags(submit(brief), "e")
     assert e["lorafleet.slot"] != slot and e["lorafleet.slot_reused"] == "false"
-    ref = POOL.refs[e["lorafleet.slot"]]
-    assert ray_session.wait([ref], timeout=120)[0] == [ref] and ray_session.get(ref) is None  # not claimed
+    assert _run_end(ray_session, e["lorafleet.slot"]) is None  # not claimed: its wait ran out
     assert release() == []
 
 
@@ -158,3 +174,25 @@ def test_fleet_files_submitted_together_pass_on_their_warm_slots(lf_home, micro_
     a, b = (tracking.job_runs(client, tracking.latest_fleet_run(client, f))[0] for f in ("team-a", "team-b"))
     assert a.data.tags["lorafleet.slot"] == b.data.tags["lorafleet.slot"]
     assert b.data.tags["lorafleet.slot_reused"] == "true"
+
+
+@pytest.mark.integration
+def test_a_warm_slot_outlives_the_process_that_submitted(lf_home, micro_base, ray_session):
+    """`lorafleet submit` in a process of its own joins the cluster and exits; the slot it kept
+    warm takes the next submission, from another process (here: this one)."""
+    kept = {"slots": 1, "keep_warm_s": 120}
+    first = fleet_file(lf_home, "proc-a", {"a": {}}, base=micro_base, packing=kept)
+    second = fleet_file(lf_home, "proc-b", {"b": {}}, base=micro_base, packing={"slots": 1})
+    address = ray_session.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "lorafleet.cli", "submit", str(first), "--ray-address", address]
+
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    r2 = submit(second)
+
+    client = tracking.client()
+    a = tracking.job_runs(client, tracking.latest_fleet_run(client, "proc-a"))[0].data.tags
+    b = _tags(r2, "b")
+    assert r2.ok(), r2.jobs["b"].reason
+    assert a["lorafleet.slot"] == b["lorafleet.slot"] and b["lorafleet.slot_reused"] == "true"
+    assert _run_end(ray_session, b["lorafleet.slot"]) is None  # the second keeps nothing warm

@@ -1,18 +1,21 @@
 """Warm slots kept between submissions. A fleet whose `packing.keep_warm_s` is above 0 leaves its
-slots running when its jobs end: each waits that long, base loaded, for the next submission from
-the same process with the same slot key (base, quantisation, slot size, K, storage). That submission takes
-them over, so its first jobs start in well under a second instead of after a Ray Train run's
-start-up (controller, worker process, imports of torch and transformers, the base load), which is
-most of what a small job costs.
+slots running when its jobs end: each waits that long, base loaded, for the next submission on
+the same Ray cluster with the same slot key (base, quantisation, slot size, K, storage), from this
+process or another `lorafleet submit` joining the cluster. That submission takes them over, so
+its first jobs start in well under a second instead of after a Ray Train run's start-up
+(controller, worker process, imports of torch and transformers, the base load), which is most of
+what a small job costs.
 
-The pool is one resource-free actor per driver process, on the driver's node; the slots' Ray
-Train runs are owned by that process too, so warm slots end with it (or when `release()` is
-called, or when their wait runs out). Its bookkeeping per slot:
+The pool is one detached, resource-free actor per cluster; each slot's Ray Train run is driven by
+a detached host actor (`lorafleet.train.slot.SlotHost`), so a warm slot outlives the process that
+started it and ends when its wait runs out, when `release()` is called, or with the cluster. Its
+bookkeeping per slot:
 - the slot's current assignment (which submission's board it works for), which a restarted
   worker reads back, since its Ray Train config names the first submission only;
 - the restarts its Ray Train run has left (FailureConfig is fixed when the run starts): a warm
   slot is only handed a submission whose jobs' crashes (max_failures + 1 each) its remaining
-  restarts still cover, as a new slot's budget covers its first submission's.
+  restarts still cover, as a new slot's budget covers its first submission's;
+- how each slot's run ended (the host reports it), for the submission watching it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import uuid
 from typing import Any
 
 import ray
@@ -53,9 +57,13 @@ class _Waiter:
         self.event.set()
 
 
+POOL_NAME = "slot-pool"
+MAX_RUN_ENDS = 1000  # how many ended slot runs the pool remembers (a long-lived cluster's pool)
+
+
 @ray.remote(num_cpus=0)
 class SlotPool:
-    """The driver's slots: assignments, restart budgets, and which can take a new submission:
+    """The cluster's slots: assignments, restart budgets, and which can take a new submission:
     those waiting idle, and those whose submission ended but that have not reached their wait yet
     (the driver returns as soon as the last job ends; the slot gets there a moment later)."""
 
@@ -68,6 +76,7 @@ class SlotPool:
         self.idle: dict[str, _Waiter] = {}  # slots waiting for a submission
         self.handed: set[str] = set()  # claimed before they reached their wait: they go on at once
         self.releasing: set[str] = set()  # released before they reached their wait: they end there
+        self.run_ends: dict[str, str | None] = {}  # slot -> how its run ended (None: cleanly)
 
     async def add(self, slot: str, key: str, work: dict[str, Any], restarts: int) -> None:
         """A new slot run (not started yet) for a submission; Ray Train may restart it `restarts` times."""
@@ -145,12 +154,17 @@ class SlotPool:
                 self.releasing.add(slot)
         return out
 
-    async def forget(self, slots: list[str]) -> None:
-        """Slots whose runs ended."""
-        for slot in slots:
-            await self.leave(slot)
-            if slot in self.idle:
-                self.idle.pop(slot).end("released")
+    async def run_ended(self, slot: str, error: str | None) -> None:
+        """The slot's Ray Train run is over (its host reports it): never hand it work again."""
+        await self.leave(slot)
+        if slot in self.idle:
+            self.idle.pop(slot).end("released")
+        self.run_ends[slot] = error
+        while len(self.run_ends) > MAX_RUN_ENDS:
+            self.run_ends.pop(next(iter(self.run_ends)))
+
+    async def ended_runs(self) -> dict[str, str | None]:
+        return dict(self.run_ends)
 
     async def idle_slots(self) -> list[str]:
         return sorted(self.idle)
@@ -170,62 +184,28 @@ def slot_key(config: dict[str, Any]) -> str:
     return json.dumps(chosen, sort_keys=True)
 
 
-class _DriverPool:
-    """The driver's side of the pool: its actor and the refs of the slot runs it started (a ref
-    stays with the process that made it; a later submission watches the slots it takes over)."""
-
-    def __init__(self) -> None:
-        self.session: tuple[str, str, str] | None = None  # (cluster address, job id, driver node)
-        self.actor: Any = None
-        self.refs: dict[str, Any] = {}  # slot -> its run's ref
-        self.count = 0  # slots started in this Ray session: names are unique across submissions
-
-    @property
-    def name(self) -> str:
-        return f"slot-pool-{self.session[1] if self.session else ''}"
-
-    def get(self) -> Any:
-        """The pool actor of this process's Ray session (a new one after ray.shutdown/init)."""
-        if not self.active():
-            self.session, self.refs, self.count = _session(), {}, 0
-            self.actor = SlotPool.options(
-                name=self.name, namespace=NAMESPACE, scheduling_strategy=driver_node_affinity()
-            ).remote()
-        return self.actor
-
-    def active(self) -> bool:
-        return ray.is_initialized() and self.session == _session()
-
-    def new_name(self) -> str:
-        name, self.count = f"slot{self.count}", self.count + 1
-        return name
-
-    def prune(self) -> None:
-        """Forget slot runs that ended (their wait ran out, they were released, or they broke)."""
-        if self.refs:
-            refs = list(self.refs.values())
-            done = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0])
-            self.forget([slot for slot, ref in self.refs.items() if ref in done])
-
-    def forget(self, slots: list[str]) -> None:
-        for slot in slots:
-            self.refs.pop(slot, None)
-        if slots and self.active():
-            ray.get(self.actor.forget.remote(slots))
+def pool() -> Any:
+    """The cluster's pool actor; the first submission that needs it starts it, on its node."""
+    return SlotPool.options(
+        name=POOL_NAME,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        scheduling_strategy=driver_node_affinity(),
+    ).remote()
 
 
-def _session() -> tuple[str, str, str]:
-    """This driver's Ray session: job ids restart at 1 in every new cluster (a test's, a bench's),
-    so the cluster's address and the driver node's id (random per node start) go with it."""
-    ctx = ray.get_runtime_context()
-    return ctx.gcs_address, ctx.get_job_id(), ctx.get_node_id()
-
-
-POOL = _DriverPool()
+def new_slot_name() -> str:
+    """Unique on the cluster: slots from every process share one pool."""
+    return f"slot-{uuid.uuid4().hex[:8]}"
 
 
 def release() -> list[str]:
-    """End this process's idle warm slots now (e.g. before serving on the same GPUs); returns them."""
-    if not POOL.active():
+    """End the cluster's idle warm slots now (e.g. before serving on the same GPUs); returns them."""
+    if not ray.is_initialized():
         return []
-    return ray.get(POOL.actor.release.remote())
+    try:
+        actor = ray.get_actor(POOL_NAME, namespace=NAMESPACE)
+    except ValueError:
+        return []  # no submission kept slots on this cluster
+    return ray.get(actor.release.remote())

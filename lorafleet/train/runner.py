@@ -23,9 +23,17 @@ from lorafleet.errors import LorafleetError
 from lorafleet.raystart import NAMESPACE, RAY_ENV, driver_node_affinity, init_ray
 from lorafleet.spec import JobSpec, PackingSpec, ResourcesSpec
 from lorafleet.train.plan import JobPlan
-from lorafleet.train.pool import POOL, Assignment, release, slot_key
+from lorafleet.train.pool import POOL_NAME, Assignment, new_slot_name, pool, release, slot_key
 from lorafleet.train.progress import ProgressBoard, board_name
-from lorafleet.train.slot import DEFAULT_MAX_JOBS, SlotConfig, run_slot, slot_max_failures, slot_run_name
+from lorafleet.train.slot import (
+    DEFAULT_MAX_JOBS,
+    SlotConfig,
+    SlotHost,
+    host_name,
+    slot_host,
+    slot_max_failures,
+    slot_run_name,
+)
 
 __all__ = [
     "NAMESPACE",
@@ -332,10 +340,10 @@ class FleetExecution:
         for the next submission, unless this one stopped early (jobs still open): then it ends at
         its wait."""
         if self.slots.started:
-            pool = POOL.get()
+            actor = pool()
             if self.busy():
-                ray.get(pool.release.remote(list(self.slots.refs.values())))
-            ray.get(pool.finished.remote(self.submission))  # before the next submission claims
+                ray.get(actor.release.remote(list(self.slots.refs.values())))
+            ray.get(actor.finished.remote(self.submission))  # before the next submission claims
         ray.kill(self.board)
 
     def _cancel_queued(self) -> list[str]:
@@ -395,7 +403,7 @@ class Slots:
         self.fleet, self.submission, self.storage = fleet, submission, storage
         self.board, self.placement = board, placement
         self.open: set[str] = set()  # queued or training, not ended yet
-        self.refs: dict[Any, str] = {}  # slot run (a task driving its Ray Train run) -> slot id
+        self.refs: dict[Any, str] = {}  # the end of a slot's run (SlotHost.ended) -> slot id
         self.failure: str | None = None
         self.started = False
 
@@ -416,26 +424,35 @@ class Slots:
             keep_warm_s=packing.keep_warm_s,
             crash_at_step=crash,
         )
-        pool = POOL.get()
-        POOL.prune()
-        template = slot_template(jobs[0], base_fp, packing, work, POOL.name)
+        actor = pool()
+        template = slot_template(jobs[0], base_fp, packing, work, POOL_NAME)
         needed, key, work_json = slot_max_failures(jobs), slot_key(template), work.model_dump(mode="json")
-        warm = ray.get(pool.claim.remote(key, count, work_json, needed))
-        ray.get(pool.release.remote())  # idle slots not taken hold resources this submission may need
-        self.refs |= {POOL.refs[slot]: slot for slot in warm if slot in POOL.refs}
+        claimed = ray.get(actor.claim.remote(key, count, work_json, needed))
+        ray.get(actor.release.remote())  # idle slots not taken hold resources this submission may need
+        warm = [slot for slot in claimed if self.watch(slot)]
+        ray.get([actor.run_ended.remote(slot, "its host was gone") for slot in set(claimed) - set(warm)])
         # a slot that may stay warm gets a restart budget for later submissions as well
         restarts = needed + WARM_SLOT_RESTARTS if packing.keep_warm_s > 0 else needed
         for _ in range(count - len(warm)):
-            name = POOL.new_name()
-            ray.get(pool.add.remote(name, key, work_json, restarts))
-            ref = run_slot.options(scheduling_strategy=self.placement).remote(
-                template | {"slot": name},
-                slot_run_name(self.fleet, self.submission, name),
-                self.storage,
-                restarts,
-            )
-            POOL.refs[name] = ref
-            self.refs[ref] = name
+            name = new_slot_name()
+            ray.get(actor.add.remote(name, key, work_json, restarts))
+            host = SlotHost.options(
+                name=host_name(name),
+                namespace=NAMESPACE,
+                lifetime="detached",
+                scheduling_strategy=self.placement,
+            ).remote()
+            run_name = slot_run_name(self.fleet, self.submission, name)
+            host.run.remote(template | {"slot": name}, run_name, self.storage, restarts)
+            self.watch(name, host)
+
+    def watch(self, slot: str, host: Any = None) -> bool:
+        """Follow the slot's run until it ends; False if its host is gone already (its node was
+        lost before the run could tell the pool)."""
+        host = host or slot_host(slot)
+        if host is not None:
+            self.refs[host.ended.remote()] = slot
+        return host is not None
 
     def busy(self) -> bool:
         return bool(self.open)
@@ -447,11 +464,14 @@ class Slots:
         for ref in ready:  # a slot's own end: the jobs it finished ended on the board before
             slot = self.refs.pop(ref)
             try:
-                ray.get(ref)
+                error = ray.get(ref)
+            except ray.exceptions.RayActorError as exc:  # its host died (its node was lost)
+                error = root_cause(exc)
+            if error:
+                self.failure = reason = f"{slot} failed: {error}"
+            else:
                 self.failure = ray.get(self.board.slot_failure.remote(slot)) or self.failure
                 reason = self.failure or f"{slot} ended before it finished the job"
-            except Exception as exc:
-                self.failure = reason = f"{slot} failed: {root_cause(exc)}"
             lost = [c for c in ray.get(self.board.taken_by.remote(slot)) if c in self.open]
             ends += [JobEnd(c, "failed", reason) for c in lost]
             self.open -= set(lost)

@@ -18,6 +18,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from lorafleet.train.pool import Assignment
 
 STATE_FILE = "slot_state.json"
 DEFAULT_MAX_JOBS = 8  # K when the fleet file does not bound it: the most memory may lower it to
+HOST_EXIT_GRACE_S = 0.5
 
 
 class SlotConfig(BaseModel):
@@ -41,7 +43,7 @@ class SlotConfig(BaseModel):
     comes from the pool (`lorafleet.train.pool`): a warm slot moves on to later submissions."""
 
     slot: str
-    pool: str = Field(description="the driver's SlotPool actor: assignments and restart budgets")
+    pool: str = Field(description="the cluster's SlotPool actor: assignments and restart budgets")
     work: Assignment = Field(description="the submission the slot was started for")
     base_model: str
     base_fingerprint: str
@@ -92,19 +94,56 @@ def slot_max_failures(jobs: list[JobSpec]) -> int:
     return sum(job.resources.max_failures + 1 for job in jobs)
 
 
-@ray.remote(num_cpus=0, max_retries=0)
-def run_slot(config_json: dict[str, Any], run_name: str, storage: str, max_failures: int) -> None:
-    """One slot through Ray Train, driven from a resource-free task on the driver's node; its
-    jobs' ends go to the board, so nothing is returned. A plain DataParallelTrainer: a slot is
-    one worker, so the torch backend's process group (and torch in this process) buys nothing.
+@ray.remote(num_cpus=0, max_concurrency=4)
+class SlotHost:
+    """Drives one slot's Ray Train run (a plain DataParallelTrainer: a slot is one worker, so the
+    torch backend's process group, and torch in this process, buy nothing). Its jobs' ends go to
+    the board; `ended()` says how the run ended, to whichever submission watches the slot.
 
-    A task, not a thread of the driver: a slot run still starting when its fleet ends (more slots
-    than work) finishes by itself, and a driver thread blocked in it made ray.shutdown() abort
-    the whole process."""
-    from lorafleet.train.runner import ray_trainer
+    A detached actor, started on the submitting process's node (the Ray Train controller it
+    creates lands there too), because a warm slot outlives that process: the next `lorafleet
+    submit` on the cluster takes it over. Not a thread of the driver: a slot run still starting
+    when its fleet ends finishes by itself, and a driver thread blocked in it made
+    ray.shutdown() abort the whole process. It exits when its run has ended."""
 
-    res = SlotConfig.model_validate(config_json).resources
-    ray_trainer(slot_loop, config_json, res, run_name, storage, max_failures, torch_backend=False).fit()
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: str | None = None
+
+    def run(self, config_json: dict[str, Any], run_name: str, storage: str, max_failures: int) -> None:
+        from lorafleet.train.runner import ray_trainer, root_cause
+
+        cfg = SlotConfig.model_validate(config_json)
+        try:
+            trainer = ray_trainer(
+                slot_loop, config_json, cfg.resources, run_name, storage, max_failures, torch_backend=False
+            )
+            trainer.fit()
+        except Exception as exc:  # Ray Train gave up (restarts spent, a lost node past them)
+            self.error = root_cause(exc)
+        finally:
+            with contextlib.suppress(ValueError, ray.exceptions.RayActorError):  # the pool's node was lost
+                ray.get(ray.get_actor(cfg.pool, namespace=NAMESPACE).run_ended.remote(cfg.slot, self.error))
+            self.done.set()
+        time.sleep(HOST_EXIT_GRACE_S)  # the calls waiting in ended() get their answers first
+        ray.actor.exit_actor()
+
+    def ended(self) -> str | None:
+        """Wait until the slot's run ends: None when it ended cleanly, else why it failed."""
+        self.done.wait()
+        return self.error
+
+
+def host_name(slot: str) -> str:
+    return f"slot-host-{slot}"
+
+
+def slot_host(slot: str) -> Any:
+    """The running host of a slot, or None (its run ended)."""
+    try:
+        return ray.get_actor(host_name(slot), namespace=NAMESPACE)
+    except ValueError:
+        return None
 
 
 # ---- the slot's worker -------------------------------------------------------------------
@@ -118,7 +157,7 @@ def slot_loop(config: dict[str, Any]) -> None:
         pool = ray.get_actor(cfg.pool, namespace=NAMESPACE)
         work = ray.get(pool.begin.remote(cfg.slot))
     except (ValueError, ray.exceptions.RayActorError):
-        return  # the driver that started the slot is gone, and its pool with it
+        return  # the pool is gone (the node it ran on was lost)
     try:
         slot = None
         while work is not None:
@@ -128,7 +167,7 @@ def slot_loop(config: dict[str, Any]) -> None:
                 return
             work = ray.get(pool.wait_for_work.remote(cfg.slot, assignment.keep_warm_s))
     except ray.exceptions.RayActorError:
-        return  # the pool is gone: its driver stopped
+        return  # the pool is gone (the node it ran on was lost)
     finally:
         with contextlib.suppress(ray.exceptions.RayActorError):
             ray.get(pool.leave.remote(cfg.slot))  # a slot that returns is never handed work again
