@@ -122,13 +122,32 @@ def load_base(path: Path, quant: Any, device: str) -> Any:
     )
 
 
-def load_tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
+# Tokenizer classes for which AutoTokenizer picks the generic fast tokenizer (the tiny base, Llama 3
+# and others): loaded directly, without AutoTokenizer's read of the model's config, whose class
+# imports torch (about 4 s of every `lorafleet validate` / `submit` process, which need no torch).
+GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
-    tok = AutoTokenizer.from_pretrained(path)
+
+def load_tokenizer(path: Path) -> Any:
+    if _tokenizer_class(Path(path)) in GENERIC_TOKENIZERS:
+        from transformers import PreTrainedTokenizerFast as Tokenizer
+    else:
+        from transformers import AutoTokenizer as Tokenizer
+
+    tok = Tokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _tokenizer_class(path: Path) -> str | None:
+    config = path / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None  # AutoTokenizer reads it again and says what is wrong
 
 
 def merge_adapter(base_path: Path, adapter_path: Path, out: Path) -> Path:

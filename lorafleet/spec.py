@@ -205,8 +205,9 @@ class PackingSpec(_Strict):
         ge=0,
         le=3600,
         description="after the fleet's jobs end, its slots wait this long (base loaded, resources "
-        "held) for the next submission from the same process with the same base, quantisation, "
-        "slot size, K and storage path, whose jobs then start at once; 0: slots end with the fleet",
+        "held) for the next submission on the same Ray cluster (from this process or a later "
+        "`lorafleet submit` joining it) with the same base, quantisation, slot size, K and storage "
+        "path, whose jobs then start at once; 0: slots end with the fleet",
     )
 
 

@@ -24,3 +24,23 @@ def test_orchestration_modules_stay_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_validating_a_fleet_imports_no_torch(tmp_path) -> None:
+    """`lorafleet validate` and the start of `submit` tokenise every dataset with the base's
+    tokenizer; for the generic fast tokenizer that needs no torch (about 4 s a process)."""
+    from lorafleet.demo_customers import write_demo_datasets
+    from lorafleet.tinybase import tiny_base_path
+
+    tiny_base_path()  # built here on a fresh machine (building it needs torch; validating does not)
+    data = write_demo_datasets(tmp_path)["acme"]
+    fleet = tmp_path / "f.yaml"
+    fleet.write_text(f"name: f\nbase_model: tiny-llama\njobs:\n  - customer: acme\n    dataset: {data}\n")
+    code = (
+        "import sys\nfrom lorafleet.validate import check_fleet\n"
+        f"check = check_fleet({str(fleet)!r})\nassert not check.errors, check.errors\n"
+        "print(sorted(m for m in ('torch', 'trl', 'peft') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout

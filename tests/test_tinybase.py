@@ -19,3 +19,23 @@ def test_demo_data_uses_only_tokens_the_base_read():
         used = {i for text in texts + heldout_prompts(customer) for i in tok(text)["input_ids"]}
         unread = sorted(tok.convert_ids_to_tokens([i for i in used if not read[i]]))
         assert not unread, (customer, unread)
+
+
+def test_the_tokenizer_is_the_one_autotokenizer_gives(micro_base):
+    """load_tokenizer skips AutoTokenizer (and its torch import) for the generic fast tokenizer:
+    same class, same ids and the same chat template as AutoTokenizer's."""
+    from transformers import AutoTokenizer
+
+    for path in (tiny_base_path(), micro_base):
+        ours, auto = load_tokenizer(path), AutoTokenizer.from_pretrained(path)
+        assert type(ours) is type(auto)
+        for row in examples("acme", 20):
+            chat = ours.apply_chat_template(row["messages"], tokenize=True, return_dict=False)
+            assert chat == auto.apply_chat_template(row["messages"], tokenize=True, return_dict=False)
+            text = row["messages"][-1]["content"]
+            assert ours(text)["input_ids"] == auto(text)["input_ids"]
+        assert (ours.pad_token, ours.eos_token, ours.bos_token) == (
+            auto.pad_token or auto.eos_token,
+            auto.eos_token,
+            auto.bos_token,
+        )

@@ -7,9 +7,11 @@ The fleet three ways, same jobs, same machine, one after another:
 - one Ray Train run per job (`packing.enabled: false`, what every job did before slots),
 - plain trl scripts, one after another, each in a fresh Python process (`worker.train_plain`),
   which is what a user with a for-loop would run.
-One job alone goes through the fleet twice: cold (its slot's Ray Train run starts with it) and
-warm (on the slot the cold submission kept warm, as a process that submits fleets one after
-another gets with `packing.keep_warm_s`).
+One job alone goes through the fleet twice in this process: cold (its slot's Ray Train run starts
+with it) and warm (on the slot the cold submission kept warm, `packing.keep_warm_s`). Then twice
+more as `lorafleet submit` commands of their own joining the same cluster, as a user or a CI job
+on a long-lived cluster runs them (interpreter, imports, joining Ray, registration, exit, all
+counted): cold, then warm on the slot the first command kept.
 """
 
 from __future__ import annotations
@@ -71,6 +73,17 @@ def _plain_processes(fleet_file: Path, n_jobs: int) -> float:
     return time.perf_counter() - start
 
 
+def _submit_process(fleet_file: Path, address: str) -> float:
+    """`lorafleet submit` as a new process joining the running cluster; its wall time."""
+    import subprocess
+    import sys
+
+    start = time.perf_counter()
+    cmd = [sys.executable, "-m", "lorafleet.cli", "submit", str(fleet_file), "--ray-address", address]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
 def _fleet_seconds(fleet_file: Path) -> tuple[float, dict[str, float]]:
     from lorafleet.pipeline import submit
 
@@ -89,7 +102,8 @@ def overhead(folder: Path, base: str, dataset: Path, training: dict) -> dict[str
     """One job through the fleet (Ray already started) against the same training as a plain
     script in a fresh process (imports, base load, training: what `python train.py` costs), and
     against the same training in this process, whose imports are already paid. Twice through the
-    fleet: cold (its slot starts with it) and warm (a slot the cold one kept, `keep_warm_s`)."""
+    fleet: cold (its slot starts with it) and warm (a slot the cold one kept, `keep_warm_s`); then
+    twice as `lorafleet submit` processes joining this cluster, cold and warm."""
     import ray
 
     from lorafleet.raystart import init_ray
@@ -104,6 +118,10 @@ def overhead(folder: Path, base: str, dataset: Path, training: dict) -> dict[str
     keep = {"keep_warm_s": 60}
     cold, _ = _fleet_seconds(_fleet_file(folder, base, solo, training, "bench-solo", packing=keep))
     warm, _ = _fleet_seconds(_fleet_file(folder, base, solo, training, "bench-solo-warm"))
+    address = ray.get_runtime_context().gcs_address
+    kept = _fleet_file(folder, base, solo, training, "bench-proc-cold", packing=keep)
+    process_cold = _submit_process(kept, address)  # the slot above ended: it kept nothing warm
+    process_warm = _submit_process(_fleet_file(folder, base, solo, training, "bench-proc-warm"), address)
     return {
         "plain_process_s": plain_process,
         "plain_in_process_s": plain,
@@ -115,6 +133,10 @@ def overhead(folder: Path, base: str, dataset: Path, training: dict) -> dict[str
         "fleet_vs_plain_in_process": cold / plain,
         "fleet_warm_vs_plain_process": warm / plain_process,
         "fleet_warm_vs_plain_in_process": warm / plain,
+        "submit_process_cold_s": process_cold,
+        "submit_process_warm_s": process_warm,
+        "submit_process_cold_vs_plain_process": process_cold / plain_process,
+        "submit_process_warm_vs_plain_process": process_warm / plain_process,
         "load": _load(),
     }
 

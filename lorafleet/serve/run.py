@@ -36,7 +36,7 @@ def start(
     if args.tracking_uri is None:  # replicas don't share our cwd: give them the absolute store
         args = args.model_copy(update={"tracking_uri": settings.tracking_uri()})
     init_ray(ray_address)
-    release_warm_slots()  # idle training slots of this process would hold the replicas' resources
+    release_warm_slots()  # idle warm training slots on the cluster would hold the replicas' resources
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args.model_dump()), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"

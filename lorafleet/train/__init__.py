@@ -3,7 +3,7 @@
 - `runner`: a fleet's jobs on Ray (`FleetExecution`): warm slots for the jobs that can share one,
   a Ray Train run of its own for each other job (`run_job`), cancellation (`cancel`).
 - `slot`: a warm slot, one long-lived Ray Train run training queued jobs packed on one base copy.
-- `pool`: the driver's warm slots kept between submissions (`packing.keep_warm_s`).
+- `pool`: the cluster's warm slots kept between submissions, from any process (`packing.keep_warm_s`).
 - `packed`: the packed trainer a slot runs (K adapters per step on one frozen base).
 - `worker`: the per-worker trl QLoRA loop of a job's own run, and `JobPlan`.
 - `progress`: the fleet's board actor (live state, cancellation, the slots' queue).
