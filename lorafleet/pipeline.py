@@ -8,9 +8,10 @@ is the only place that runs those stages in order; `lorafleet.train` runs jobs o
 - launch: each plan goes to `lorafleet.train.runner.FleetExecution` as soon as it is made, so
   the first jobs train while the driver still writes the later ones' MLflow runs (a 1,000-job
   fleet no longer waits for a job's MLflow writes, 25 to 60 ms here, times 1,000 before its
-  first step); the execution starts with the first job that trains, so a fleet that only reuses
-  starts nothing on Ray (unless Ray is up already: then the board's process starts while the
-  fleet is validated).
+  first step). With Ray up (or a cluster to join) the board's process starts while the fleet is
+  validated and the slots as soon as it is valid, so their start-up overlaps the MLflow writes;
+  otherwise the execution starts with the first job that trains, so a fleet that only reuses
+  starts no local Ray.
 - track: each tick the board's progress is copied into the job runs (state, metric history,
   where it ran).
 - register: each adapter that trained becomes a version of its customer's registered model.
@@ -19,6 +20,7 @@ is the only place that runs those stages in order; `lorafleet.train` runs jobs o
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -54,7 +56,7 @@ class FleetResult:
     fleet: str
     fleet_run_id: str
     jobs: dict[str, JobOutcome]
-    launched_at: float | None = None  # when its Ray side started (time.time()); None: nothing ran
+    launched_at: float | None = None  # when its Ray side started (time.time()); None: nothing started
 
     def ok(self) -> bool:
         return all(j.state == "succeeded" for j in self.jobs.values())
@@ -288,21 +290,36 @@ class Launch:
             self.execution = FleetExecution(fleet.name, self.storage, fleet.packing, self.crash_at_step)
         return self.execution
 
-    def add(self, sub: Submission, check: FleetCheck, customer: str) -> None:
-        execution = self.start(check.fleet)
+    def start_slots(self, check: FleetCheck) -> None:
+        """The fleet's slots, as soon as its spec and data are valid and Ray is up: their start-up
+        (a Ray Train run, imports, the base load) overlaps the MLflow runs being written. Jobs that
+        turn out to be reused leave them idle: they end, or wait warm for the next fleet."""
         if self.candidates is None:
             self.candidates = slot_candidates(check)
-        in_slot, candidates = customer in sub.slot_jobs, self.candidates
-        if in_slot and not execution.slots.started:
-            execution.start_slots(candidates, check.base_fingerprint)
-        if not candidates and self.launched_at is None:  # no slots for this fleet: free the warm ones now
+        if self.execution is not None and self.candidates and not self.execution.slots.started:
+            self.execution.start_slots(self.candidates, check.base_fingerprint)
+            self.launched_at = self.launched_at or time.time()
+
+    def add(self, sub: Submission, check: FleetCheck, customer: str) -> None:
+        execution = self.start(check.fleet)
+        if customer in sub.slot_jobs:
+            self.start_slots(check)
+        if (
+            not self.candidates and self.launched_at is None
+        ):  # no slots for this fleet: free the warm ones now
             execution.release_warm_slots()
         self.launched_at = self.launched_at or time.time()
-        execution.add(sub.plans[customer].plan, in_slot)
+        execution.add(sub.plans[customer].plan, customer in sub.slot_jobs)
 
     def close(self) -> None:
         if self.execution is not None:
             self.execution.close()
+
+
+def joins_cluster(ray_address: str | None) -> bool:
+    """Whether Ray comes from a running cluster (joining costs milliseconds, so the fleet's Ray side
+    starts at once) rather than a local one started here (seconds: only once a job needs it)."""
+    return ray_address not in (None, "local") or (ray_address is None and bool(os.environ.get("RAY_ADDRESS")))
 
 
 def slot_candidates(check: FleetCheck) -> list[JobSpec]:
@@ -376,9 +393,10 @@ def submit(
     fleet_file = Path(fleet_file)
     launch = Launch(storage or settings.storage_path(), ray_address, crash_at_step or {})
     try:
-        if ray.is_initialized():  # the board's process starts while the fleet is validated
+        if ray.is_initialized() or joins_cluster(ray_address):  # the board starts while validating
             launch.start(load_fleet(fleet_file))  # a spec error raises here, before anything starts
         check = check_fleet(fleet_file)
+        launch.start_slots(check)  # with Ray up; else with the first job that trains
         sub = open_submission(check, fleet_file, register)
         for customer in plan_jobs(sub, check, fail_at_step):
             launch.add(sub, check, customer)
