@@ -164,6 +164,39 @@ def _note(row: dict) -> str:
     return "; ".join(notes)
 
 
+@command("slots")
+def cmd_slots(args: argparse.Namespace) -> int:
+    """The warm slots on a running cluster; --release ends the idle ones (they hold resources)."""
+    import json
+
+    from rich.table import Table
+
+    from lorafleet.raystart import join_cluster
+    from lorafleet.train.pool import live_slots, release
+    from lorafleet.ui import console
+
+    join_cluster(args.ray_address)
+    released = release() if args.release else []
+    rows = live_slots()
+    if args.json:
+        print(json.dumps({"slots": rows, "released": released}, indent=2))
+        return 0
+    table = Table("slot", "state", "base model", "working for", "keep warm (s)", "restarts left")
+    for r in rows:
+        table.add_row(
+            r["slot"],
+            r["state"],
+            r["base_model"],
+            r["fleet_board"],
+            f"{r['keep_warm_s']:g}",
+            str(r["restarts_left"]),
+        )
+    console.print(table if rows else "no live slots on this cluster")
+    if released:
+        console.print(f"released {len(released)} idle slot(s): {', '.join(released)}")
+    return 0
+
+
 @command("cancel")
 def cmd_cancel(args: argparse.Namespace) -> int:
     from lorafleet.train.runner import cancel
@@ -593,6 +626,12 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="a fleet's jobs as recorded in MLflow")
     st.add_argument("fleet", help="fleet name")
     st.add_argument("--json", action="store_true")
+    sl = sub.add_parser("slots", help="warm slots on a running cluster (packing.keep_warm_s)")
+    sl.add_argument(
+        "--release", action="store_true", help="end the idle ones: they hold a worker's resources"
+    )
+    sl.add_argument("--json", action="store_true")
+    sl.add_argument("--ray-address", default="auto")
     c = sub.add_parser("cancel", help="cancel a running fleet, or one job of it")
     c.add_argument("fleet", help="fleet name")
     c.add_argument("--job", default=None, help="customer id (default: all jobs)")

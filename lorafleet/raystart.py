@@ -51,6 +51,20 @@ def init_ray(address: str | None, **options: Any) -> None:
         )
 
 
+def join_cluster(address: str | None) -> None:
+    """Join a running cluster (`lorafleet cancel`, `lorafleet slots`): never start one, and say how
+    to name it when there is none."""
+    from lorafleet.errors import LorafleetError
+
+    try:
+        init_ray(address or "auto")
+    except ConnectionError as exc:
+        raise LorafleetError(
+            f"no running Ray cluster at {address or 'auto'} ({exc}); start one with `ray start --head` "
+            "and submit with --ray-address auto, or pass the address of yours"
+        ) from None
+
+
 def free_port() -> int:
     """A free loopback port (the dashboard of a cluster started here; the benches' and tests'
     servers)."""

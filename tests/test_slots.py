@@ -140,12 +140,17 @@ def test_a_warm_slot_takes_the_next_submission_and_survives_a_crash_in_it(lf_hom
 
 
 @pytest.mark.integration
-def test_warm_slots_end_when_released_or_their_wait_runs_out(lf_home, micro_base, ray_session):
+def test_warm_slots_end_when_released_or_their_wait_runs_out(lf_home, micro_base, ray_session, capsys):
     kept = fleet_file(lf_home, "warm-c", {"d": {}}, base=micro_base, packing={"slots": 1, "keep_warm_s": 600})
     brief = fleet_file(lf_home, "warm-d", {"e": {}}, base=micro_base, packing={"slots": 1, "keep_warm_s": 2})
 
     slot = _tags(submit(kept), "d")["lorafleet.slot"]
-    assert release() == [slot]  # e.g. before serving on the same GPUs
+    address = ["--ray-address", ray_session.get_runtime_context().gcs_address]
+    assert main(["slots", "--json", *address]) == 0
+    listed = {row["slot"]: row for row in json.loads(capsys.readouterr().out)["slots"]}
+    assert listed[slot]["state"] in ("idle", "kept") and listed[slot]["keep_warm_s"] == 600
+    assert main(["slots", "--release", "--json", *address]) == 0  # e.g. before serving on the same GPUs
+    assert json.loads(capsys.readouterr().out)["released"] == [slot]
     assert _run_end(ray_session, slot) is None
 
     e = _tags(submit(brief), "e")

@@ -166,6 +166,23 @@ class SlotPool:
     async def ended_runs(self) -> dict[str, str | None]:
         return dict(self.run_ends)
 
+    async def describe(self) -> list[dict[str, Any]]:
+        """The live slots: which submission each works for, whether it waits idle, its base."""
+        rows = []
+        for slot, work in sorted(self.work.items()):
+            state = "idle" if slot in self.idle else "kept" if self._available(slot) else "working"
+            rows.append(
+                {
+                    "slot": slot,
+                    "state": state,
+                    "base_model": json.loads(self.keys[slot])["base_model"],
+                    "fleet_board": work["fleet_board"],
+                    "keep_warm_s": work["keep_warm_s"],
+                    "restarts_left": self.restarts_left.get(slot, 0),
+                }
+            )
+        return rows
+
     async def idle_slots(self) -> list[str]:
         return sorted(self.idle)
 
@@ -200,12 +217,23 @@ def new_slot_name() -> str:
     return f"slot-{uuid.uuid4().hex[:8]}"
 
 
+def _existing_pool() -> Any:
+    """The cluster's pool actor, or None (Ray is not up, or no submission started slots on it)."""
+    if not ray.is_initialized():
+        return None
+    try:
+        return ray.get_actor(POOL_NAME, namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
 def release() -> list[str]:
     """End the cluster's idle warm slots now (e.g. before serving on the same GPUs); returns them."""
-    if not ray.is_initialized():
-        return []
-    try:
-        actor = ray.get_actor(POOL_NAME, namespace=NAMESPACE)
-    except ValueError:
-        return []  # no submission kept slots on this cluster
-    return ray.get(actor.release.remote())
+    actor = _existing_pool()
+    return ray.get(actor.release.remote()) if actor else []
+
+
+def live_slots() -> list[dict[str, Any]]:
+    """The cluster's live slots (`SlotPool.describe`), for `lorafleet slots`."""
+    actor = _existing_pool()
+    return ray.get(actor.describe.remote()) if actor else []

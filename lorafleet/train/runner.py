@@ -20,7 +20,7 @@ from typing import Any, Literal
 import ray
 
 from lorafleet.errors import LorafleetError
-from lorafleet.raystart import NAMESPACE, RAY_ENV, driver_node_affinity, init_ray
+from lorafleet.raystart import NAMESPACE, RAY_ENV, driver_node_affinity, init_ray, join_cluster
 from lorafleet.spec import JobSpec, PackingSpec, ResourcesSpec
 from lorafleet.train.plan import JobPlan
 from lorafleet.train.pool import POOL_NAME, Assignment, new_slot_name, pool, release, slot_key
@@ -484,7 +484,7 @@ class Slots:
 
 def cancel(fleet: str, customer: str | None = None, ray_address: str = "auto") -> None:
     """Ask a running submission to stop one job or all; works from another process."""
-    init_ray(ray_address)
+    join_cluster(ray_address)
     try:
         board = ray.get_actor(board_name(fleet), namespace=NAMESPACE)
     except ValueError:
