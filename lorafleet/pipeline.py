@@ -304,9 +304,7 @@ class Launch:
         execution = self.start(check.fleet)
         if customer in sub.slot_jobs:
             self.start_slots(check)
-        if (
-            not self.candidates and self.launched_at is None
-        ):  # no slots for this fleet: free the warm ones now
+        if not self.candidates and self.launched_at is None:  # no slots here: free the warm ones now
             execution.release_warm_slots()
         self.launched_at = self.launched_at or time.time()
         execution.add(sub.plans[customer].plan, customer in sub.slot_jobs)
