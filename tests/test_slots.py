@@ -201,3 +201,16 @@ def test_a_warm_slot_outlives_the_process_that_submitted(lf_home, micro_base, ra
     assert r2.ok(), r2.jobs["b"].reason
     assert a["lorafleet.slot"] == b["lorafleet.slot"] and b["lorafleet.slot_reused"] == "true"
     assert _run_end(ray_session, b["lorafleet.slot"]) is None  # the second keeps nothing warm
+
+
+def test_slots_and_cancel_without_a_cluster_say_how_to_start_one(monkeypatch, capsys):
+    from lorafleet import raystart
+
+    def no_cluster(address, **_):
+        raise ConnectionError(f"Could not find any running Ray instance at {address}")
+
+    monkeypatch.setattr(raystart, "init_ray", no_cluster)  # as ray.init("auto") answers with none
+    for argv in (["slots"], ["cancel", "demo"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "no running Ray cluster at auto" in err and "ray start --head" in err, err
