@@ -232,3 +232,28 @@ def test_lost_node_resumes_job_elsewhere_and_resubmit_reuses(cluster, lf_home, m
     assert {c: o.reused_from for c, o in second.jobs.items()} == {
         c: o.run_id for c, o in first.jobs.items()
     }  # nothing retrained
+
+
+def test_lost_node_resumes_a_job_in_its_own_run_elsewhere(cluster, lf_home, micro_base):
+    """The same for a job that trains in a Ray Train run of its own (`packing: false`): Ray Train
+    restarts its worker group on the other node, from the job's last reported checkpoint."""
+    nodes = gpu_nodes(cluster, 2)
+    jobs = {"victim": {"packing": False, "training": {"max_steps": 300, "save_steps": 20}}}
+    path = fleet_file(
+        lf_home, "lost-own", jobs, base=micro_base, training=SAVE_AT_END, resources=gpu_resources(1)
+    )
+    killer = NodeKiller(cluster, nodes, "victim", first_save=20)
+
+    result = submit(path, on_tick=killer)
+
+    assert killer.killed is not None, "the victim finished before its node could be killed"
+    assert result.jobs["victim"].state == "succeeded", result.jobs["victim"].reason
+    client = tracking.client()
+    victim = client.get_run(result.jobs["victim"].run_id).data.tags
+    assert victim["lorafleet.trains_in"] == "own run"
+    before, after = victim["lorafleet.node_ids"].split(",")
+    assert victim["lorafleet.attempts"] == "2" and before == killer.killed and after != killer.killed
+    resumed = int(victim["lorafleet.resumed_from_step"])
+    assert resumed >= 20 and resumed % 20 == 0  # a checkpoint step, not a restart from zero
+    steps = [m.step for m in client.get_metric_history(result.jobs["victim"].run_id, "loss")]
+    assert max(steps) == 300
