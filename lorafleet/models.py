@@ -122,14 +122,16 @@ def load_base(path: Path, quant: Any, device: str) -> Any:
     )
 
 
-# Tokenizer classes for which AutoTokenizer picks the generic fast tokenizer (the tiny base, Llama 3
-# and others): loaded directly, without AutoTokenizer's read of the model's config, whose class
-# imports torch (about 4 s of every `lorafleet validate` / `submit` process, which need no torch).
+# Where AutoTokenizer would load the generic fast tokenizer anyway (a Llama-type model whose
+# tokenizer_config names the generic class, no custom code: the tiny base, Llama 3), it is loaded
+# directly, without AutoTokenizer's read of the model config, whose class imports torch (about
+# 4 s of every `lorafleet validate` / `submit` process, which need no torch). Any other model goes
+# through AutoTokenizer, which maps some model types to their own classes.
 GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 def load_tokenizer(path: Path) -> Any:
-    if _tokenizer_class(Path(path)) in GENERIC_TOKENIZERS:
+    if _generic_tokenizer(Path(path)):
         from transformers import PreTrainedTokenizerFast as Tokenizer
     else:
         from transformers import AutoTokenizer as Tokenizer
@@ -140,14 +142,18 @@ def load_tokenizer(path: Path) -> Any:
     return tok
 
 
-def _tokenizer_class(path: Path) -> str | None:
-    config = path / "tokenizer_config.json"
-    if not config.is_file():
-        return None
+def _generic_tokenizer(path: Path) -> bool:
     try:
-        return json.loads(config.read_text()).get("tokenizer_class")
-    except (OSError, ValueError, AttributeError):
-        return None  # AutoTokenizer reads it again and says what is wrong
+        tokenizer = json.loads((path / "tokenizer_config.json").read_text())
+        model = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False  # AutoTokenizer reads them again and says what is wrong
+    return (
+        tokenizer.get("tokenizer_class") in GENERIC_TOKENIZERS
+        and "auto_map" not in tokenizer
+        and "auto_map" not in model
+        and model.get("model_type") == "llama"
+    )
 
 
 def merge_adapter(base_path: Path, adapter_path: Path, out: Path) -> Path:

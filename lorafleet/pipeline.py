@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorafleet import settings, tracking
-from lorafleet.raystart import init_ray
+from lorafleet.raystart import init_ray, join_cluster
 from lorafleet.spec import FleetSpec, JobSpec, RegistrySpec, load_fleet
 from lorafleet.train.plan import JobPlan
 from lorafleet.train.progress import board_name
@@ -273,37 +273,41 @@ def register_adapter(c: Any, sub: Submission, plan: JobPlan, outcome: JobOutcome
 
 
 class Launch:
-    """The fleet's Ray side, started when first needed (Ray joined, the board; the slots with the
-    first slot job); planned jobs are handed to it one by one."""
+    """The fleet's Ray side: Ray and the board (at once when Ray is up or a cluster is joined, else
+    with the first job that trains), new slots as soon as the fleet is valid (Ray up), warm ones
+    claimed with the first slot job; planned jobs are handed to it one by one."""
 
     def __init__(self, storage: str, ray_address: str | None, crash_at_step: dict[str, int]):
         self.storage, self.ray_address, self.crash_at_step = storage, ray_address, crash_at_step
         self.execution: FleetExecution | None = None
-        self.launched_at: float | None = None  # when the first job went to Ray (time.time())
+        self.launched_at: float | None = None  # when slots or the first job went to Ray (time.time())
         self.candidates: list[JobSpec] | None = None  # the fleet's slot candidates, found once
 
     def start(self, fleet: FleetSpec) -> FleetExecution:
         if self.execution is None:
             from lorafleet.train.runner import FleetExecution
 
-            init_ray(self.ray_address)
+            (join_cluster if joins_cluster(self.ray_address) else init_ray)(self.ray_address)
             self.execution = FleetExecution(fleet.name, self.storage, fleet.packing, self.crash_at_step)
         return self.execution
 
-    def start_slots(self, check: FleetCheck) -> None:
-        """The fleet's slots, as soon as its spec and data are valid and Ray is up: their start-up
-        (a Ray Train run, imports, the base load) overlaps the MLflow runs being written. Jobs that
-        turn out to be reused leave them idle: they end, or wait warm for the next fleet."""
+    def prestart_slots(self, check: FleetCheck) -> None:
+        """With Ray up, as soon as the fleet's spec and data are valid: the new slots the warm ones
+        on the cluster cannot cover start, so their start-up (a Ray Train run, imports) overlaps
+        the MLflow runs being written. They load the base only with a job: if every job turns out
+        to be reused they end (or wait warm) having used no accelerator."""
         if self.candidates is None:
             self.candidates = slot_candidates(check)
-        if self.execution is not None and self.candidates and not self.execution.slots.started:
-            self.execution.start_slots(self.candidates, check.base_fingerprint)
+        started = self.execution is not None and self.candidates
+        if started and self.execution.prestart_slots(self.candidates, check.base_fingerprint):
             self.launched_at = self.launched_at or time.time()
 
     def add(self, sub: Submission, check: FleetCheck, customer: str) -> None:
         execution = self.start(check.fleet)
-        if customer in sub.slot_jobs:
-            self.start_slots(check)
+        if self.candidates is None:
+            self.candidates = slot_candidates(check)
+        if customer in sub.slot_jobs and not execution.slots.started:
+            execution.start_slots(self.candidates, check.base_fingerprint)
         if not self.candidates and self.launched_at is None:  # no slots here: free the warm ones now
             execution.release_warm_slots()
         self.launched_at = self.launched_at or time.time()
@@ -317,7 +321,9 @@ class Launch:
 def joins_cluster(ray_address: str | None) -> bool:
     """Whether Ray comes from a running cluster (joining costs milliseconds, so the fleet's Ray side
     starts at once) rather than a local one started here (seconds: only once a job needs it)."""
-    return ray_address not in (None, "local") or (ray_address is None and bool(os.environ.get("RAY_ADDRESS")))
+    if ray_address is None:
+        ray_address = os.environ.get("RAY_ADDRESS") or None
+    return ray_address not in (None, "local")
 
 
 def slot_candidates(check: FleetCheck) -> list[JobSpec]:
@@ -394,7 +400,7 @@ def submit(
         if ray.is_initialized() or joins_cluster(ray_address):  # the board starts while validating
             launch.start(load_fleet(fleet_file))  # a spec error raises here, before anything starts
         check = check_fleet(fleet_file)
-        launch.start_slots(check)  # with Ray up; else with the first job that trains
+        launch.prestart_slots(check)  # with Ray up; else the slots start with the first slot job
         sub = open_submission(check, fleet_file, register)
         for customer in plan_jobs(sub, check, fail_at_step):
             launch.add(sub, check, customer)

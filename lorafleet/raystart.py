@@ -56,11 +56,12 @@ def join_cluster(address: str | None) -> None:
     to name it when there is none."""
     from lorafleet.errors import LorafleetError
 
+    address = address or os.environ.get("RAY_ADDRESS") or "auto"
     try:
-        init_ray(address or "auto")
+        init_ray(address)
     except ConnectionError as exc:
         raise LorafleetError(
-            f"no running Ray cluster at {address or 'auto'} ({exc}); start one with `ray start --head` "
+            f"no running Ray cluster at {address} ({exc}); start one with `ray start --head` "
             "and submit with --ray-address auto, or pass the address of yours"
         ) from None
 
@@ -90,7 +91,9 @@ def driver_node_affinity() -> Any:
     driver's node: on a worker node the loss of that node would take down the whole job (or the
     fleet's board) instead of just its workers, which Ray Train restarts elsewhere. Hard affinity:
     with soft=True Ray 2.60 still put the board actor on a worker node. The node is alive while
-    the driver is, and nothing here requests resources, so it always fits."""
+    the driver is, and nothing here requests resources, so it always fits. The detached ones (the
+    slot pool, a slot's host) stay on the node of the submission that started them, so drivers
+    belong on the head node (a worker node that goes takes them with it)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 

@@ -140,3 +140,20 @@ def test_a_slot_whose_run_ended_ends_its_wait_and_is_never_claimed(ray_session):
     assert ray.get(wait) is None
     assert ray.get(pool.claim.remote("k", 2, _work("s2"), 1)) == []
     assert ray.get(pool.ended_runs.remote()) == {"a": "TrainingFailedError: restarts spent", "b": None}
+
+
+@pytest.mark.integration
+def test_a_slot_whose_wait_ended_is_never_claimed_and_available_claims_nothing(ray_session):
+    """A wait that ran out (or was released) ends the slot in the pool at once: a claim made
+    before its worker says it left would hand a submission a slot that is ending."""
+    ray = ray_session
+    pool = SlotPool.remote()
+    for slot in "ab":
+        ray.get(pool.add.remote(slot, "k", _work("s1", keep_warm_s=60), 4))
+    ray.get(pool.finished.remote("s1"))
+    assert ray.get(pool.available.remote("k", 1)) == 2
+    assert ray.get(pool.available.remote("k", 5)) == 0  # 4 restarts left cover no 5
+    assert ray.get(pool.available.remote("k", 1)) == 2  # counting claimed nothing
+
+    assert ray.get(pool.wait_for_work.remote("a", 0.1)) is None  # ran out; its worker has not left yet
+    assert ray.get(pool.claim.remote("k", 2, _work("s2"), 1)) == ["b"]

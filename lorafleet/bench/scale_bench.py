@@ -20,9 +20,12 @@ copy); `--no-packing` runs one Ray Train run per job instead. The figures:
   without the slots' start-up (Ray Train's controller and worker processes) and the tail: a
   diagnostic of the handovers, not the goal's figure.
 
-The makespan counts from the fleet's launch (its Ray side started: after validation and the first
-job's MLflow run; the later jobs' runs are written while the first ones train) to `submit`'s
-return. The fleet runs twice on the same cluster: cold (its slots start with it; the top-level
+The makespan counts from the fleet's launch (its Ray side started: new slots right after
+validation, so the MLflow runs are written while they start; with warm slots only, the first job
+handed to them) to `submit`'s return. Before the slots started early, launch came after the first
+job's MLflow run: the cold makespan then left about 5 s of slot start-up out.
+
+The fleet runs twice on the same cluster: cold (its slots start with it; the top-level
 figures) and warm (`warm`: a second fleet of the same jobs under another name, on the slots the
 first kept warm with `packing.keep_warm_s`, as a process that submits fleets one after another
 gets them).
@@ -252,8 +255,7 @@ def run_scale_bench(
 
 def timed_fleet(folder: Path, name: str, n_jobs: int, config: dict, keep_warm_s: float = 0) -> dict:
     """One fleet of the bench's jobs through `submit`, and its figures; the makespan counts from
-    the fleet's launch (its Ray side started, after validation and the first job's MLflow run),
-    as the later jobs' MLflow runs are written while the first ones train."""
+    the fleet's launch (its Ray side started: see the module's docstring)."""
     from lorafleet.pipeline import submit
 
     packing = {"enabled": config["packing"], "keep_warm_s": keep_warm_s}

@@ -57,7 +57,7 @@ class _Waiter:
         self.event.set()
 
 
-POOL_NAME = "slot-pool"
+POOL_NAME = "slot-pool-v2"  # the version of its protocol: a cluster may outlive a lorafleet upgrade
 MAX_RUN_ENDS = 1000  # how many ended slot runs the pool remembers (a long-lived cluster's pool)
 
 
@@ -110,6 +110,7 @@ class SlotPool:
             self.handed.discard(slot)
             return self.work.get(slot)
         if slot in self.releasing or slot not in self.work:
+            await self.leave(slot)
             return None
         self.idle[slot] = waiter = _Waiter()
         with contextlib.suppress(TimeoutError):
@@ -118,6 +119,8 @@ class SlotPool:
             return self.work.get(slot)
         if self.idle.get(slot) is waiter:  # timed out: nobody else ended this wait
             del self.idle[slot]
+        if waiter.outcome != "superseded":  # its restarted worker lives on; any other end is final
+            await self.leave(slot)  # now, not when the worker says so: a claim in between was lost
         return None
 
     def _available(self, slot: str) -> bool:
@@ -128,13 +131,20 @@ class SlotPool:
         on_hold = slot in self.handed or slot in self.releasing
         return bool(work) and work["submission"] in self.ended and work["keep_warm_s"] > 0 and not on_hold
 
-    async def claim(self, key: str, n: int, work: dict[str, Any], restarts_needed: int) -> list[str]:
-        """Up to n available slots of `key` with the restarts a submission needs, now working for it."""
-        picks = [
+    def _claimable(self, key: str, restarts_needed: int) -> list[str]:
+        return [
             s
             for s in self.work
             if self._available(s) and self.keys.get(s) == key and self.restarts_left[s] >= restarts_needed
-        ][:n]
+        ]
+
+    async def available(self, key: str, restarts_needed: int) -> int:
+        """How many slots a claim(key, ..., restarts_needed) could take now (nothing is claimed)."""
+        return len(self._claimable(key, restarts_needed))
+
+    async def claim(self, key: str, n: int, work: dict[str, Any], restarts_needed: int) -> list[str]:
+        """Up to n available slots of `key` with the restarts a submission needs, now working for it."""
+        picks = self._claimable(key, restarts_needed)[:n]
         for slot in picks:
             self.work[slot] = work
             if slot in self.idle:
@@ -159,6 +169,9 @@ class SlotPool:
         await self.leave(slot)
         if slot in self.idle:
             self.idle.pop(slot).end("released")
+        for table in (self.keys, self.restarts_left):  # a long-lived cluster's pool sees many slots
+            table.pop(slot, None)
+        self.started.discard(slot)
         self.run_ends[slot] = error
         while len(self.run_ends) > MAX_RUN_ENDS:
             self.run_ends.pop(next(iter(self.run_ends)))

@@ -283,6 +283,10 @@ class FleetExecution:
         self.sealed = False
         self.running: set[str] = set()  # jobs the board has seen training
 
+    def prestart_slots(self, jobs: list[JobSpec], base_fingerprint: str) -> int:
+        """New slots for these jobs before any is planned (`Slots.prestart`); how many started."""
+        return self.slots.prestart(jobs, base_fingerprint, self.packing, self.crash_at_step)
+
     def start_slots(self, jobs: list[JobSpec], base_fingerprint: str) -> None:
         """Warm slots for these jobs (those that may share one; the first of them is planned)."""
         self.slots.start(jobs, base_fingerprint, self.packing, self.crash_at_step)
@@ -299,7 +303,7 @@ class FleetExecution:
         """Every job is planned: slots that find the queue empty from now on are done."""
         ray.get(self.board.seal.remote())
         self.sealed = True
-        if not self.slots.started:
+        if not self.slots.started and self.launcher.plans:  # runs of their own need the resources
             self.release_warm_slots()
 
     def release_warm_slots(self) -> None:
@@ -339,7 +343,7 @@ class FleetExecution:
         working for this submission finds the board gone and returns; one that keeps warm waits
         for the next submission, unless this one stopped early (jobs still open): then it ends at
         its wait."""
-        if self.slots.started:
+        if self.slots.started or self.slots.refs:  # prestarted slots too
             actor = pool()
             if self.busy():
                 ray.get(actor.release.remote(list(self.slots.refs.values())))
@@ -395,6 +399,16 @@ def slot_template(job: JobSpec, base_fp: str, packing: PackingSpec, work: Any, p
     ).model_dump(mode="json")
 
 
+@dataclass(frozen=True)
+class _SlotSetup:
+    count: int  # slots this submission trains on
+    template: dict[str, Any]  # SlotConfig, less the slot's name
+    key: str  # what a warm slot must match (pool.slot_key)
+    work: dict[str, Any]  # the Assignment slots get
+    needed: int  # restarts this submission's jobs may cost
+    restarts: int  # the budget a new slot gets
+
+
 class Slots:
     """The fleet's warm slots (lorafleet.train.slot): their jobs wait in the board's queue; each
     slot is one Ray Train run that takes jobs until the queue is sealed and empty."""
@@ -405,45 +419,72 @@ class Slots:
         self.open: set[str] = set()  # queued or training, not ended yet
         self.refs: dict[Any, str] = {}  # the end of a slot's run (SlotHost.ended) -> slot id
         self.failure: str | None = None
-        self.started = False
+        self.started = False  # claimed and started with the first slot job (prestart comes before)
+        self.setup: _SlotSetup | None = None
 
     def add(self, plan: JobPlan) -> None:
         self.open.add(plan.job.customer)
         self.board.enqueue.remote([plan.model_dump(mode="json")])  # in order with seal(): one caller
 
-    def start(self, jobs: list[JobSpec], base_fp: str, packing: PackingSpec, crash: dict[str, int]) -> None:
-        """Take over warm slots that match (`lorafleet.train.pool`), start the rest: one per
-        job-sized place in the cluster, at most one per job."""
-        self.started = True
-        count = max(1, min(packing.slots or slots_that_fit(jobs[0].resources), len(jobs)))
-        work = Assignment(
-            fleet_board=board_name(self.fleet),
-            submission=self.submission,
-            slots=count,
-            storage=self.storage,
-            keep_warm_s=packing.keep_warm_s,
-            crash_at_step=crash,
-        )
+    def _setup(
+        self, jobs: list[JobSpec], base_fp: str, packing: PackingSpec, crash: dict[str, int]
+    ) -> _SlotSetup:
+        """What every slot of this submission shares (worked out once)."""
+        if self.setup is None:
+            count = max(1, min(packing.slots or slots_that_fit(jobs[0].resources), len(jobs)))
+            work = Assignment(
+                fleet_board=board_name(self.fleet),
+                submission=self.submission,
+                slots=count,
+                storage=self.storage,
+                keep_warm_s=packing.keep_warm_s,
+                crash_at_step=crash,
+            )
+            template = slot_template(jobs[0], base_fp, packing, work, POOL_NAME)
+            needed = slot_max_failures(jobs)
+            # a slot that may stay warm gets a restart budget for later submissions as well
+            restarts = needed + WARM_SLOT_RESTARTS if packing.keep_warm_s > 0 else needed
+            self.setup = _SlotSetup(
+                count, template, slot_key(template), work.model_dump(mode="json"), needed, restarts
+            )
+        return self.setup
+
+    def prestart(self, jobs: list[JobSpec], base_fp: str, packing: PackingSpec, crash: dict[str, int]) -> int:
+        """Before any job is planned: new slots for what the warm ones on the cluster cannot cover,
+        so their start-up overlaps the planning. Claims and releases nothing: every job may yet
+        turn out to be reused (the slots then end, or wait warm), and other fleets' idle slots
+        are not this submission's to end until it trains. Returns how many it started."""
+        setup = self._setup(jobs, base_fp, packing, crash)
         actor = pool()
-        template = slot_template(jobs[0], base_fp, packing, work, POOL_NAME)
-        needed, key, work_json = slot_max_failures(jobs), slot_key(template), work.model_dump(mode="json")
-        claimed = ray.get(actor.claim.remote(key, count, work_json, needed))
+        new = max(0, setup.count - ray.get(actor.available.remote(setup.key, setup.needed)))
+        self._start_new(actor, setup, new)
+        return new
+
+    def start(self, jobs: list[JobSpec], base_fp: str, packing: PackingSpec, crash: dict[str, int]) -> None:
+        """With the first slot job: take over warm slots that match (`lorafleet.train.pool`) and
+        start the rest: one per job-sized place in the cluster, at most one per job."""
+        self.started = True
+        setup = self._setup(jobs, base_fp, packing, crash)
+        actor = pool()
+        claimed = ray.get(
+            actor.claim.remote(setup.key, setup.count - len(self.refs), setup.work, setup.needed)
+        )
         ray.get(actor.release.remote())  # idle slots not taken hold resources this submission may need
-        warm = [slot for slot in claimed if self.watch(slot)]
-        ray.get([actor.run_ended.remote(slot, "its host was gone") for slot in set(claimed) - set(warm)])
-        # a slot that may stay warm gets a restart budget for later submissions as well
-        restarts = needed + WARM_SLOT_RESTARTS if packing.keep_warm_s > 0 else needed
-        for _ in range(count - len(warm)):
+        gone = [slot for slot in claimed if not self.watch(slot)]
+        ray.get([actor.run_ended.remote(slot, "its host was gone") for slot in gone])
+        self._start_new(actor, setup, setup.count - len(self.refs))
+
+    def _start_new(self, actor: Any, setup: _SlotSetup, n: int) -> None:
+        for _ in range(n):
             name = new_slot_name()
-            ray.get(actor.add.remote(name, key, work_json, restarts))
+            ray.get(actor.add.remote(name, setup.key, setup.work, setup.restarts))
+            run_name = slot_run_name(self.fleet, self.submission, name)
             host = SlotHost.options(
                 name=host_name(name),
                 namespace=NAMESPACE,
                 lifetime="detached",
                 scheduling_strategy=self.placement,
-            ).remote()
-            run_name = slot_run_name(self.fleet, self.submission, name)
-            host.run.remote(template | {"slot": name}, run_name, self.storage, restarts)
+            ).remote(setup.template | {"slot": name}, run_name, self.storage, setup.restarts)
             self.watch(name, host)
 
     def watch(self, slot: str, host: Any = None) -> bool:
@@ -467,6 +508,7 @@ class Slots:
                 error = ray.get(ref)
             except ray.exceptions.RayActorError as exc:  # its host died (its node was lost)
                 error = root_cause(exc)
+                pool().run_ended.remote(slot, error)  # it could not say so itself
             if error:
                 self.failure = reason = f"{slot} failed: {error}"
             else:

@@ -106,32 +106,46 @@ class SlotHost:
     when its fleet ends finishes by itself, and a driver thread blocked in it made
     ray.shutdown() abort the whole process. It exits when its run has ended."""
 
-    def __init__(self) -> None:
+    def __init__(self, config_json: dict[str, Any], run_name: str, storage: str, max_failures: int) -> None:
+        # the run's arguments come with the actor's creation, which the cluster holds: the run
+        # starts even if the submitting process exits before this actor is up (a call queued in
+        # that process would be lost with it, and the slot would never run nor end)
         self.done = threading.Event()
         self.error: str | None = None
+        args = (config_json, run_name, storage, max_failures)
+        threading.Thread(target=self._run, args=args, daemon=True, name="slot-run").start()
 
-    def run(self, config_json: dict[str, Any], run_name: str, storage: str, max_failures: int) -> None:
-        from lorafleet.train.runner import ray_trainer, root_cause
-
-        cfg = SlotConfig.model_validate(config_json)
+    def _run(self, config_json: dict[str, Any], run_name: str, storage: str, max_failures: int) -> None:
         try:
+            from lorafleet.train.runner import ray_trainer
+
+            cfg = SlotConfig.model_validate(config_json)
             trainer = ray_trainer(
                 slot_loop, config_json, cfg.resources, run_name, storage, max_failures, torch_backend=False
             )
             trainer.fit()
-        except Exception as exc:  # Ray Train gave up (restarts spent, a lost node past them)
-            self.error = root_cause(exc)
+        except Exception as exc:  # Ray Train gave up (restarts spent, a lost node past them), or worse
+            self.error = _reason(exc)
         finally:
             with contextlib.suppress(ValueError, ray.exceptions.RayActorError):  # the pool's node was lost
-                ray.get(ray.get_actor(cfg.pool, namespace=NAMESPACE).run_ended.remote(cfg.slot, self.error))
+                pool = ray.get_actor(config_json["pool"], namespace=NAMESPACE)
+                ray.get(pool.run_ended.remote(config_json["slot"], self.error))
             self.done.set()
-        time.sleep(HOST_EXIT_GRACE_S)  # the calls waiting in ended() get their answers first
-        ray.actor.exit_actor()
+            time.sleep(HOST_EXIT_GRACE_S)  # the calls waiting in ended() get their answers first
+            ray.kill(ray.get_runtime_context().current_actor)  # detached: nothing else ends it
 
     def ended(self) -> str | None:
         """Wait until the slot's run ends: None when it ended cleanly, else why it failed."""
         self.done.wait()
         return self.error
+
+
+def _reason(exc: BaseException) -> str:
+    try:
+        from lorafleet.train.runner import root_cause
+    except Exception:  # the runner itself does not import here: say so plainly
+        return f"{type(exc).__name__}: {exc}"[:2000]
+    return root_cause(exc)
 
 
 def host_name(slot: str) -> str:
