@@ -295,7 +295,7 @@ class Launch:
         """With Ray up, as soon as the fleet's spec and data are valid: the new slots the warm ones
         on the cluster cannot cover start, so their start-up (a Ray Train run, imports) overlaps
         the MLflow runs being written. They load the base only with a job: if every job turns out
-        to be reused they end (or wait warm) having used no accelerator."""
+        to be reused they end (or wait warm) having loaded nothing."""
         if self.candidates is None:
             self.candidates = slot_candidates(check)
         started = self.execution is not None and self.candidates
