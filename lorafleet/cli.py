@@ -82,9 +82,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     for fleet_file in args.fleets:
         load_fleet(fleet_file)  # a spec error in any file stops all of them, before anything runs
     if len(args.fleets) > 1:
-        from lorafleet.raystart import init_ray
+        from lorafleet.raystart import connect
 
-        init_ray(args.ray_address)  # one Ray for all: the warm slots live in it
+        connect(args.ray_address)  # one Ray for all: the warm slots live in it
     results = [_submit_one(fleet_file, args) for fleet_file in args.fleets]
     return 0 if all(result.ok() for result in results) else 1
 

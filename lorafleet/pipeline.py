@@ -20,7 +20,6 @@ is the only place that runs those stages in order; `lorafleet.train` runs jobs o
 from __future__ import annotations
 
 import hashlib
-import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorafleet import settings, tracking
-from lorafleet.raystart import init_ray, join_cluster
+from lorafleet.raystart import connect, joins_cluster
 from lorafleet.spec import FleetSpec, JobSpec, RegistrySpec, load_fleet
 from lorafleet.train.plan import JobPlan
 from lorafleet.train.progress import board_name
@@ -287,7 +286,7 @@ class Launch:
         if self.execution is None:
             from lorafleet.train.runner import FleetExecution
 
-            (join_cluster if joins_cluster(self.ray_address) else init_ray)(self.ray_address)
+            connect(self.ray_address)
             self.execution = FleetExecution(fleet.name, self.storage, fleet.packing, self.crash_at_step)
         return self.execution
 
@@ -296,34 +295,29 @@ class Launch:
         on the cluster cannot cover start, so their start-up (a Ray Train run, imports) overlaps
         the MLflow runs being written. They load the base only with a job: if every job turns out
         to be reused they end (or wait warm) having loaded nothing."""
-        if self.candidates is None:
-            self.candidates = slot_candidates(check)
-        started = self.execution is not None and self.candidates
-        if started and self.execution.prestart_slots(self.candidates, check.base_fingerprint):
+        candidates = self.slot_candidates(check)
+        started = self.execution is not None and candidates
+        if started and self.execution.prestart_slots(candidates, check.base_fingerprint):
             self.launched_at = self.launched_at or time.time()
 
     def add(self, sub: Submission, check: FleetCheck, customer: str) -> None:
-        execution = self.start(check.fleet)
-        if self.candidates is None:
-            self.candidates = slot_candidates(check)
+        execution, candidates = self.start(check.fleet), self.slot_candidates(check)
         if customer in sub.slot_jobs and not execution.slots.started:
-            execution.start_slots(self.candidates, check.base_fingerprint)
-        if not self.candidates and self.launched_at is None:  # no slots here: free the warm ones now
+            execution.start_slots(candidates, check.base_fingerprint)
+        if not candidates and self.launched_at is None:  # no slots here: free the warm ones now
             execution.release_warm_slots()
         self.launched_at = self.launched_at or time.time()
         execution.add(sub.plans[customer].plan, customer in sub.slot_jobs)
 
+    def slot_candidates(self, check: FleetCheck) -> list[JobSpec]:
+        """The fleet's slot candidates, found once per submission (over the whole fleet)."""
+        if self.candidates is None:
+            self.candidates = slot_candidates(check)
+        return self.candidates
+
     def close(self) -> None:
         if self.execution is not None:
             self.execution.close()
-
-
-def joins_cluster(ray_address: str | None) -> bool:
-    """Whether Ray comes from a running cluster (joining costs milliseconds, so the fleet's Ray side
-    starts at once) rather than a local one started here (seconds: only once a job needs it)."""
-    if ray_address is None:
-        ray_address = os.environ.get("RAY_ADDRESS") or None
-    return ray_address not in (None, "local")
 
 
 def slot_candidates(check: FleetCheck) -> list[JobSpec]:

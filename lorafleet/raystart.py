@@ -51,6 +51,18 @@ def init_ray(address: str | None, **options: Any) -> None:
         )
 
 
+def joins_cluster(address: str | None) -> bool:
+    """Whether Ray comes from a running cluster (joining costs milliseconds) rather than a local
+    one started here (seconds)."""
+    return (address or os.environ.get("RAY_ADDRESS") or None) not in (None, "local")
+
+
+def connect(address: str | None) -> None:
+    """Ray for a submission: join the cluster `address` names (a clear error when there is none),
+    else a local one (`init_ray`)."""
+    (join_cluster if joins_cluster(address) else init_ray)(address)
+
+
 def join_cluster(address: str | None) -> None:
     """Join a running cluster (`lorafleet cancel`, `lorafleet slots`): never start one, and say how
     to name it when there is none."""
