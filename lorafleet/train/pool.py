@@ -230,7 +230,7 @@ def new_slot_name() -> str:
     return f"slot-{uuid.uuid4().hex[:8]}"
 
 
-def _existing_pool() -> Any:
+def existing_pool() -> Any:
     """The cluster's pool actor, or None (Ray is not up, or no submission started slots on it)."""
     if not ray.is_initialized():
         return None
@@ -242,11 +242,11 @@ def _existing_pool() -> Any:
 
 def release() -> list[str]:
     """End the cluster's idle warm slots now (e.g. before serving on the same GPUs); returns them."""
-    actor = _existing_pool()
+    actor = existing_pool()
     return ray.get(actor.release.remote()) if actor else []
 
 
 def live_slots() -> list[dict[str, Any]]:
     """The cluster's live slots (`SlotPool.describe`), for `lorafleet slots`."""
-    actor = _existing_pool()
+    actor = existing_pool()
     return ray.get(actor.describe.remote()) if actor else []

@@ -23,7 +23,7 @@ from lorafleet.errors import LorafleetError
 from lorafleet.raystart import NAMESPACE, RAY_ENV, driver_node_affinity, init_ray, join_cluster
 from lorafleet.spec import JobSpec, PackingSpec, ResourcesSpec
 from lorafleet.train.plan import JobPlan
-from lorafleet.train.pool import POOL_NAME, Assignment, new_slot_name, pool, release, slot_key
+from lorafleet.train.pool import POOL_NAME, Assignment, existing_pool, new_slot_name, pool, release, slot_key
 from lorafleet.train.progress import ProgressBoard, board_name
 from lorafleet.train.slot import (
     DEFAULT_MAX_JOBS,
@@ -141,18 +141,37 @@ def ray_trainer(
     if not torch_backend:
         from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-        return DataParallelTrainer(
+        return without_dataset_manager(DataParallelTrainer)(
             loop, train_loop_config=config, scaling_config=scaling(res), run_config=run_config
         )
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    return TorchTrainer(
+    return without_dataset_manager(TorchTrainer)(
         loop,
         train_loop_config=config,
         torch_config=TorchConfig(backend=backend_name(res.gpus_per_worker)),
         scaling_config=scaling(res),
         run_config=run_config,
     )
+
+
+def without_dataset_manager(trainer_cls: type) -> type:
+    """`trainer_cls` less Ray Data's DatasetManager when the run is given no Ray Datasets (ours
+    never are: a job reads its own files). Ray Train 2.60 starts that actor for every run anyway:
+    one more process per job or slot, about 1.4 s of CPU while the worker imports torch and
+    loads the base, which on a small node is most of a cold start's cost. Ray is pinned; the
+    hook it overrides (`_create_default_callbacks`) is checked by tests/test_ray_train_hooks.py."""
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    class Trainer(trainer_cls):
+        def _create_default_callbacks(self) -> list[Any]:
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+    Trainer.__name__ = Trainer.__qualname__ = trainer_cls.__name__
+    return Trainer
 
 
 @ray.remote(num_cpus=0, max_retries=0)
@@ -455,9 +474,12 @@ class Slots:
         turn out to be reused (the slots then end, or wait warm), and other fleets' idle slots
         are not this submission's to end until it trains. Returns how many it started."""
         setup = self._setup(jobs, base_fp, packing, crash)
-        actor = pool()
-        new = max(0, setup.count - ray.get(actor.available.remote(setup.key, setup.needed)))
-        self._start_new(actor, setup, new)
+        actor = existing_pool()
+        # no pool yet: no slot ever ran on this cluster, so none is warm (and the pool's start-up,
+        # a process of its own, overlaps the new slots' instead of coming before them)
+        warm = ray.get(actor.available.remote(setup.key, setup.needed)) if actor else 0
+        new = max(0, setup.count - warm)
+        self._start_new(actor or pool(), setup, new)
         return new
 
     def start(self, jobs: list[JobSpec], base_fp: str, packing: PackingSpec, crash: dict[str, int]) -> None:
@@ -477,14 +499,14 @@ class Slots:
     def _start_new(self, actor: Any, setup: _SlotSetup, n: int) -> None:
         for _ in range(n):
             name = new_slot_name()
-            ray.get(actor.add.remote(name, setup.key, setup.work, setup.restarts))
+            added = actor.add.remote(name, setup.key, setup.work, setup.restarts)
             run_name = slot_run_name(self.fleet, self.submission, name)
             host = SlotHost.options(
                 name=host_name(name),
                 namespace=NAMESPACE,
                 lifetime="detached",
                 scheduling_strategy=self.placement,
-            ).remote(setup.template | {"slot": name}, run_name, self.storage, setup.restarts)
+            ).remote(added, setup.template | {"slot": name}, run_name, self.storage, setup.restarts)
             self.watch(name, host)
 
     def watch(self, slot: str, host: Any = None) -> bool:

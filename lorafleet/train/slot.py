@@ -106,10 +106,14 @@ class SlotHost:
     when its fleet ends finishes by itself, and a driver thread blocked in it made
     ray.shutdown() abort the whole process. It exits when its run has ended."""
 
-    def __init__(self, config_json: dict[str, Any], run_name: str, storage: str, max_failures: int) -> None:
-        # the run's arguments come with the actor's creation, which the cluster holds: the run
-        # starts even if the submitting process exits before this actor is up (a call queued in
-        # that process would be lost with it, and the slot would never run nor end)
+    def __init__(
+        self, added: None, config_json: dict[str, Any], run_name: str, storage: str, max_failures: int
+    ) -> None:
+        # `added`: the pool's `add` of this slot, passed as an ObjectRef that Ray resolves before
+        # this runs, so the pool knows the slot before its worker asks (the driver need not wait
+        # for it, nor for the pool's own start). The run's arguments come with the actor's
+        # creation, which the cluster holds: the run starts even if the submitting process exits
+        # before this actor is up (a call queued there would be lost, the slot never run nor end)
         self.done = threading.Event()
         self.error: str | None = None
         args = (config_json, run_name, storage, max_failures)
@@ -117,6 +121,7 @@ class SlotHost:
 
     def _run(self, config_json: dict[str, Any], run_name: str, storage: str, max_failures: int) -> None:
         try:
+            start_autoscaling_coordinator()
             from lorafleet.train.runner import ray_trainer
 
             cfg = SlotConfig.model_validate(config_json)
@@ -138,6 +143,19 @@ class SlotHost:
         """Wait until the slot's run ends: None when it ended cleanly, else why it failed."""
         self.done.wait()
         return self.error
+
+
+def start_autoscaling_coordinator() -> None:
+    """Ray Train's cluster-wide autoscaling coordinator (one detached actor, which the first run's
+    controller otherwise creates and waits for): started here, while this host and the controller
+    import Ray Train on one core, its process starts on another and is up when the controller
+    asks. Ray is pinned (2.60) and the function is internal: if it moved, only the overlap is lost."""
+    with contextlib.suppress(ImportError, AttributeError):
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+
+        get_or_create_autoscaling_coordinator()
 
 
 def _reason(exc: BaseException) -> str:
