@@ -32,6 +32,7 @@ from lorafleet.spec import JobSpec, QuantizationSpec, ResourcesSpec
 from lorafleet.train.checkpoints import JobCheckpoints
 from lorafleet.train.plan import JobPlan
 from lorafleet.train.pool import Assignment
+from lorafleet.train.pool import pool as cluster_pool
 
 STATE_FILE = "slot_state.json"
 DEFAULT_MAX_JOBS = 8  # K when the fleet file does not bound it: the most memory may lower it to
@@ -107,34 +108,36 @@ class SlotHost:
     ray.shutdown() abort the whole process. It exits when its run has ended."""
 
     def __init__(
-        self, added: None, config_json: dict[str, Any], run_name: str, storage: str, max_failures: int
+        self, config_json: dict[str, Any], run_name: str, storage: str, restarts: int, key: str
     ) -> None:
-        # `added`: the pool's `add` of this slot, passed as an ObjectRef that Ray resolves before
-        # this runs, so the pool knows the slot before its worker asks (the driver need not wait
-        # for it, nor for the pool's own start). The run's arguments come with the actor's
-        # creation, which the cluster holds: the run starts even if the submitting process exits
-        # before this actor is up (a call queued there would be lost, the slot never run nor end)
+        # the run's arguments come with the actor's creation, which the cluster holds: the run
+        # starts even if the submitting process exits before this actor is up (a call queued in
+        # that process would be lost with it, and the slot would never run nor end)
         self.done = threading.Event()
         self.error: str | None = None
-        args = (config_json, run_name, storage, max_failures)
+        args = (config_json, run_name, storage, restarts, key)
         threading.Thread(target=self._run, args=args, daemon=True, name="slot-run").start()
 
-    def _run(self, config_json: dict[str, Any], run_name: str, storage: str, max_failures: int) -> None:
+    def _run(self, config_json: dict[str, Any], run_name: str, storage: str, restarts: int, key: str) -> None:
         try:
+            # the pool learns of the slot before its worker asks for work; the host, not the
+            # driver, adds it, so the driver waits for nothing and, on a cluster's first
+            # submission, this host's start-up does not queue behind the pool's
+            ray.get(cluster_pool().add.remote(config_json["slot"], key, config_json["work"], restarts))
             start_autoscaling_coordinator()
             from lorafleet.train.runner import ray_trainer
 
             cfg = SlotConfig.model_validate(config_json)
             trainer = ray_trainer(
-                slot_loop, config_json, cfg.resources, run_name, storage, max_failures, torch_backend=False
+                slot_loop, config_json, cfg.resources, run_name, storage, restarts, torch_backend=False
             )
             trainer.fit()
         except Exception as exc:  # Ray Train gave up (restarts spent, a lost node past them), or worse
             self.error = _reason(exc)
         finally:
             with contextlib.suppress(ValueError, ray.exceptions.RayActorError):  # the pool's node was lost
-                pool = ray.get_actor(config_json["pool"], namespace=NAMESPACE)
-                ray.get(pool.run_ended.remote(config_json["slot"], self.error))
+                actor = ray.get_actor(config_json["pool"], namespace=NAMESPACE)
+                ray.get(actor.run_ended.remote(config_json["slot"], self.error))
             self.done.set()
             time.sleep(HOST_EXIT_GRACE_S)  # the calls waiting in ended() get their answers first
             ray.kill(ray.get_runtime_context().current_actor)  # detached: nothing else ends it
