@@ -9,14 +9,16 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
-
-from mlflow.entities import Metric, Run, RunStatus
-from mlflow.tracking import MlflowClient
+from typing import TYPE_CHECKING, Any
 
 from lorafleet import settings
 from lorafleet.data import redact
 from lorafleet.spec import JobSpec
+
+if TYPE_CHECKING:  # MLflow (about a second of imports) loads with the first client, not before:
+    # a submission's slots start before it writes its first run
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
 
 TERMINAL = {"succeeded": "FINISHED", "failed": "FAILED", "cancelled": "KILLED"}
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -31,6 +33,8 @@ BEATS_BASE_MARGIN = 0.02
 def client() -> MlflowClient:
     # not mlflow.set_tracking_uri(): it also sets MLFLOW_TRACKING_URI in os.environ, which would
     # pin every later call (and every child process) to the first store this process touched
+    from mlflow.tracking import MlflowClient
+
     return MlflowClient(settings.tracking_uri())
 
 
@@ -107,6 +111,8 @@ def set_state(c: MlflowClient, run_id: str, state: str, reason: str | None = Non
 
 def log_history(c: MlflowClient, run_id: str, points: list[dict[str, Any]]) -> None:
     """Log the trainer's log events (each has 'step' and numeric metrics) as metric history."""
+    from mlflow.entities import Metric
+
     now = int(time.time() * 1000)
     metrics = [
         Metric(key, float(value), now, int(p["step"]))
@@ -170,6 +176,8 @@ def mark_beats_base(c: MlflowClient, run_id: str) -> bool | None:
 
 def job_row(run: Run) -> dict[str, Any]:
     """One job's status as read back from MLflow (works with the Ray cluster gone)."""
+    from mlflow.entities import RunStatus
+
     tags, metrics = run.data.tags, run.data.metrics
     return {
         "customer": tags.get(T + "customer"),

@@ -44,3 +44,11 @@ def test_validating_a_fleet_imports_no_torch(tmp_path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
+def test_the_pipeline_loads_mlflow_only_with_its_first_run() -> None:
+    """A submission asks Ray for its slots before it writes its first MLflow run: MLflow's imports
+    (about a second) then overlap the slots' start-up instead of preceding it."""
+    code = "import sys\nimport lorafleet.pipeline\nprint('mlflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout

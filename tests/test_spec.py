@@ -135,6 +135,27 @@ def test_schema_command_prints_json_schema(capsys):
     assert schema["$defs"]["LoraSpec"]["properties"]["rank"]["description"]
 
 
+@pytest.mark.parametrize(
+    ("argv", "code", "stream", "text"),
+    [
+        (["schema"], 0, "stdout", '"title": "FleetSpec"'),
+        (["validate", "{missing}"], 2, "stderr", "no such fleet file"),
+    ],
+)
+def test_the_command_exits_with_mains_code_and_all_its_output(tmp_path, argv, code, stream, text):
+    """`lorafleet` (cli.run) skips Python's teardown after the exit handlers: the exit code and
+    every line written must still come through."""
+    import subprocess
+    import sys
+
+    argv = [a.format(missing=tmp_path / "nope.yaml") for a in argv]
+    out = subprocess.run([sys.executable, "-m", "lorafleet.cli", *argv], capture_output=True, text=True)
+    assert out.returncode == code, out.stderr[-2000:]
+    assert text in getattr(out, stream)
+    if stream == "stdout":
+        json.loads(out.stdout)  # the whole schema, not a cut-off buffer
+
+
 def test_shipped_fleet_files_validate():
     root = Path(__file__).resolve().parents[1]
     files = sorted((root / "jobs").glob("*.yaml"))
