@@ -659,13 +659,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """The `lorafleet` command: main(), then the exit handlers (Ray's shutdown, logging's flush,
+    """The `lorafleet` command: main(), Ray's shutdown, the exit handlers (logging's flush,
     MLflow's), then the process ends without Python's teardown of every module it loaded (Ray,
     pyarrow, MLflow; torch in some commands), which took about 0.8 s after each command. An
     exception or SystemExit takes Python's normal exit."""
     import atexit
 
     code = main()
+    ray = sys.modules.get("ray")  # only where the command used Ray
+    if ray is not None and ray.is_initialized():
+        # now, not from the exit hook, which first sleeps 0.5 s for worker logs to print:
+        # lorafleet's drivers get none (log_to_driver=False, raystart.init_ray)
+        ray.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     atexit._run_exitfuncs()
