@@ -120,10 +120,10 @@ class SlotHost:
 
     def _run(self, config_json: dict[str, Any], run_name: str, storage: str, restarts: int, key: str) -> None:
         try:
-            # the pool learns of the slot before its worker asks for work; the host, not the
-            # driver, adds it, so the driver waits for nothing and, on a cluster's first
-            # submission, this host's start-up does not queue behind the pool's
-            ray.get(cluster_pool().add.remote(config_json["slot"], key, config_json["work"], restarts))
+            # the host, not the driver, adds the slot to the pool: the driver waits for nothing and,
+            # on a cluster's first submission, this host's start-up does not queue behind the
+            # pool's, which goes on while this host imports Ray Train
+            added = cluster_pool().add.remote(config_json["slot"], key, config_json["work"], restarts)
             start_autoscaling_coordinator()
             from lorafleet.train.runner import ray_trainer
 
@@ -131,6 +131,7 @@ class SlotHost:
             trainer = ray_trainer(
                 slot_loop, config_json, cfg.resources, run_name, storage, restarts, torch_backend=False
             )
+            ray.get(added)  # the pool knows the slot before its worker asks for work
             trainer.fit()
         except Exception as exc:  # Ray Train gave up (restarts spent, a lost node past them), or worse
             self.error = _reason(exc)
