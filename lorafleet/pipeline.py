@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from lorafleet import settings, tracking
 from lorafleet.raystart import connect, joins_cluster
-from lorafleet.spec import JobSpec, RegistrySpec
+from lorafleet.spec import FleetSpec, JobSpec, RegistrySpec, load_fleet
 from lorafleet.train.plan import JobPlan
 from lorafleet.train.progress import board_name
 from lorafleet.validate import FleetCheck, check_fleet
@@ -272,10 +272,9 @@ def register_adapter(c: Any, sub: Submission, plan: JobPlan, outcome: JobOutcome
 
 
 class Launch:
-    """The fleet's Ray side, started as soon as the fleet is valid when Ray is up or a cluster is
-    joined (else with the first job that trains): the new slots the warm ones on the cluster
-    cannot cover, then the board, so their start-up overlaps the MLflow runs being written; warm
-    slots are claimed with the first slot job; planned jobs are handed to it one by one."""
+    """The fleet's Ray side: Ray and the board (at once when Ray is up or a cluster is joined, else
+    with the first job that trains), new slots as soon as the fleet is valid (Ray up), warm ones
+    claimed with the first slot job; planned jobs are handed to it one by one."""
 
     def __init__(self, storage: str, ray_address: str | None, crash_at_step: dict[str, int]):
         self.storage, self.ray_address, self.crash_at_step = storage, ray_address, crash_at_step
@@ -283,25 +282,26 @@ class Launch:
         self.launched_at: float | None = None  # when slots or the first job went to Ray (time.time())
         self.candidates: list[JobSpec] | None = None  # the fleet's slot candidates, found once
 
-    def start(self, check: FleetCheck, prestart: bool = True) -> FleetExecution:
-        """Ray, then the fleet's execution: with `prestart`, new slots for the fleet's slot
-        candidates. They load the base only with a job: if every job turns out to be reused they
-        end (or wait warm) having loaded nothing. Claims and releases nothing (`Slots.prestart`)."""
+    def start(self, fleet: FleetSpec) -> FleetExecution:
         if self.execution is None:
             from lorafleet.train.runner import FleetExecution
 
             connect(self.ray_address)
-            fleet, jobs = check.fleet, self.slot_candidates(check) if prestart else []
-            self.execution = FleetExecution(
-                fleet.name, self.storage, fleet.packing, self.crash_at_step, jobs, check.base_fingerprint
-            )
-            if self.execution.prestarted:
-                self.launched_at = time.time()
+            self.execution = FleetExecution(fleet.name, self.storage, fleet.packing, self.crash_at_step)
         return self.execution
 
-    def add(self, sub: Submission, check: FleetCheck, customer: str) -> None:
-        execution = self.start(check, prestart=customer in sub.slot_jobs)
+    def prestart_slots(self, check: FleetCheck) -> None:
+        """With Ray up, as soon as the fleet's spec and data are valid: the new slots the warm ones
+        on the cluster cannot cover start, so their start-up (a Ray Train run, imports) overlaps
+        the MLflow runs being written. They load the base only with a job: if every job turns out
+        to be reused they end (or wait warm) having loaded nothing."""
         candidates = self.slot_candidates(check)
+        started = self.execution is not None and candidates
+        if started and self.execution.prestart_slots(candidates, check.base_fingerprint):
+            self.launched_at = self.launched_at or time.time()
+
+    def add(self, sub: Submission, check: FleetCheck, customer: str) -> None:
+        execution, candidates = self.start(check.fleet), self.slot_candidates(check)
         if customer in sub.slot_jobs and not execution.slots.started:
             execution.start_slots(candidates, check.base_fingerprint)
         if not candidates and self.launched_at is None:  # no slots here: free the warm ones now
@@ -391,9 +391,10 @@ def submit(
     fleet_file = Path(fleet_file)
     launch = Launch(storage or settings.storage_path(), ray_address, crash_at_step or {})
     try:
-        check = check_fleet(fleet_file)  # nothing starts before the fleet is valid
-        if ray.is_initialized() or joins_cluster(ray_address):  # else Ray starts with the first job
-            launch.start(check)
+        if ray.is_initialized() or joins_cluster(ray_address):  # the board starts while validating
+            launch.start(load_fleet(fleet_file))  # a spec error raises here, before anything starts
+        check = check_fleet(fleet_file)
+        launch.prestart_slots(check)  # with Ray up; else the slots start with the first slot job
         sub = open_submission(check, fleet_file, register)
         for customer in plan_jobs(sub, check, fail_at_step):
             launch.add(sub, check, customer)

@@ -290,29 +290,23 @@ class FleetExecution:
         storage: str,
         packing: PackingSpec | None = None,
         crash_at_step: dict[str, int] | None = None,
-        slot_jobs: list[JobSpec] | None = None,
-        base_fingerprint: str = "",
     ):
-        """`slot_jobs`: jobs that may train in slots; the new slots they need beyond the warm ones
-        on the cluster start here (`Slots.prestart`), before the board: on a cluster with no slot
-        to reuse, a slot's start-up (a Ray Train run) is the fleet's critical path, and Ray hands
-        its idle worker processes to the first actors asked for and starts the others a few at a
-        time (measured: the slot's host came up about a second sooner, the job ended ~0.7 s sooner)."""
         here = driver_node_affinity()
         self.submission = uuid.uuid4().hex[:8]
-        self.packing, self.crash_at_step = packing or PackingSpec(), crash_at_step or {}
-        self.slots = Slots(fleet, self.submission, storage, here)
-        self.prestarted = 0  # new slots started here, before any job was planned
-        if slot_jobs:
-            self.prestarted = self.slots.prestart(
-                slot_jobs, base_fingerprint, self.packing, self.crash_at_step
-            )
-        self.board = self.slots.board = ProgressBoard.options(
+        # the board first, while the fleet is validated: with warm slots on the cluster it is what
+        # the first job waits for (a slot taken over looks it up); new slots follow validation
+        self.board = ProgressBoard.options(
             name=board_name(fleet), namespace=NAMESPACE, scheduling_strategy=here
         ).remote(self.submission)
+        self.packing, self.crash_at_step = packing or PackingSpec(), crash_at_step or {}
         self.launcher = Launcher({}, storage, here)
+        self.slots = Slots(fleet, self.submission, storage, self.board, here)
         self.sealed = False
         self.running: set[str] = set()  # jobs the board has seen training
+
+    def prestart_slots(self, jobs: list[JobSpec], base_fingerprint: str) -> int:
+        """New slots for these jobs before any is planned (`Slots.prestart`); how many started."""
+        return self.slots.prestart(jobs, base_fingerprint, self.packing, self.crash_at_step)
 
     def start_slots(self, jobs: list[JobSpec], base_fingerprint: str) -> None:
         """Warm slots for these jobs (those that may share one; the first of them is planned)."""
@@ -440,10 +434,9 @@ class Slots:
     """The fleet's warm slots (lorafleet.train.slot): their jobs wait in the board's queue; each
     slot is one Ray Train run that takes jobs until the queue is sealed and empty."""
 
-    def __init__(self, fleet: str, submission: str, storage: str, placement: Any):
+    def __init__(self, fleet: str, submission: str, storage: str, board: Any, placement: Any):
         self.fleet, self.submission, self.storage = fleet, submission, storage
-        self.board: Any = None  # the submission's board: FleetExecution starts it after the new slots
-        self.placement = placement
+        self.board, self.placement = board, placement
         self.open: set[str] = set()  # queued or training, not ended yet
         self.refs: dict[Any, str] = {}  # the end of a slot's run (SlotHost.ended) -> slot id
         self.failure: str | None = None
@@ -507,7 +500,7 @@ class Slots:
 
     def _start_new(self, setup: _SlotSetup, n: int) -> None:
         """n new slots: each host adds its slot to the pool, then starts the slot's Ray Train run.
-        Nothing here waits: the hosts are the first of the fleet's actors Ray starts."""
+        Nothing here waits (not even for the pool's start on a cluster's first submission)."""
         for _ in range(n):
             name = new_slot_name()
             run_name = slot_run_name(self.fleet, self.submission, name)
