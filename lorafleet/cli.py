@@ -664,8 +664,12 @@ def run() -> None:
     pyarrow, MLflow; torch in some commands), which took about 0.8 s after each command. An
     exception or SystemExit takes Python's normal exit."""
     import atexit
+    import threading
 
     code = main()
+    for thread in threading.enumerate():  # what Python's own exit waits for, first
+        if not thread.daemon and thread is not threading.current_thread():
+            thread.join()
     ray = sys.modules.get("ray")  # only where the command used Ray
     if ray is not None and ray.is_initialized():
         # now, not from the exit hook, which first sleeps 0.5 s for worker logs to print:
