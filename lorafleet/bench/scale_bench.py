@@ -53,15 +53,19 @@ def start_cluster(nodes: int, gpus_per_node: float, cpus_per_node: float) -> Any
     import ray
     from ray.cluster_utils import Cluster
 
-    from lorafleet.raystart import init_ray
+    from lorafleet.raystart import cluster_env, init_ray, mark_cluster
 
     ray.shutdown()
-    cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "_system_config": _SYSTEM_CONFIG}
-    )
-    for _ in range(nodes):
-        cluster.add_node(num_cpus=cpus_per_node, num_gpus=gpus_per_node)
-    cluster.wait_for_nodes()
+    with cluster_env() as address:  # its nodes inherit the worker env, as a local cluster's do
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={"num_cpus": 1, "num_gpus": 0, "_system_config": _SYSTEM_CONFIG},
+        )
+        for _ in range(nodes):
+            cluster.add_node(num_cpus=cpus_per_node, num_gpus=gpus_per_node)
+        cluster.wait_for_nodes()
+    if cluster.address == address:
+        mark_cluster(address)
     init_ray(cluster.address)
     return cluster
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import ray
 
 from lorafleet.errors import LorafleetError
-from lorafleet.raystart import NAMESPACE, RAY_ENV, driver_node_affinity, init_ray, join_cluster
+from lorafleet.raystart import NAMESPACE, driver_node_affinity, init_ray, join_cluster
 from lorafleet.spec import JobSpec, PackingSpec, ResourcesSpec
 from lorafleet.train.plan import JobPlan
 from lorafleet.train.pool import POOL_NAME, Assignment, existing_pool, new_slot_name, pool, release, slot_key
@@ -37,7 +37,6 @@ from lorafleet.train.slot import (
 
 __all__ = [
     "NAMESPACE",
-    "RAY_ENV",
     "FleetExecution",
     "JobEnd",
     "cancel",
