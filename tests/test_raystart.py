@@ -110,3 +110,38 @@ def test_the_runtime_env_is_a_new_dict_each_time():
     env["env_vars"]["__RAY_ADDED"] = "x"
     assert "__RAY_ADDED" not in raystart.WORKER_ENV
     assert raystart.runtime_env()["env_vars"] == raystart.WORKER_ENV
+
+
+def test_a_cluster_started_in_cluster_env_carries_the_worker_env_on_every_node(ray_session):
+    """The benches' simulated multi-node cluster: each node's raylet is started inside
+    `cluster_env`, so workers on every node inherit it, and a driver joins without a runtime env."""
+    from ray.cluster_utils import Cluster
+
+    from tests.conftest import start_local_ray
+
+    ray_session.shutdown()
+    try:
+        with raystart.cluster_env() as address:
+            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+            node = cluster.add_node(num_cpus=1, resources={"worker_node": 1})
+            cluster.wait_for_nodes()
+        assert cluster.address == address
+        raystart.mark_cluster(address)
+        try:
+            raystart.init_ray(cluster.address)
+            assert raystart.carries_worker_env()
+
+            @ray_session.remote(num_cpus=1, resources={"worker_node": 1})
+            def on_worker_node() -> tuple[dict, dict, str]:
+                runtime = ray_session.get_runtime_context()
+                return dict(os.environ), dict(runtime.runtime_env), runtime.get_node_id()
+
+            environ, runtime_env, node_id = ray_session.get(on_worker_node.remote())
+            assert node_id == node.node_id
+            _worker_env_in(environ, ray_session)
+            assert runtime_env == {}
+        finally:
+            ray_session.shutdown()
+            cluster.shutdown()
+    finally:
+        start_local_ray()
