@@ -79,7 +79,7 @@ def init_ray(address: str | None, **options: Any) -> None:
     with cluster_env() as gcs_address:  # the local cluster's processes inherit WORKER_ENV
         ray.init(address="local", **local, **common, **options)
     if ray.get_runtime_context().gcs_address == gcs_address:
-        mark_cluster(gcs_address)
+        mark_cluster()
         return
     ray.shutdown()  # Ray put its GCS elsewhere (never seen): its processes name a wrong address
     ray.init(address="local", runtime_env=runtime_env(), **local, **common, **options)
@@ -116,13 +116,18 @@ def cluster_env() -> Iterator[str]:
                 os.environ[name] = value
 
 
-def mark_cluster(gcs_address: str) -> None:
-    """Record on a cluster started in `cluster_env` (at the address it yielded) that its
-    processes carry WORKER_ENV."""
+def mark_cluster(gcs_address: str | None = None) -> None:
+    """Record on a cluster started in `cluster_env` that its processes carry WORKER_ENV: the one
+    this process is connected to (None), else the one at the address `cluster_env` yielded."""
+    mark, namespace = json.dumps(WORKER_ENV).encode(), NAMESPACE.encode()
+    if gcs_address is None:  # through this driver's own connection: no second GCS client
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_put(ENV_MARK, mark, namespace=namespace)
+        return
     from ray._raylet import GcsClient
 
-    mark = json.dumps(WORKER_ENV).encode()
-    GcsClient(address=gcs_address).internal_kv_put(ENV_MARK, mark, True, NAMESPACE.encode())
+    GcsClient(address=gcs_address).internal_kv_put(ENV_MARK, mark, True, namespace)
 
 
 def carries_worker_env() -> bool:
