@@ -108,7 +108,7 @@ def cluster_env() -> Iterator[str]:
     os.environ.update(env)
     try:
         yield address
-    finally:
+    finally:  # only these names: Ray sets others while it starts (RAY_AUTH_MODE), which stay
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
