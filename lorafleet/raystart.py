@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from lorafleet.settings import environ
+
 NAMESPACE = "lorafleet"
 
 
@@ -103,17 +105,8 @@ def cluster_env() -> Iterator[str]:
 
     port = free_port()
     address = f"{get_node_ip_address()}:{port}"
-    env = WORKER_ENV | {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": address}
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    try:
+    with environ(WORKER_ENV | {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": address}):
         yield address
-    finally:  # only these names: Ray sets others while it starts (RAY_AUTH_MODE), which stay
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def mark_cluster(gcs_address: str | None = None) -> None:

@@ -4,6 +4,8 @@ variables move each piece to a cluster without code changes."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -31,3 +33,19 @@ def storage_path() -> str:
 
 def cache_dir() -> Path:
     return Path(os.environ.get("LORAFLEET_CACHE", Path.home() / ".cache" / "lorafleet"))
+
+
+@contextmanager
+def environ(values: dict[str, str]) -> Iterator[None]:
+    """os.environ with these values set inside; after, these names only come back as they were
+    (whatever else changed meanwhile stays: Ray sets RAY_AUTH_MODE while it starts a cluster)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -145,3 +145,18 @@ def test_a_cluster_started_in_cluster_env_carries_the_worker_env_on_every_node(r
             cluster.shutdown()
     finally:
         start_local_ray()
+
+
+def test_environ_brings_back_only_its_own_names(monkeypatch):
+    # cluster_env relies on it: Ray sets RAY_AUTH_MODE in the driver while it starts, and it stays
+    from lorafleet.settings import environ
+
+    monkeypatch.setenv("LF_SET_BEFORE", "before")
+    monkeypatch.delenv("LF_UNSET_BEFORE", raising=False)
+    monkeypatch.delenv("LF_SET_INSIDE", raising=False)
+    with environ({"LF_SET_BEFORE": "inside", "LF_UNSET_BEFORE": "inside"}):
+        assert os.environ["LF_SET_BEFORE"] == os.environ["LF_UNSET_BEFORE"] == "inside"
+        monkeypatch.setenv("LF_SET_INSIDE", "stays")
+    assert os.environ["LF_SET_BEFORE"] == "before"
+    assert "LF_UNSET_BEFORE" not in os.environ
+    assert os.environ["LF_SET_INSIDE"] == "stays"

@@ -45,6 +45,8 @@ from typing import Any
 
 import yaml
 
+from lorafleet.settings import environ
+
 # a crashed node is declared dead within ~3 s; not exercised here, but keeps shutdown quick
 _SYSTEM_CONFIG = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
 
@@ -235,9 +237,8 @@ def run_scale_bench(
         "dataset": str(dataset),
         "loadavg_1_5_15_before": os.getloadavg(),
     }
-    saved_home = os.environ.get("LORAFLEET_HOME")
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ["LORAFLEET_HOME"] = tmp  # a throwaway MLflow store and checkpoint folder
+    # a throwaway MLflow store and checkpoint folder
+    with tempfile.TemporaryDirectory() as tmp, environ({"LORAFLEET_HOME": tmp}):
         start = time.perf_counter()
         cluster = start_cluster(nodes, gpus_per_node, cpus_per_node)
         config["cluster_start_s"] = time.perf_counter() - start
@@ -249,10 +250,6 @@ def run_scale_bench(
         finally:
             ray.shutdown()
             cluster.shutdown()
-            if saved_home is None:
-                os.environ.pop("LORAFLEET_HOME", None)
-            else:
-                os.environ["LORAFLEET_HOME"] = saved_home
     config["loadavg_1_5_15_after"] = os.getloadavg()
     return {"config": config, **cold} | ({"warm": warm} if warm else {})
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from lorafleet.settings import environ
+
 PLAIN_SAMPLES = 3  # plain script processes timed for the one-job baseline (their median)
 
 
@@ -292,26 +294,19 @@ def run_train_bench(
         "eval_fraction": 0.0,
     }
     results: dict[str, Any] = {"base": base, "max_steps": max_steps}
-    saved_home = os.environ.get("LORAFLEET_HOME")
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ["LORAFLEET_HOME"] = tmp  # a fresh store: nothing reused from an earlier run
-        try:
-            folder = Path(tmp)
-            results["load_before"] = _load()
-            results["overhead"] = overhead(folder, base, dataset, training)
-            _record(on_partial, results)
+    # a fresh store: nothing reused from an earlier run
+    with tempfile.TemporaryDirectory() as tmp, environ({"LORAFLEET_HOME": tmp}):
+        folder = Path(tmp)
+        results["load_before"] = _load()
+        results["overhead"] = overhead(folder, base, dataset, training)
+        _record(on_partial, results)
 
-            def partial_fleet(fleet: dict[str, Any]) -> None:
-                _record(on_partial, results | {"fleet": fleet})
+        def partial_fleet(fleet: dict[str, Any]) -> None:
+            _record(on_partial, results | {"fleet": fleet})
 
-            results["fleet"] = fleet_three_ways(folder, base, dataset, training, n_jobs, partial_fleet)
-            if torch.cuda.is_available():
-                results["gpu"] = gpu_throughput(folder, base, dataset, training, n_jobs)
-        finally:
-            if saved_home is None:
-                os.environ.pop("LORAFLEET_HOME", None)
-            else:
-                os.environ["LORAFLEET_HOME"] = saved_home
+        results["fleet"] = fleet_three_ways(folder, base, dataset, training, n_jobs, partial_fleet)
+        if torch.cuda.is_available():
+            results["gpu"] = gpu_throughput(folder, base, dataset, training, n_jobs)
     if with_memory:
         results["base_memory"] = base_memory()
     return results

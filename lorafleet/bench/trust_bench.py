@@ -16,7 +16,6 @@ tenant keys (a temporary keys file) on whatever the endpoint is today.
 from __future__ import annotations
 
 import asyncio
-import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,6 +38,7 @@ from lorafleet.bench.hostile import (
     status_counts,
 )
 from lorafleet.bench.registry_server import RegistryServer
+from lorafleet.settings import environ
 
 MODES = ("fairness", "overload", "hostile", "registry_outage")  # run in this order
 TENANTS = ("bench", "flood", "trickle")
@@ -81,19 +81,6 @@ def bench_app_args(args: Any, tracking_uri: str, keys_file: Path) -> Any:
         "alias_refresh_s": 1.0,  # resolved aliases go stale during an outage: the fallback is measured
     }
     return AppArgs.model_validate(fields | parse_app_args(args.app_arg or []))
-
-
-@contextmanager
-def _env(name: str, value: str) -> Iterator[None]:
-    saved = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = saved
 
 
 def _warm(root: str, adapters: list[str], key: str) -> None:
@@ -143,7 +130,7 @@ def trust_endpoint(args: Any, home: Path) -> Iterator[Endpoint]:
         if registry:
             registry.start()
             uri = registry.url
-        with _env("MLFLOW_TRACKING_URI", uri), _env("LORAFLEET_HOME", str(home)):
+        with environ({"MLFLOW_TRACKING_URI": uri, "LORAFLEET_HOME": str(home)}):
             try:
                 yield _deploy(args, home, uri, registry)
             finally:
