@@ -27,6 +27,9 @@ def _setting(name: str, default: str) -> str:
 WORKER_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "TOKENIZERS_PARALLELISM": "false",
+    # Ray Train sets this one (its controller is async and blocks on purpose) on its controller
+    # and workers through a runtime env: held here, they inherit it and need none (raytrain.py)
+    "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0",
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": _setting("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600"),
     # each Ray Train run (a slot, a job's own run) otherwise starts one more actor process to
     # watch for node preemption notices, which our loops do not act on: a lost node is a

@@ -13,6 +13,8 @@ LIGHT = (
     "lorafleet.train.slot",
     "lorafleet.train.pool",
     "lorafleet.train.progress",
+    "lorafleet.train.raytrain",
+    "lorafleet.train.cluster_actors",
 )
 
 

@@ -7,11 +7,12 @@ The fleet three ways, same jobs, same machine, one after another:
 - one Ray Train run per job (`packing.enabled: false`, what every job did before slots),
 - plain trl scripts, one after another, each in a fresh Python process (`worker.train_plain`),
   which is what a user with a for-loop would run.
-One job alone goes through the fleet twice in this process: cold (its slot's Ray Train run starts
-with it) and warm (on the slot the cold submission kept warm, `packing.keep_warm_s`). Then twice
-more as `lorafleet submit` commands of their own joining the same cluster, as a user or a CI job
-on a long-lived cluster runs them (interpreter, imports, joining Ray, registration, exit, all
-counted): cold, then warm on the slot the first command kept.
+One job alone goes through the fleet three times in this process: first on the cluster (the
+cluster-wide actors the runs share start with it), cold (its slot's Ray Train run starts with it,
+on a cluster that has run a fleet before) and warm (on the slot the cold submission kept warm,
+`packing.keep_warm_s`). Then twice more as `lorafleet submit` commands of their own joining the
+same cluster, as a user or a CI job on a long-lived cluster runs them (interpreter, imports,
+joining Ray, registration, exit, all counted): cold, then warm on the slot the first command kept.
 """
 
 from __future__ import annotations
@@ -107,9 +108,10 @@ def overhead(folder: Path, base: str, dataset: Path, training: dict) -> dict[str
     """One job through the fleet (Ray already started) against the same training as a plain
     script in a fresh process (imports, base load, training: what `python train.py` costs; the
     median of three), and
-    against the same training in this process, whose imports are already paid. Twice through the
-    fleet: cold (its slot starts with it) and warm (a slot the cold one kept, `keep_warm_s`); then
-    twice as `lorafleet submit` processes joining this cluster, cold and warm."""
+    against the same training in this process, whose imports are already paid. Three times
+    through the fleet: the cluster's first submission, cold (its slot starts with it) and warm (a
+    slot the cold one kept, `keep_warm_s`); then twice as `lorafleet submit` processes joining
+    this cluster, cold and warm."""
     import ray
 
     from lorafleet.raystart import init_ray
@@ -124,6 +126,7 @@ def overhead(folder: Path, base: str, dataset: Path, training: dict) -> dict[str
     plain = _plain_seconds(plain_file)
     solo = {"solo": dataset}
     keep = {"keep_warm_s": 60}
+    first, _ = _fleet_seconds(_fleet_file(folder, base, solo, training, "bench-first"))
     cold, _ = _fleet_seconds(_fleet_file(folder, base, solo, training, "bench-solo", packing=keep))
     warm, _ = _fleet_seconds(_fleet_file(folder, base, solo, training, "bench-solo-warm"))
     address = ray.get_runtime_context().gcs_address
@@ -134,10 +137,12 @@ def overhead(folder: Path, base: str, dataset: Path, training: dict) -> dict[str
         "plain_process_s": plain_process,
         "plain_process_samples_s": plain_samples,
         "plain_in_process_s": plain,
+        "fleet_first_s": first,
         "fleet_s": cold,
         "fleet_warm_s": warm,
         "ray_init_s": ray_init_s,
         "cpu_slots": int(ray.cluster_resources().get("CPU", 1)),
+        "fleet_first_vs_plain_process": first / plain_process,
         "fleet_vs_plain_process": cold / plain_process,
         "fleet_vs_plain_in_process": cold / plain,
         "fleet_warm_vs_plain_process": warm / plain_process,

@@ -7,5 +7,8 @@
 - `packed`: the packed trainer a slot runs (K adapters per step on one frozen base).
 - `worker`: the per-worker trl QLoRA loop of a job's own run, and `JobPlan`.
 - `progress`: the fleet's board actor (live state, cancellation, the slots' queue).
+- `raytrain`: the Ray Train run of a slot or a job, with only the processes it needs.
+- `cluster_actors`: the actors all runs share, one per cluster (a placement-group cleaner, Ray
+  Train's autoscaling coordinator).
 - `checkpoints`: a slot job's checkpoints in the storage path, in a job run's layout.
 """

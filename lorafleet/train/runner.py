@@ -22,6 +22,7 @@ import ray
 from lorafleet.errors import LorafleetError
 from lorafleet.raystart import NAMESPACE, driver_node_affinity, init_ray, join_cluster
 from lorafleet.spec import JobSpec, PackingSpec, ResourcesSpec
+from lorafleet.train import cluster_actors
 from lorafleet.train.plan import JobPlan
 from lorafleet.train.pool import POOL_NAME, Assignment, existing_pool, new_slot_name, pool, release, slot_key
 from lorafleet.train.progress import ProgressBoard, board_name
@@ -61,18 +62,6 @@ def ray_run_name(job: JobSpec, jhash: str) -> str:
     return f"{job.fleet}-{job.customer}-{jhash[:8]}"
 
 
-def backend_name(gpus_per_worker: float) -> str:
-    """The process-group backend, chosen from the torch build rather than this process's devices:
-    this task runs on the driver's node, often a CPU-only head, while the workers hold the GPUs.
-    With GPUs, CUDA tensors go over NCCL and CPU tensors over gloo, so a job still trains when a
-    node declares GPUs that are not usable (the worker then falls back to the CPU)."""
-    import torch.distributed as dist
-
-    if gpus_per_worker > 0 and dist.is_nccl_available():
-        return "cpu:gloo,cuda:nccl"
-    return "gloo"
-
-
 def cpu_if_no_cuda() -> None:
     """Ray Train exports ACCELERATE_TORCH_DEVICE from the GPU ids Ray assigned (cuda:N) whether or
     not torch can use CUDA there, and accelerate then puts the trainer on CUDA even with use_cpu.
@@ -105,80 +94,13 @@ def _announce_placement(config: dict[str, Any]) -> None:
         )
 
 
-def scaling(res: Any) -> Any:
-    """One Ray Train worker group as a job's (or a slot's) resources ask for it."""
-    from ray.train import ScalingConfig
-
-    per_worker = {"CPU": res.cpus_per_worker} | ({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})
-    # use_gpu only reserves the GPU (ScalingConfig requires it with a GPU resource) and sets
-    # CUDA_VISIBLE_DEVICES; Ray Train touches CUDA only if torch sees a device
-    return ScalingConfig(
-        num_workers=res.workers, use_gpu=res.gpus_per_worker > 0, resources_per_worker=per_worker
-    )
-
-
-def ray_trainer(
-    loop: Any,
-    config: dict[str, Any],
-    res: ResourcesSpec,
-    run_name: str,
-    storage: str,
-    max_failures: int,
-    torch_backend: bool = True,
-) -> Any:
-    """The Ray Train run of one job or one slot: its workers, backend, storage and restarts. A job
-    gets the torch backend (its workers form a process group: DDP, DeepSpeed); a slot, one worker
-    that needs none, gets Ray Train's plain data-parallel trainer."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-
-    run_config = RunConfig(
-        name=run_name,
-        storage_path=storage,
-        failure_config=FailureConfig(max_failures=max_failures),
-        checkpoint_config=CheckpointConfig(num_to_keep=2),
-    )
-    if not torch_backend:
-        from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
-
-        return without_dataset_manager(DataParallelTrainer)(
-            loop, train_loop_config=config, scaling_config=scaling(res), run_config=run_config
-        )
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    return without_dataset_manager(TorchTrainer)(
-        loop,
-        train_loop_config=config,
-        torch_config=TorchConfig(backend=backend_name(res.gpus_per_worker)),
-        scaling_config=scaling(res),
-        run_config=run_config,
-    )
-
-
-def without_dataset_manager(trainer_cls: type) -> type:
-    """`trainer_cls` less Ray Data's DatasetManager when the run is given no Ray Datasets (ours
-    never are: a job reads its own files). Ray Train 2.60 starts that actor for every run anyway:
-    one more process per job or slot, about 1.4 s of CPU while the worker imports torch and
-    loads the base, which on a small node is most of a cold start's cost. Ray is pinned; the
-    hook it overrides (`_create_default_callbacks`) is checked by tests/test_ray_train_hooks.py."""
-    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-
-    class Trainer(trainer_cls):
-        def _create_default_callbacks(self) -> list[Any]:
-            callbacks = super()._create_default_callbacks()
-            if self.datasets:
-                return callbacks
-            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
-
-    Trainer.__name__ = Trainer.__qualname__ = trainer_cls.__name__
-    return Trainer
-
-
 @ray.remote(num_cpus=0, max_retries=0)
 def run_job(plan_json: dict[str, Any], run_name: str, storage: str) -> dict[str, Any]:
     """One job through Ray Train; returns the adapter's files (small) and final metrics."""
     from ray.train.huggingface.transformers import RayTrainReportCallback
 
     from lorafleet.train.plan import ADAPTER_FILES
+    from lorafleet.train.raytrain import ray_trainer
 
     res = JobPlan.model_validate(plan_json).job.resources
     trainer = ray_trainer(train_loop, plan_json, res, run_name, storage, res.max_failures)
@@ -302,14 +224,18 @@ class FleetExecution:
         self.slots = Slots(fleet, self.submission, storage, self.board, here)
         self.sealed = False
         self.running: set[str] = set()  # jobs the board has seen training
+        self.runs_began = False  # a slot or a job's own run went to Ray
 
     def prestart_slots(self, jobs: list[JobSpec], base_fingerprint: str) -> int:
         """New slots for these jobs before any is planned (`Slots.prestart`); how many started."""
-        return self.slots.prestart(jobs, base_fingerprint, self.packing, self.crash_at_step)
+        started = self.slots.prestart(jobs, base_fingerprint, self.packing, self.crash_at_step)
+        self._runs_begin()
+        return started
 
     def start_slots(self, jobs: list[JobSpec], base_fingerprint: str) -> None:
         """Warm slots for these jobs (those that may share one; the first of them is planned)."""
         self.slots.start(jobs, base_fingerprint, self.packing, self.crash_at_step)
+        self._runs_begin()
 
     def add(self, plan: JobPlan, in_slot: bool) -> None:
         """A planned job: into the slots' queue, or to the launcher for a run of its own."""
@@ -318,6 +244,15 @@ class FleetExecution:
         else:
             self.launcher.add(plan)
             self.launcher.launch()
+        self._runs_begin()
+
+    def _runs_begin(self) -> None:
+        """The cluster-wide actors the runs use, started (once per cluster) right after the first
+        runs: not before, where the cleaner would take the idle process Ray keeps that a slot's
+        host, first in its run's chain of process starts, gets instead."""
+        if not self.runs_began:
+            self.runs_began = True
+            cluster_actors.start()
 
     def seal(self) -> None:
         """Every job is planned: slots that find the queue empty from now on are done."""

@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field
 
 from lorafleet.raystart import NAMESPACE
 from lorafleet.spec import JobSpec, QuantizationSpec, ResourcesSpec
+from lorafleet.train import cluster_actors
 from lorafleet.train.checkpoints import JobCheckpoints
 from lorafleet.train.plan import JobPlan
 from lorafleet.train.pool import Assignment
@@ -124,8 +125,8 @@ class SlotHost:
             # on a cluster's first submission, this host's start-up does not queue behind the
             # pool's, which goes on while this host imports Ray Train
             added = cluster_pool().add.remote(config_json["slot"], key, config_json["work"], restarts)
-            start_autoscaling_coordinator()
-            from lorafleet.train.runner import ray_trainer
+            cluster_actors.start()  # running already when a submission started them
+            from lorafleet.train.raytrain import ray_trainer
 
             cfg = SlotConfig.model_validate(config_json)
             trainer = ray_trainer(
@@ -147,19 +148,6 @@ class SlotHost:
         """Wait until the slot's run ends: None when it ended cleanly, else why it failed."""
         self.done.wait()
         return self.error
-
-
-def start_autoscaling_coordinator() -> None:
-    """Ray Train's cluster-wide autoscaling coordinator (one detached actor, which the first run's
-    controller otherwise creates and waits for): started here, while this host and the controller
-    import Ray Train on one core, its process starts on another and is up when the controller
-    asks. Ray is pinned (2.60) and the function is internal: if it moved, only the overlap is lost."""
-    with contextlib.suppress(ImportError, AttributeError):
-        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
-            get_or_create_autoscaling_coordinator,
-        )
-
-        get_or_create_autoscaling_coordinator()
 
 
 def _reason(exc: BaseException) -> str:
