@@ -88,7 +88,8 @@ class RunCleaner:
 
 def run_cleaner() -> Any:
     """The cluster's cleaner, started by the first run that needs it. On the head node, as Ray
-    places its own (it outlives every driver and worker node)."""
+    places its own (it outlives every driver and worker node); restarted if its process dies
+    (the runs it watched then are unwatched, as with Ray's own cleaner dying)."""
     return (
         ray.remote(RunCleaner)
         .options(
@@ -96,6 +97,7 @@ def run_cleaner() -> Any:
             namespace=NAMESPACE,
             lifetime="detached",
             get_if_exists=True,
+            max_restarts=-1,
             num_cpus=0,
             resources={HEAD_NODE_RESOURCE_NAME: 0.001},
         )
