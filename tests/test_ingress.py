@@ -227,6 +227,20 @@ def test_edge_values_pass_and_reach_the_replica(make):
         assert gen.seed == seed and gen.temperature == 0.0  # below the floor: greedy
 
 
+def test_null_parameters_are_their_defaults(make):
+    """OpenAI's spec marks these nullable; a client built from it sends null for one left unset."""
+    from lorafleet.serve.api import NULLABLE
+
+    ep = make()
+    r = run(ep.chat(**dict.fromkeys(NULLABLE)))
+    assert r.status_code == 200, r.text
+    plain = run(ep.chat())
+    assert plain.status_code == 200
+    nulls, defaults = ep.replica.requests[-2:]
+    assert nulls == defaults
+    assert error_of(run(ep.http.post(CHAT, json={"model": None, "messages": HI})), 400)["param"] == "model"
+
+
 @pytest.mark.parametrize(
     ("extra", "param"),
     [

@@ -157,3 +157,24 @@ def test_a_slot_whose_wait_ended_is_never_claimed_and_available_claims_nothing(r
 
     assert ray.get(pool.wait_for_work.remote("a", 0.1)) is None  # ran out; its worker has not left yet
     assert ray.get(pool.claim.remote("k", 2, _work("s2"), 1)) == ["b"]
+
+
+@pytest.mark.integration
+def test_the_slot_hosts_tell_watchers_and_the_pool_how_each_run_ended(ray_session):
+    """One hosts process drives every slot run of a cluster: a run that fails (here at once, on
+    a config no slot accepts) returns why, the pool learns it, and a later watcher gets the same
+    answer; a slot this process never ran is gone, and the pool hears that too."""
+    from lorafleet.train.pool import POOL_NAME, pool
+    from lorafleet.train.slot import GONE, SlotHosts
+
+    ray = ray_session
+    hosts = SlotHosts.remote()
+    config = {"slot": "broken", "pool": POOL_NAME, "work": _work("s9")}
+    error = ray.get(hosts.run.remote(config, "run", "/tmp/x", 0, "k"))
+    assert "SlotConfig" in error
+    assert ray.get(hosts.ended.remote("broken")) == error
+    assert ray.get(hosts.ended.remote("never-ran")) == GONE
+    assert ray.get(hosts.running.remote()) == []
+    ends = ray.get(pool().ended_runs.remote())
+    assert ends["broken"] == error and ends["never-ran"] == GONE
+    ray.kill(hosts)

@@ -17,7 +17,7 @@ from lorafleet.cli import main
 from lorafleet.pipeline import submit
 from lorafleet.raystart import NAMESPACE
 from lorafleet.train.pool import POOL_NAME, release
-from lorafleet.train.slot import slot_host
+from lorafleet.train.slot import existing_hosts
 from lorafleet.validate import check_fleet
 from tests.conftest import fleet_file
 
@@ -101,13 +101,13 @@ def _tags(result, customer):
 
 
 def _run_end(ray, slot: str, timeout_s: float = 120) -> str | None:
-    """How the slot's Ray Train run ended (None: cleanly), once it has; its host is gone then."""
+    """How the slot's Ray Train run ended (None: cleanly), once it has; its host thread is gone then."""
     pool = ray.get_actor(POOL_NAME, namespace=NAMESPACE)
     deadline = time.monotonic() + timeout_s
     while slot not in (ends := ray.get(pool.ended_runs.remote())):
         assert time.monotonic() < deadline, f"{slot} is still running"
         time.sleep(0.2)
-    while slot_host(slot) is not None:  # it exits a moment after its run ends
+    while slot in ray.get(existing_hosts().running.remote()):  # it tells the pool first
         assert time.monotonic() < deadline, f"{slot}'s host is still there"
         time.sleep(0.2)
     return ends[slot]

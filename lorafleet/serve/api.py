@@ -20,6 +20,21 @@ MAX_STOP_CHARS = 64
 MAX_LOGIT_BIAS = 300  # OpenAI's bound
 GREEDY_BELOW = 1e-5  # a temperature under this decodes greedily (logits / 1e-45 overflow)
 SEED_RANGE = (-(2**63), 2**64)  # torch.Generator.manual_seed's range, [low, high)
+# the parameters OpenAI's API spec marks nullable: null means the default (clients built from the
+# spec send null for a parameter left unset, and OpenAI and vLLM answer them)
+NULLABLE = (
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "frequency_penalty",
+    "presence_penalty",
+    "logit_bias",
+    "stop",
+    "seed",
+    "stream",
+    "n",
+)
 
 
 class ApiError(Exception):
@@ -68,6 +83,13 @@ class _Request(BaseModel):
     seed: int | None = Field(None, ge=SEED_RANGE[0], lt=SEED_RANGE[1])
     stream: bool = False
     n: int = 1
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (v is None and k in NULLABLE)}
+        return data
 
     @field_validator("stop")
     @classmethod

@@ -6,10 +6,10 @@ its first jobs start in well under a second instead of after a Ray Train run's s
 (controller, worker process, imports of torch and transformers, the base load), which is most of
 what a small job costs.
 
-The pool is one detached, resource-free actor per cluster; each slot's Ray Train run is driven by
-a detached host actor (`lorafleet.train.slot.SlotHost`), so a warm slot outlives the process that
-started it and ends when its wait runs out, when `release()` is called, or with the cluster. Its
-bookkeeping per slot:
+The pool is one detached, resource-free actor per cluster; the slots' Ray Train runs are driven
+by another (`lorafleet.train.slot.SlotHosts`, a thread per run), so a warm slot outlives the
+process that started it and ends when its wait runs out, when `release()` is called, or with the
+cluster. Its bookkeeping per slot:
 - the slot's current assignment (which submission's board it works for), which a restarted
   worker reads back, since its Ray Train config names the first submission only;
 - the restarts its Ray Train run has left (FailureConfig is fixed when the run starts): a warm

@@ -28,10 +28,10 @@ from lorafleet.train.pool import POOL_NAME, Assignment, existing_pool, new_slot_
 from lorafleet.train.progress import ProgressBoard, board_name
 from lorafleet.train.slot import (
     DEFAULT_MAX_JOBS,
+    GONE,
     SlotConfig,
-    SlotHost,
-    host_name,
-    slot_host,
+    existing_hosts,
+    slot_hosts,
     slot_max_failures,
     slot_run_name,
 )
@@ -248,8 +248,8 @@ class FleetExecution:
 
     def _runs_begin(self) -> None:
         """The cluster-wide actors the runs use, started (once per cluster) right after the first
-        runs: not before, where the cleaner would take the idle process Ray keeps that a slot's
-        host, first in its run's chain of process starts, gets instead."""
+        runs: not before, where the cleaner would take the idle process Ray keeps that the slot
+        hosts, first in a run's chain of process starts, get instead."""
         if not self.runs_began:
             self.runs_began = True
             cluster_actors.start()
@@ -372,7 +372,7 @@ class Slots:
         self.fleet, self.submission, self.storage = fleet, submission, storage
         self.board, self.placement = board, placement
         self.open: set[str] = set()  # queued or training, not ended yet
-        self.refs: dict[Any, str] = {}  # the end of a slot's run (SlotHost.ended) -> slot id
+        self.refs: dict[Any, str] = {}  # the end of a slot's run (SlotHosts.run / ended) -> slot id
         self.failure: str | None = None
         self.started = False  # claimed and started with the first slot job (prestart comes before)
         self.setup: _SlotSetup | None = None
@@ -411,7 +411,7 @@ class Slots:
         are not this submission's to end until it trains. Returns how many it started."""
         setup = self._setup(jobs, base_fp, packing, crash)
         actor = existing_pool()
-        # no pool yet: no slot ever ran on this cluster, so none is warm (the slots' hosts start
+        # no pool yet: no slot ever ran on this cluster, so none is warm (the slot hosts start
         # the pool: its start-up no longer comes before theirs)
         warm = ray.get(actor.available.remote(setup.key, setup.needed)) if actor else 0
         new = max(0, setup.count - warm)
@@ -429,30 +429,26 @@ class Slots:
         )
         ray.get(actor.release.remote())  # idle slots not taken hold resources this submission may need
         gone = [slot for slot in claimed if not self.watch(slot)]
-        ray.get([actor.run_ended.remote(slot, "its host was gone") for slot in gone])
+        ray.get([actor.run_ended.remote(slot, GONE) for slot in gone])
         self._start_new(setup, setup.count - len(self.refs))
 
     def _start_new(self, setup: _SlotSetup, n: int) -> None:
-        """n new slots: each host adds its slot to the pool, then starts the slot's Ray Train run.
-        Nothing here waits (not even for the pool's start on a cluster's first submission)."""
+        """n new slots: the cluster's slot hosts add each to the pool, then run its Ray Train run.
+        Nothing here waits (not even for the hosts' start on a cluster's first submission)."""
+        hosts = slot_hosts(self.placement) if n else None
         for _ in range(n):
             name = new_slot_name()
             run_name = slot_run_name(self.fleet, self.submission, name)
-            host = SlotHost.options(
-                name=host_name(name),
-                namespace=NAMESPACE,
-                lifetime="detached",
-                scheduling_strategy=self.placement,
-            ).remote(setup.template | {"slot": name}, run_name, self.storage, setup.restarts, setup.key)
-            self.watch(name, host)
+            config = setup.template | {"slot": name}
+            self.refs[hosts.run.remote(config, run_name, self.storage, setup.restarts, setup.key)] = name
 
-    def watch(self, slot: str, host: Any = None) -> bool:
-        """Follow the slot's run until it ends; False if its host is gone already (its node was
-        lost before the run could tell the pool)."""
-        host = host or slot_host(slot)
-        if host is not None:
-            self.refs[host.ended.remote()] = slot
-        return host is not None
+    def watch(self, slot: str) -> bool:
+        """Follow a claimed slot's run until it ends; False if the cluster's slot hosts are gone
+        (their node was lost before the run could tell the pool)."""
+        hosts = existing_hosts()
+        if hosts is not None:
+            self.refs[hosts.ended.remote(slot)] = slot
+        return hosts is not None
 
     def busy(self) -> bool:
         return bool(self.open)
@@ -465,7 +461,7 @@ class Slots:
             slot = self.refs.pop(ref)
             try:
                 error = ray.get(ref)
-            except ray.exceptions.RayActorError as exc:  # its host died (its node was lost)
+            except ray.exceptions.RayActorError as exc:  # its hosts died (their node was lost)
                 error = root_cause(exc)
                 pool().run_ended.remote(slot, error)  # it could not say so itself
             if error:

@@ -32,12 +32,11 @@ from lorafleet.spec import JobSpec, QuantizationSpec, ResourcesSpec
 from lorafleet.train import cluster_actors
 from lorafleet.train.checkpoints import JobCheckpoints
 from lorafleet.train.plan import JobPlan
-from lorafleet.train.pool import Assignment
+from lorafleet.train.pool import POOL_NAME, Assignment
 from lorafleet.train.pool import pool as cluster_pool
 
 STATE_FILE = "slot_state.json"
 DEFAULT_MAX_JOBS = 8  # K when the fleet file does not bound it: the most memory may lower it to
-HOST_EXIT_GRACE_S = 0.5
 
 
 class SlotConfig(BaseModel):
@@ -96,35 +95,48 @@ def slot_max_failures(jobs: list[JobSpec]) -> int:
     return sum(job.resources.max_failures + 1 for job in jobs)
 
 
-@ray.remote(num_cpus=0, max_concurrency=4)
-class SlotHost:
-    """Drives one slot's Ray Train run (a plain DataParallelTrainer: a slot is one worker, so the
-    torch backend's process group, and torch in this process, buy nothing). Its jobs' ends go to
-    the board; `ended()` says how the run ended, to whichever submission watches the slot.
+HOSTS_NAME = "slot-hosts-v1"
+MAX_RUN_ENDS = 1000  # how many ended slot runs the hosts remember (a long-lived cluster's)
+GONE = "its host was gone"
+HOST_THREADS = 256  # runs driven, plus submissions watching one, at once
 
-    A detached actor, started on the submitting process's node (the Ray Train controller it
-    creates lands there too), because a warm slot outlives that process: the next `lorafleet
-    submit` on the cluster takes it over. Not a thread of the driver: a slot run still starting
-    when its fleet ends finishes by itself, and a driver thread blocked in it made
-    ray.shutdown() abort the whole process. It exits when its run has ended."""
 
-    def __init__(
+@ray.remote(num_cpus=0, max_concurrency=HOST_THREADS)
+class SlotHosts:
+    """Drives the cluster's slot runs, each from a thread of this one detached process (a plain
+    DataParallelTrainer: a slot is one worker, so the torch backend's process group, and torch in
+    this process, buy nothing). Its runs' ends go to the pool; `ended` tells whichever
+    submission watches a slot how its run ended.
+
+    One process for every slot, not a host actor per slot: that host was the first link of a
+    cold slot's chain of process starts, and it paid a process start and an import of Ray Train
+    (2 to 3 s on a small node) before the run's controller could start. This process pays them
+    once, when the cluster's first slot starts; later runs begin at once. Detached, because a
+    warm slot outlives the submission that started it (the next `lorafleet submit` on the cluster
+    takes it over); on the node of the submission that started it, where the runs' Ray Train
+    controllers land too, so drivers belong on the head node. Not a thread of the driver: a slot
+    run still starting when its fleet ends finishes by itself, and a driver thread blocked in it
+    made ray.shutdown() abort the whole process."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.live: dict[str, threading.Event] = {}  # slot -> set when its run has ended
+        self.ends: dict[str, str | None] = {}  # slot -> how its run ended (None: cleanly)
+        threading.Thread(target=_import_ray_train, daemon=True).start()  # before the first run asks
+
+    def run(
         self, config_json: dict[str, Any], run_name: str, storage: str, restarts: int, key: str
-    ) -> None:
-        # the run's arguments come with the actor's creation, which the cluster holds: the run
-        # starts even if the submitting process exits before this actor is up (a call queued in
-        # that process would be lost with it, and the slot would never run nor end)
-        self.done = threading.Event()
-        self.error: str | None = None
-        args = (config_json, run_name, storage, restarts, key)
-        threading.Thread(target=self._run, args=args, daemon=True, name="slot-run").start()
-
-    def _run(self, config_json: dict[str, Any], run_name: str, storage: str, restarts: int, key: str) -> None:
+    ) -> str | None:
+        """One slot's Ray Train run, to its end: None when it ended cleanly, else why it failed.
+        The run's arguments come with this call, which the cluster holds once it reaches this
+        actor; the run then goes on whatever becomes of the process that asked for it."""
+        slot = config_json["slot"]
+        with self.lock:
+            self.live[slot] = threading.Event()
+        error = None
         try:
-            # the host, not the driver, adds the slot to the pool: the driver waits for nothing and,
-            # on a cluster's first submission, this host's start-up does not queue behind the
-            # pool's, which goes on while this host imports Ray Train
-            added = cluster_pool().add.remote(config_json["slot"], key, config_json["work"], restarts)
+            # this process, not the driver, adds the slot to the pool: the driver waits for nothing
+            added = cluster_pool().add.remote(slot, key, config_json["work"], restarts)
             cluster_actors.start()  # running already when a submission started them
             from lorafleet.train.raytrain import ray_trainer
 
@@ -135,19 +147,65 @@ class SlotHost:
             ray.get(added)  # the pool knows the slot before its worker asks for work
             trainer.fit()
         except Exception as exc:  # Ray Train gave up (restarts spent, a lost node past them), or worse
-            self.error = _reason(exc)
+            error = _reason(exc)
         finally:
-            with contextlib.suppress(ValueError, ray.exceptions.RayActorError):  # the pool's node was lost
-                actor = ray.get_actor(config_json["pool"], namespace=NAMESPACE)
-                ray.get(actor.run_ended.remote(config_json["slot"], self.error))
-            self.done.set()
-            time.sleep(HOST_EXIT_GRACE_S)  # the calls waiting in ended() get their answers first
-            ray.kill(ray.get_runtime_context().current_actor)  # detached: nothing else ends it
+            _report_run_end(config_json["pool"], slot, error)
+            self._ended(slot, error)
+        return error
 
-    def ended(self) -> str | None:
-        """Wait until the slot's run ends: None when it ended cleanly, else why it failed."""
-        self.done.wait()
-        return self.error
+    def ended(self, slot: str) -> str | None:
+        """Wait until the slot's run ends (a submission watching a warm slot it took over): None
+        when it ended cleanly, else why it failed; at once if no run of that name is known here."""
+        with self.lock:
+            done = self.live.get(slot)
+            known = slot in self.ends
+        if done is None and not known:  # this process never ran it (it was restarted): say so
+            _report_run_end(POOL_NAME, slot, GONE)
+            return GONE
+        if done is not None:
+            done.wait()
+        with self.lock:
+            return self.ends.get(slot)
+
+    def running(self) -> list[str]:
+        with self.lock:
+            return sorted(self.live)
+
+    def _ended(self, slot: str, error: str | None) -> None:
+        with self.lock:
+            self.ends[slot] = error
+            while len(self.ends) > MAX_RUN_ENDS:
+                self.ends.pop(next(iter(self.ends)))
+            self.live.pop(slot).set()
+
+
+def _import_ray_train() -> None:
+    import lorafleet.train.raytrain  # noqa: F401
+
+
+def _report_run_end(pool_name: str, slot: str, error: str | None) -> None:
+    with contextlib.suppress(ValueError, ray.exceptions.RayActorError):  # the pool's node was lost
+        actor = ray.get_actor(pool_name, namespace=NAMESPACE)
+        ray.get(actor.run_ended.remote(slot, error))
+
+
+def slot_hosts(placement: Any) -> Any:
+    """The cluster's slot hosts, started by the first submission that starts a slot, on its node."""
+    return SlotHosts.options(
+        name=HOSTS_NAME,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        scheduling_strategy=placement,
+    ).remote()
+
+
+def existing_hosts() -> Any:
+    """The cluster's slot hosts, or None (no slot ever started on it, or its process is gone)."""
+    try:
+        return ray.get_actor(HOSTS_NAME, namespace=NAMESPACE)
+    except ValueError:
+        return None
 
 
 def _reason(exc: BaseException) -> str:
@@ -156,18 +214,6 @@ def _reason(exc: BaseException) -> str:
     except Exception:  # the runner itself does not import here: say so plainly
         return f"{type(exc).__name__}: {exc}"[:2000]
     return root_cause(exc)
-
-
-def host_name(slot: str) -> str:
-    return f"slot-host-{slot}"
-
-
-def slot_host(slot: str) -> Any:
-    """The running host of a slot, or None (its run ended)."""
-    try:
-        return ray.get_actor(host_name(slot), namespace=NAMESPACE)
-    except ValueError:
-        return None
 
 
 # ---- the slot's worker -------------------------------------------------------------------
