@@ -188,7 +188,7 @@ def driver_node_affinity() -> Any:
     fleet's board) instead of just its workers, which Ray Train restarts elsewhere. Hard affinity:
     with soft=True Ray 2.60 still put the board actor on a worker node. The node is alive while
     the driver is, and nothing here requests resources, so it always fits. The detached ones (the
-    slot pool, a slot's host) stay on the node of the submission that started them, so drivers
+    slot pool, the slot hosts) stay on the node of the submission that started them, so drivers
     belong on the head node (a worker node that goes takes them with it)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy

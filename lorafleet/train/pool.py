@@ -165,7 +165,7 @@ class SlotPool:
         return out
 
     async def run_ended(self, slot: str, error: str | None) -> None:
-        """The slot's Ray Train run is over (its host reports it): never hand it work again."""
+        """The slot's Ray Train run is over (the slot hosts report it): never hand it work again."""
         await self.leave(slot)
         if slot in self.idle:
             self.idle.pop(slot).end("released")
