@@ -10,8 +10,8 @@ from typing import Any
 
 from lorafleet.errors import LorafleetError
 from lorafleet.settings import cache_dir
+from lorafleet.tinybase import TINY_BASE_NAME, tiny_base_path
 
-TINY_BASE_NAME = "tiny-llama"
 FINGERPRINT_FILES = ("config.json",)
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -19,8 +19,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 def resolve_base(name: str) -> Path:
     """'tiny-llama' (built offline and cached), a local HF folder, or a hub id (needs network)."""
     if name == TINY_BASE_NAME:
-        from lorafleet.tinybase import tiny_base_path
-
         return tiny_base_path()
     path = Path(name).expanduser()
     if path.is_dir():

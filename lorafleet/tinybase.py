@@ -11,10 +11,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from lorafleet.models import TINY_BASE_NAME
 from lorafleet.settings import cache_dir
 
 __all__ = ["TINY_BASE_NAME", "build_tiny_base", "tiny_base_path"]
+TINY_BASE_NAME = "tiny-llama"  # what a fleet file names it by
 VERSION = "v4"  # names the cache folder; v3 was an unmerged attempt whose folder may linger in caches
 SPECIAL = ["<|pad|>", "<|bos|>", "<|eos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 # assistant turns inside {% generation %} so trl can train on assistant tokens only

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lorafleet.train.runner import root_cause
+from lorafleet.errors import root_cause
 
 WRAP = "Training failed due to worker errors:\n[Rank 0 Error Snippet]:\n"
 

@@ -20,7 +20,7 @@ class JobCheckpoints:
     def __init__(self, storage: str, plan: JobPlan):
         import pyarrow.fs
 
-        from lorafleet.train.runner import ray_run_name
+        from lorafleet.train.plan import ray_run_name
 
         self.fs, root = pyarrow.fs.FileSystem.from_uri(storage)
         self.root = f"{root.rstrip('/')}/{ray_run_name(plan.job, plan.job_hash)}"

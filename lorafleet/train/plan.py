@@ -13,6 +13,11 @@ from lorafleet.spec import JobSpec, load_deepspeed
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
+def ray_run_name(job: JobSpec, jhash: str) -> str:
+    """A job's Ray Train run (and its checkpoints' folder in the storage path)."""
+    return f"{job.fleet}-{job.customer}-{jhash[:8]}"
+
+
 class JobPlan(BaseModel):
     """Everything a worker needs, sent as the Ray Train loop config."""
 

@@ -49,6 +49,17 @@ def backend_name(gpus_per_worker: float) -> str:
     return "gloo"
 
 
+def cpu_if_no_cuda() -> None:
+    """Ray Train exports ACCELERATE_TORCH_DEVICE from the GPU ids Ray assigned (cuda:N) whether or
+    not torch can use CUDA there, and accelerate then puts the trainer on CUDA even with use_cpu.
+    A node that declares a GPU torch cannot use (a simulated cluster, a CPU build of torch) trains
+    on the CPU instead of crashing."""
+    import torch
+
+    if not torch.cuda.is_available() and os.environ.get("ACCELERATE_TORCH_DEVICE", "").startswith("cuda"):
+        os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
+
+
 def scaling(res: Any) -> ScalingConfig:
     """One Ray Train worker group as a job's (or a slot's) resources ask for it."""
     per_worker = {"CPU": res.cpus_per_worker} | ({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})

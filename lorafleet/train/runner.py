@@ -9,9 +9,7 @@ touches the others; a lost worker node costs its jobs a restart from their last 
 from __future__ import annotations
 
 import os
-import re
 import time
-import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +17,11 @@ from typing import Any, Literal
 
 import ray
 
-from lorafleet.errors import LorafleetError
+from lorafleet.errors import LorafleetError, root_cause
 from lorafleet.raystart import NAMESPACE, driver_node_affinity, init_ray, join_cluster
 from lorafleet.spec import JobSpec, PackingSpec, ResourcesSpec
 from lorafleet.train import cluster_actors
-from lorafleet.train.plan import JobPlan
+from lorafleet.train.plan import JobPlan, ray_run_name
 from lorafleet.train.pool import POOL_NAME, Assignment, existing_pool, new_slot_name, pool, release, slot_key
 from lorafleet.train.progress import ProgressBoard, board_name
 from lorafleet.train.slot import (
@@ -58,24 +56,10 @@ class JobEnd:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def ray_run_name(job: JobSpec, jhash: str) -> str:
-    return f"{job.fleet}-{job.customer}-{jhash[:8]}"
-
-
-def cpu_if_no_cuda() -> None:
-    """Ray Train exports ACCELERATE_TORCH_DEVICE from the GPU ids Ray assigned (cuda:N) whether or
-    not torch can use CUDA there, and accelerate then puts the trainer on CUDA even with use_cpu.
-    A node that declares a GPU torch cannot use (a simulated cluster, a CPU build of torch) trains
-    on the CPU instead of crashing."""
-    import torch
-
-    if not torch.cuda.is_available() and os.environ.get("ACCELERATE_TORCH_DEVICE", "").startswith("cuda"):
-        os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
-
-
 def train_loop(config: dict[str, Any]) -> None:
     """The worker's loop of a job with a Ray Train run of its own, run where Ray placed it."""
     _announce_placement(config)  # first: imports below take seconds on a busy node
+    from lorafleet.train.raytrain import cpu_if_no_cuda
     from lorafleet.train.worker import train_loop_per_worker
 
     cpu_if_no_cuda()
@@ -112,23 +96,6 @@ def run_job(plan_json: dict[str, Any], run_name: str, storage: str) -> dict[str,
         files = {name: (hf / name).read_bytes() for name in ADAPTER_FILES}
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
     return {"files": files, "metrics": metrics | {"job_wall_s": fit_s}}
-
-
-_SNIPPET_HEADER = re.compile(r"^\[Rank \d+ Error Snippet\]:$")
-
-
-def root_cause(exc: BaseException) -> str:
-    """The user's error inside Ray's wrappers: its last line is what went wrong. A worker that
-    died says so in a line naming no error ("The actor is dead because ..."): that line then."""
-    text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not _SNIPPET_HEADER.match(ln.strip())]
-    died = [ln for ln in lines if "is dead because" in ln or "died unexpectedly" in ln]
-    causes = [ln for ln in lines if "Error" in ln or "Exception" in ln or "Fault" in ln]
-    # not Ray's wrappers' own lines ("...WorkerGroupError: Training failed due to worker errors:")
-    wrapper = ("ray.train.", "ray.exceptions.")
-    errors = [ln for ln in causes if not ln.endswith(":") and not ln.startswith(wrapper)]
-    pick = (errors or died or causes or lines or [type(exc).__name__])[-1]
-    return pick[:2000]
 
 
 def job_end(customer: str, ref: Any, cancelled: bool) -> JobEnd:

@@ -27,6 +27,7 @@ from typing import Any
 import ray
 from pydantic import BaseModel, Field
 
+from lorafleet.errors import root_cause
 from lorafleet.raystart import NAMESPACE
 from lorafleet.spec import JobSpec, QuantizationSpec, ResourcesSpec
 from lorafleet.train import cluster_actors
@@ -147,7 +148,7 @@ class SlotHosts:
             ray.get(added)  # the pool knows the slot before its worker asks for work
             trainer.fit()
         except Exception as exc:  # Ray Train gave up (restarts spent, a lost node past them), or worse
-            error = _reason(exc)
+            error = root_cause(exc)
         finally:
             _report_run_end(config_json["pool"], slot, error)
             self._ended(slot, error)
@@ -208,14 +209,6 @@ def existing_hosts() -> Any:
         return None
 
 
-def _reason(exc: BaseException) -> str:
-    try:
-        from lorafleet.train.runner import root_cause
-    except Exception:  # the runner itself does not import here: say so plainly
-        return f"{type(exc).__name__}: {exc}"[:2000]
-    return root_cause(exc)
-
-
 # ---- the slot's worker -------------------------------------------------------------------
 
 
@@ -258,7 +251,7 @@ def submission_board(work: Assignment) -> Any:
 def work_for(cfg: SlotConfig, work: Assignment, slot: Slot | None) -> tuple[Slot | None, bool]:
     """Train one submission's share of jobs; returns the slot (base loaded, for the next
     submission) and whether it may go on (False: the slot itself broke)."""
-    from lorafleet.train.runner import cpu_if_no_cuda
+    from lorafleet.train.raytrain import cpu_if_no_cuda
 
     board = submission_board(work)
     if board is None:
@@ -276,8 +269,6 @@ def work_for(cfg: SlotConfig, work: Assignment, slot: Slot | None) -> tuple[Slot
         slot.run(resume, one_at_a_time)
     except Exception as exc:  # the slot itself broke (e.g. the base): its jobs fail, not the fleet's
         import traceback
-
-        from lorafleet.train.runner import root_cause
 
         traceback.print_exc()  # into the worker's log
         reason = f"{cfg.slot} failed: {root_cause(exc)}"
@@ -427,8 +418,6 @@ class Slot:
             self.k_for_next = False
             self.trainer.add(plan, job.out, job.checkpoints.latest(), self.on_event)
         except Exception as exc:  # PackingError, or a base that does not load: this job's
-            from lorafleet.train.runner import root_cause
-
             job.result = {"state": "failed", "reason": root_cause(exc)}
 
     def load(self, plan: JobPlan) -> None:
