@@ -36,16 +36,21 @@ def cache_dir() -> Path:
 
 
 @contextmanager
-def environ(values: dict[str, str]) -> Iterator[None]:
-    """os.environ with these values set inside; after, these names only come back as they were
-    (whatever else changed meanwhile stays: Ray sets RAY_AUTH_MODE while it starts a cluster)."""
+def environ(values: dict[str, str | None]) -> Iterator[None]:
+    """os.environ with these values set inside (None: the name unset); after, these names only
+    come back as they were (whatever else changed meanwhile stays: Ray sets RAY_AUTH_MODE while it
+    starts a cluster)."""
     saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
+    _put(values)
     try:
         yield
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        _put(saved)
+
+
+def _put(values: dict[str, str | None]) -> None:
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

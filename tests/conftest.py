@@ -173,21 +173,13 @@ def demo_home(tmp_path_factory, ray_session):
 
     from lorafleet.demo import DEMO_FLEET
     from lorafleet.pipeline import submit
+    from lorafleet.settings import environ
 
     home = tmp_path_factory.mktemp("demo-home")
-    saved = {k: os.environ.get(k) for k in ("LORAFLEET_HOME", "MLFLOW_TRACKING_URI")}
-    os.environ["LORAFLEET_HOME"] = str(home)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    try:
+    with environ({"LORAFLEET_HOME": str(home), "MLFLOW_TRACKING_URI": None}):
         fleet = home / "jobs"
         shutil.copytree(DEMO_FLEET.parent, fleet)
         result = submit(fleet / DEMO_FLEET.name)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     assert all(o.state == "succeeded" for o in result.jobs.values()), result.jobs
     return home, result
 

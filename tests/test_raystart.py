@@ -154,9 +154,12 @@ def test_environ_brings_back_only_its_own_names(monkeypatch):
     monkeypatch.setenv("LF_SET_BEFORE", "before")
     monkeypatch.delenv("LF_UNSET_BEFORE", raising=False)
     monkeypatch.delenv("LF_SET_INSIDE", raising=False)
-    with environ({"LF_SET_BEFORE": "inside", "LF_UNSET_BEFORE": "inside"}):
+    monkeypatch.setenv("LF_UNSET_INSIDE", "before")
+    with environ({"LF_SET_BEFORE": "inside", "LF_UNSET_BEFORE": "inside", "LF_UNSET_INSIDE": None}):
         assert os.environ["LF_SET_BEFORE"] == os.environ["LF_UNSET_BEFORE"] == "inside"
+        assert "LF_UNSET_INSIDE" not in os.environ
         monkeypatch.setenv("LF_SET_INSIDE", "stays")
     assert os.environ["LF_SET_BEFORE"] == "before"
     assert "LF_UNSET_BEFORE" not in os.environ
     assert os.environ["LF_SET_INSIDE"] == "stays"
+    assert os.environ["LF_UNSET_INSIDE"] == "before"
