@@ -86,23 +86,22 @@ class RunCleaner:
             remove_placement_group(placement_group)
 
 
+_CLEANER_ACTOR = ray.remote(RunCleaner)  # made once: each run's controller asks for the cleaner
+
+
 def run_cleaner() -> Any:
     """The cluster's cleaner, started by the first run that needs it. On the head node, as Ray
     places its own (it outlives every driver and worker node); restarted if its process dies
     (the runs it watched then are unwatched, as with Ray's own cleaner dying)."""
-    return (
-        ray.remote(RunCleaner)
-        .options(
-            name=CLEANER_NAME,
-            namespace=NAMESPACE,
-            lifetime="detached",
-            get_if_exists=True,
-            max_restarts=-1,
-            num_cpus=0,
-            resources={HEAD_NODE_RESOURCE_NAME: 0.001},
-        )
-        .remote()
-    )
+    return _CLEANER_ACTOR.options(
+        name=CLEANER_NAME,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,
+        num_cpus=0,
+        resources={HEAD_NODE_RESOURCE_NAME: 0.001},
+    ).remote()
 
 
 def start_autoscaling_coordinator() -> None:

@@ -30,7 +30,6 @@ from pydantic import BaseModel, Field
 from lorafleet.errors import root_cause
 from lorafleet.raystart import NAMESPACE
 from lorafleet.spec import JobSpec, QuantizationSpec, ResourcesSpec
-from lorafleet.train import cluster_actors
 from lorafleet.train.checkpoints import JobCheckpoints
 from lorafleet.train.plan import JobPlan
 from lorafleet.train.pool import POOL_NAME, Assignment
@@ -138,7 +137,6 @@ class SlotHosts:
         try:
             # this process, not the driver, adds the slot to the pool: the driver waits for nothing
             added = cluster_pool().add.remote(slot, key, config_json["work"], restarts)
-            cluster_actors.start()  # running already when a submission started them
             from lorafleet.train.raytrain import ray_trainer
 
             cfg = SlotConfig.model_validate(config_json)
