@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.errors import LorafleetError
+from lorafleet.fastimport import import_bitsandbytes
 from lorafleet.settings import cache_dir
 from lorafleet.tinybase import TINY_BASE_NAME, tiny_base_path
 
@@ -94,6 +95,7 @@ def compute_dtype(name: str, on_gpu: bool) -> Any:
 
 def quantization_config(quant: Any, dtype: Any) -> Any:
     """bitsandbytes config for a QuantizationSpec, or None for a full-precision base."""
+    import_bitsandbytes()
     from transformers import BitsAndBytesConfig
 
     if not quant.load_in_4bit:
@@ -109,6 +111,7 @@ def quantization_config(quant: Any, dtype: Any) -> Any:
 
 def load_base(path: Path, quant: Any, device: str) -> Any:
     """The base causal LM, 4-bit or full precision, on `device` ('cpu' or 'cuda:N')."""
+    import_bitsandbytes()  # before transformers' model classes, which import it through peft
     from transformers import AutoModelForCausalLM
 
     dtype = compute_dtype(quant.compute_dtype, device.startswith("cuda"))
@@ -157,6 +160,7 @@ def _generic_tokenizer(path: Path) -> bool:
 def merge_adapter(base_path: Path, adapter_path: Path, out: Path) -> Path:
     """A standalone model: the adapter merged into the full-precision base (never the 4-bit
     weights, whose rounding would change the result), saved as safetensors."""
+    import_bitsandbytes()
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -54,3 +54,42 @@ def test_the_pipeline_loads_mlflow_only_with_its_first_run() -> None:
     code = "import sys\nimport lorafleet.pipeline\nprint('mlflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stdout
+
+
+_NF4_RUN = """
+import sys, hashlib, torch
+{first}
+from lorafleet.models import load_base
+from lorafleet.spec import QuantizationSpec
+from lorafleet.tinybase import tiny_base_path
+
+torch.manual_seed(0)
+model = load_base(tiny_base_path(), QuantizationSpec(compute_dtype="float32"), "cpu")
+import bitsandbytes as bnb
+logits = model(torch.arange(1, 17).unsqueeze(0)).logits
+param = torch.nn.Parameter(torch.randn(64, 64))
+optimizer = bnb.optim.PagedAdamW8bit([param], lr=1e-2)
+(model(torch.arange(1, 17).unsqueeze(0)).logits.sum() * param.sum()).backward()
+optimizer.step()
+digest = hashlib.sha256(logits.detach().numpy().tobytes() + param.detach().numpy().tobytes()).hexdigest()
+print(digest, "torch._inductor.lowering" in sys.modules, torch.compile.__module__)
+"""
+
+
+def test_bitsandbytes_loads_without_inductor_and_computes_the_same() -> None:
+    """`import_bitsandbytes` (through `load_base`, as workers and replicas load) keeps
+    TorchInductor out of the process, leaves torch.compile as it was, and the NF4 forward and a
+    paged 8-bit AdamW step give the same bits as after a plain `import bitsandbytes`."""
+    from lorafleet.tinybase import tiny_base_path
+
+    tiny_base_path()  # built once here, not inside both runs
+    runs = {}
+    for how, first in {"fast": "", "plain": "import bitsandbytes"}.items():
+        out = subprocess.run(
+            [sys.executable, "-c", _NF4_RUN.format(first=first)], capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs[how] = out.stdout.split()
+    assert runs["fast"][1:] == ["False", "torch"], runs
+    assert runs["plain"][1] == "True", "bitsandbytes no longer imports TorchInductor: drop fastimport"
+    assert runs["fast"][0] == runs["plain"][0]

@@ -13,12 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from transformers import TrainerCallback
 
 from lorafleet.errors import BaseMismatchError, DataError
+from lorafleet.fastimport import import_bitsandbytes
 from lorafleet.spec import JobSpec, zero_stage
 from lorafleet.train.plan import ADAPTER_FILES, JobPlan
 from lorafleet.train.progress import InjectedFault, JobCancelled
+
+import_bitsandbytes()  # first: transformers' trainer callbacks import peft, which imports it
+from transformers import TrainerCallback  # noqa: E402
 
 
 def lora_config(job: JobSpec) -> Any:
