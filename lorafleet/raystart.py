@@ -137,8 +137,9 @@ def carries_worker_env() -> bool:
 
 def joins_cluster(address: str | None) -> bool:
     """Whether Ray comes from a running cluster (joining costs milliseconds) rather than a local
-    one started here (seconds)."""
-    return (address or os.environ.get("RAY_ADDRESS") or None) not in (None, "local")
+    one started here (seconds): Ray's own rule, so an unnamed `ray start` cluster on this machine
+    counts as the running cluster it is (`ray.init()` joins it)."""
+    return not starts_new_cluster(address)
 
 
 def connect(address: str | None) -> None:

@@ -101,6 +101,8 @@ def test_only_local_or_unset_addresses_start_a_cluster(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert not raystart.starts_new_cluster(None)
     assert raystart.starts_new_cluster("local")
+    for address in ("local", "10.0.0.1:6379", "auto", None):  # one rule for both questions
+        assert raystart.joins_cluster(address) is not raystart.starts_new_cluster(address)
 
 
 def test_the_runtime_env_is_a_new_dict_each_time():
