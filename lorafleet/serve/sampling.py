@@ -8,12 +8,10 @@ row). The API validates the same bounds; these checks are the engine's own defen
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from lorafleet.serve.decoder import GenerationRequest
+from lorafleet.serve.request import GenerationRequest
 
 # Below this temperature a row decodes greedily: logits / 1e-45 overflow to inf and softmax to
 # NaN (vLLM's _SAMPLING_EPS is the same floor).
