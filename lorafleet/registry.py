@@ -29,7 +29,7 @@ T = "lorafleet."
 CANDIDATE, PRODUCTION = "candidate", "production"
 ALLOWED_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # the name part is a registered model name (prefix + customer), so it follows limits.NAME_RULE
-REF = re.compile(rf"^(?P<customer>{NAME_RULE})(?:@(?P<alias>[a-z0-9_-]+)|/(?P<version>\d+))?$")
+REF = re.compile(rf"(?P<customer>{NAME_RULE})(?:@(?P<alias>[a-z0-9_-]+)|/(?P<version>[0-9]+))?")
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class AdapterRef:
 
 
 def parse_ref(name: str, prefix: str = "") -> AdapterRef:
-    m = REF.match(name)
+    m = REF.fullmatch(name)
     if not m:
         raise RegistryError(f"'{name}' is not an adapter name; use 'acme', 'acme@candidate' or 'acme/3'")
     version = int(m["version"]) if m["version"] else None

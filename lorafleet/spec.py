@@ -14,12 +14,63 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lorafleet.errors import SpecError
 from lorafleet.limits import MAX_SERVE_RANK, PREFIX_RULE, check_name
 
-SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+SLUG = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # fullmatch: `$` alone would let a final newline in
+
+
+def _not_a_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not true/false")
+    return value
+
+
+# YAML gives ints, floats and booleans their own types, so a spec takes each only as itself: a
+# `rank: true` is a mistake, not rank 1. Numbers written as strings ('1e-4', which YAML 1.1 reads
+# as a string) still parse as floats; infinities and NaN never pass (`allow_inf_nan=False`).
+Whole = Annotated[int, Strict()]
+Flag = Annotated[bool, Strict()]
+Real = Annotated[float, BeforeValidator(_not_a_bool)]
+
+# The transformers optimizers that run with this project's dependencies alone (torch and
+# bitsandbytes; no layer-wise, GaLore, APOLLO, LOMO, schedule-free or XLA/NPU ones): a name
+# outside these failed only when the job's trainer was built, after the fleet had started.
+OPTIMIZERS = (
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+    "adamw_8bit",
+    "adamw_bnb_8bit",
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adafactor",
+    "sgd",
+    "adagrad",
+    "rmsprop",
+    "rmsprop_bnb",
+    "rmsprop_bnb_8bit",
+    "rmsprop_bnb_32bit",
+    "lion_8bit",
+    "lion_32bit",
+    "paged_lion_8bit",
+    "paged_lion_32bit",
+    "ademamix",
+    "ademamix_8bit",
+    "paged_ademamix_8bit",
+    "paged_ademamix_32bit",
+)
+Optimizer = Literal[OPTIMIZERS]
 
 
 # DeepSpeed presets ship inside the package so a wheel install resolves them too. The files are copies
@@ -68,23 +119,37 @@ def zero_stage(config: dict[str, Any]) -> int:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class LoraSpec(_Strict):
-    rank: int = Field(
+    rank: Whole = Field(
         16,
         gt=0,
         description="LoRA rank r; higher learns more, costs "
         f"memory; at most {MAX_SERVE_RANK}, the largest the endpoint serves",
     )
-    alpha: float = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha/rank")
-    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
-    target_modules: str | list[str] = Field(
-        "all-linear", description="'all-linear' or a list of module names, e.g. [q_proj, v_proj]"
+    alpha: Real = Field(32, gt=0, le=4096, description="LoRA alpha; the update is scaled by alpha/rank")
+    dropout: Real = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear",
+        description="'all-linear' or a list of the base's linear module names, e.g. [q_proj, v_proj]",
     )
-    use_dora: bool = Field(False, description="weight-decomposed LoRA (DoRA)")
-    use_rslora: bool = Field(False, description="rank-stabilised scaling alpha/sqrt(rank)")
+    use_dora: Flag = Field(False, description="weight-decomposed LoRA (DoRA)")
+    use_rslora: Flag = Field(False, description="rank-stabilised scaling alpha/sqrt(rank)")
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _module_list(cls, v: Any) -> Any:
+        # peft reads one string as a regular expression over whole module names: `q_proj` alone
+        # then matches nothing, so a single name must be a list
+        if isinstance(v, str) and v != "all-linear":
+            raise ValueError(f"give a list of module names, e.g. [{v}], or 'all-linear'")
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty list trains nothing; name modules, e.g. [q_proj, v_proj]")
+        if isinstance(v, list) and not all(isinstance(name, str) and name.strip() for name in v):
+            raise ValueError("each module name must be a non-empty string")
+        return v
 
     @field_validator("rank")
     @classmethod
@@ -99,29 +164,33 @@ class LoraSpec(_Strict):
 
 
 class QuantizationSpec(_Strict):
-    load_in_4bit: bool = Field(True, description="load the base in 4 bits (QLoRA); false = full")
+    load_in_4bit: Flag = Field(True, description="load the base in 4 bits (QLoRA); false = full")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type")
-    double_quant: bool = Field(True, description="quantise the quantisation constants too")
+    double_quant: Flag = Field(True, description="quantise the quantisation constants too")
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="'auto' = bfloat16 on a GPU, float32 on a CPU"
     )
 
 
 class TrainingSpec(_Strict):
-    epochs: float = Field(1.0, gt=0, description="passes over the data (if no max_steps)")
-    max_steps: int | None = Field(None, gt=0, description="optimizer steps; wins over epochs")
-    learning_rate: float = Field(2e-4, gt=0, le=1, description="peak learning rate")
+    epochs: Real = Field(1.0, gt=0, le=1000, description="passes over the data (if no max_steps)")
+    max_steps: Whole | None = Field(None, gt=0, le=1_000_000, description="optimizer steps; wins over epochs")
+    learning_rate: Real = Field(2e-4, gt=0, le=1, description="peak learning rate")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="fraction of steps warming up")
-    batch_size: int = Field(8, gt=0, description="examples per device per step")
-    gradient_accumulation: int = Field(1, gt=0, description="micro-batches per optimizer step")
-    max_length: int = Field(512, gt=8, description="tokens per example; longer ones truncated")
-    optimizer: str = Field("paged_adamw_8bit", description="a transformers optim name")
-    eval_fraction: float = Field(0.1, ge=0, lt=0.9, description="held-out share for eval loss")
-    seed: int = Field(0, ge=0)
-    save_steps: int = Field(50, gt=0, description="checkpoint every N steps (resume point)")
-    logging_steps: int = Field(5, gt=0)
-    gradient_checkpointing: bool = True
+    warmup_ratio: Real = Field(0.03, ge=0, lt=1, description="fraction of steps warming up")
+    batch_size: Whole = Field(8, gt=0, le=4096, description="examples per device per step")
+    gradient_accumulation: Whole = Field(1, gt=0, le=4096, description="micro-batches per optimizer step")
+    max_length: Whole = Field(
+        512, gt=8, le=1_048_576, description="tokens per example; longer ones truncated (at most the base's)"
+    )
+    optimizer: Optimizer = Field(
+        "paged_adamw_8bit", description="a transformers optimizer that needs only torch and bitsandbytes"
+    )
+    eval_fraction: Real = Field(0.1, ge=0, lt=0.9, description="held-out share for eval loss")
+    seed: Whole = Field(0, ge=0, le=2**32 - 1, description="data order, dropout and init (numpy's range)")
+    save_steps: Whole = Field(50, gt=0, le=1_000_000, description="checkpoint every N steps (resume point)")
+    logging_steps: Whole = Field(5, gt=0, le=1_000_000)
+    gradient_checkpointing: Flag = True
     deepspeed: str | None = Field(
         None,
         description="DeepSpeed preset (zero2, zero3; see configs/deepspeed) or a path to a DeepSpeed "
@@ -140,10 +209,12 @@ class TrainingSpec(_Strict):
 
 
 class ResourcesSpec(_Strict):
-    workers: int = Field(1, gt=0, description="Ray Train workers (data parallel) for one job")
-    gpus_per_worker: float = Field(0, ge=0, description="fractions share a GPU, e.g. 0.25")
-    cpus_per_worker: float = Field(1, gt=0)
-    max_failures: int = Field(0, ge=0, description="restarts from the last checkpoint after a crash")
+    workers: Whole = Field(1, gt=0, le=1024, description="Ray Train workers (data parallel) for one job")
+    gpus_per_worker: Real = Field(0, ge=0, le=64, description="fractions share a GPU, e.g. 0.25")
+    cpus_per_worker: Real = Field(1, gt=0, le=1024)
+    max_failures: Whole = Field(
+        0, ge=0, le=100, description="restarts from the last checkpoint after a crash"
+    )
 
     @field_validator("gpus_per_worker")
     @classmethod
@@ -168,6 +239,7 @@ class ResourcesSpec(_Strict):
 class RegistrySpec(_Strict):
     model_prefix: str = Field(
         "",
+        max_length=128,  # MLflow's model name column holds 256: prefix + customer (63) must fit
         description="registered model name = prefix + customer; letters, digits, "
         "'.', '_', '-' (the endpoint's adapter_prefix must match it)",
     )
@@ -188,19 +260,20 @@ class PackingSpec(_Strict):
     share a slot (several workers, DeepSpeed, another quantisation or per-worker resources than
     the fleet defaults) train in a Ray Train run of their own; `lorafleet validate` lists which."""
 
-    enabled: bool = Field(
+    enabled: Flag = Field(
         True, description="train eligible jobs in warm slots; false: one Ray Train run per job"
     )
-    max_jobs_per_slot: int | None = Field(
-        None, gt=0, description="K, the jobs one slot trains at once; default: from memory"
+    max_jobs_per_slot: Whole | None = Field(
+        None, gt=0, le=64, description="K, the jobs one slot trains at once; default: from memory"
     )
-    slots: int | None = Field(
+    slots: Whole | None = Field(
         None,
         gt=0,
+        le=1024,
         description="slots to start; default: as many as the cluster holds (each asks for one job's "
         "resources), at most one per slot job",
     )
-    keep_warm_s: float = Field(
+    keep_warm_s: Real = Field(
         0.0,
         ge=0,
         le=3600,
@@ -231,13 +304,13 @@ class JobEntry(Overrides):
     customer: Annotated[str, Field(description="customer id: lower-case slug, unique")]
     dataset: Annotated[str, Field(description="path (relative to the fleet file) or URI")]
     format: Literal["auto", "chat", "prompt_completion", "text", "csv", "parquet"] = "auto"
-    packing: bool = Field(True, description="false: this job trains in a Ray Train run of its own")
+    packing: Flag = Field(True, description="false: this job trains in a Ray Train run of its own")
 
     @field_validator("customer")
     @classmethod
     def _slug(cls, v: str) -> str:
-        if not SLUG.match(v):
-            raise ValueError(f"'{v}' is not a slug: use a-z, 0-9 and '-', starting alphanumeric")
+        if not isinstance(v, str) or not SLUG.fullmatch(v):
+            raise ValueError(f"{v!r} is not a slug: use a-z, 0-9 and '-', starting alphanumeric")
         return v
 
 
@@ -252,18 +325,23 @@ class FleetSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _slug(cls, v: str) -> str:
-        if not SLUG.match(v):
-            raise ValueError(f"'{v}' is not a slug: use a-z, 0-9 and '-'")
+        if not isinstance(v, str) or not SLUG.fullmatch(v):
+            raise ValueError(f"{v!r} is not a slug: use a-z, 0-9 and '-', starting alphanumeric")
         return v
 
-    @model_validator(mode="after")
-    def _unique_customers(self) -> FleetSpec:
-        seen: set[str] = set()
-        for job in self.jobs:
-            if job.customer in seen:
-                raise ValueError(f"customer '{job.customer}' appears twice; ids must be unique")
-            seen.add(job.customer)
-        return self
+    def repeated_customers(self) -> list[str]:
+        """`jobs[i].customer` errors for each id used before (reported with the jobs' own)."""
+        first: dict[str, int] = {}
+        errors = []
+        for i, job in enumerate(self.jobs):
+            if job.customer in first:
+                also = first[job.customer]
+                errors.append(
+                    f"jobs[{i}].customer: customer '{job.customer}' appears twice (also jobs[{also}]); "
+                    "ids must be unique: rename one, or merge the two jobs"
+                )
+            first.setdefault(job.customer, i)
+        return errors
 
 
 class JobSpec(_Strict):
@@ -289,9 +367,20 @@ class JobSpec(_Strict):
 _BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
 
+# YAML 1.1 reads these words as booleans, so `customer: no` or a key `on:` arrive as false/true
+_YAML_BOOLEAN_HINT = "YAML reads yes, no, on, off, true and false as booleans: quote the word ('no')"
+
+
 def _format_error(err: dict[str, Any], prefix: str = "") -> str:
-    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+    loc = err["loc"]
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     kind = err["type"]
+    if kind == "invalid_key":  # pydantic puts the key itself last in the path: name the mapping
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[:-1]).lstrip(".")
+        hint = f"; {_YAML_BOOLEAN_HINT}" if isinstance(err.get("input"), bool) else ""
+        return f"{prefix}{where}: the key {err.get('input')!r} is not a field name{hint}"
+    if kind == "string_type" and isinstance(err.get("input"), bool):
+        return f"{prefix}{path}: {err['msg']} (got {err.get('input')!r}); {_YAML_BOOLEAN_HINT}"
     if kind == "extra_forbidden":
         return f"{prefix}{path}: unknown field; check the spelling (see `lorafleet schema`)"
     if kind == "missing":
@@ -315,7 +404,7 @@ def load_fleet(path: str | Path) -> FleetSpec:
     if not path.is_file():
         raise SpecError(f"{path}: no such fleet file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
@@ -324,8 +413,40 @@ def load_fleet(path: str | Path) -> FleetSpec:
         fleet = FleetSpec.model_validate(raw)
     except ValidationError as exc:
         raise format_validation_error(exc, str(path)) from None
-    resolve_jobs(fleet, path)  # overrides are checked only once merged
+    repeated = [f"{path}: {e}" for e in fleet.repeated_customers()]
+    try:
+        resolve_jobs(fleet, path)  # overrides are checked only once merged
+    except SpecError as exc:
+        raise SpecError("\n".join([*repeated, str(exc)])) from None
+    if repeated:
+        raise SpecError("\n".join(repeated))
     return fleet
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key written twice in one mapping is an error: PyYAML keeps
+    the last, so a job's second `lora:` silently replaced its first. Keys a merge (`<<: *anchor`)
+    brings in may still be overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:
+                continue  # an unhashable key: PyYAML's own error says so
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} appears twice in one mapping (first on line {first}); "
+                    "the second would silently replace the first: keep one",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
 
 
 def resolve_jobs(fleet: FleetSpec, fleet_file: Path) -> list[JobSpec]:

@@ -86,7 +86,15 @@ def test_bad_override_names_file_and_field(tmp_path, job_fields, expected):
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [
-        (lambda d: d["jobs"].append({"customer": "acme", "dataset": "x"}), "customer 'acme' appears twice"),
+        (
+            lambda d: d["jobs"].append({"customer": "acme", "dataset": "x"}),
+            "jobs[2].customer: customer 'acme' appears twice (also jobs[0])",
+        ),
+        (lambda d: d["jobs"].append({"customer": "acme\n", "dataset": "x"}), "jobs[2].customer: 'acme\\n'"),
+        (lambda d: d.update(name="fleet\n"), "name: 'fleet\\n' is not a slug"),
+        (lambda d: d["jobs"].append({"customer": False, "dataset": "x"}), "quote the word"),
+        (lambda d: d["jobs"][0].update({True: 3}), "jobs[0]: the key True is not a field name; YAML reads"),
+        (lambda d: d.update(registry={"model_prefix": "p" * 129}), "registry.model_prefix"),
         (
             lambda d: d["jobs"].append({"customer": "Bad_Id", "dataset": "x"}),
             "jobs[2].customer: 'Bad_Id' is not a slug",
@@ -175,3 +183,108 @@ def test_prefixed_names_resolve_back_to_their_model():
         name = RegistrySpec(model_prefix=prefix).model_prefix + "acme"
         assert parse_ref(f"{name}/3").model == name
         assert parse_ref("acme@candidate", prefix).model == name
+
+
+def _number_fields():
+    """(section, field) for every number a job's sections take."""
+    from lorafleet.spec import LoraSpec, ResourcesSpec, TrainingSpec
+
+    numbers = (int, float, int | None, float | None)
+    for section, model in (("lora", LoraSpec), ("training", TrainingSpec), ("resources", ResourcesSpec)):
+        for name, info in model.model_fields.items():
+            if info.annotation in numbers:
+                yield section, name
+
+
+@pytest.mark.parametrize(("section", "name"), list(_number_fields()))
+def test_every_number_a_job_takes_is_bounded_and_typed(tmp_path, section, name):
+    """Infinities, NaN, absurd magnitudes and booleans never pass as numbers: each is an error
+    naming the field (`rank: true` was rank 1; `epochs: .inf` overflowed at training time)."""
+    for value in (float("inf"), float("-inf"), float("nan"), 10**30, -(10**30), True):
+        with pytest.raises(SpecError) as err:
+            load_fleet(write(tmp_path, with_job(**{section: {name: value}})))
+        assert f"jobs[2].{section}.{name}:" in str(err.value), (value, str(err.value))
+
+
+@pytest.mark.parametrize("name", ["max_jobs_per_slot", "slots", "keep_warm_s"])
+def test_every_packing_number_is_bounded_and_typed(tmp_path, name):
+    for value in (float("inf"), float("nan"), 10**30, -1, True):
+        data = json.loads(json.dumps(GOOD)) | {"packing": {name: value}}
+        with pytest.raises(SpecError, match=f"packing.{name}:"):
+            load_fleet(write(tmp_path, data))
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"lora": {"target_modules": "q_proj"}}, "give a list of module names, e.g. [q_proj]"),
+        ({"lora": {"target_modules": []}}, "an empty list trains nothing"),
+        ({"lora": {"target_modules": ["q_proj", ""]}}, "each module name must be a non-empty string"),
+        ({"training": {"optimizer": "adamw_bogus"}}, "jobs[2].training.optimizer: Input should be"),
+        ({"training": {"seed": 2**32}}, "jobs[2].training.seed: must be <= 4294967295"),
+        ({"training": {"max_steps": 10.0}}, "jobs[2].training.max_steps: Input should be a valid integer"),
+        (
+            {"quantization": {"load_in_4bit": "yes"}},
+            "quantization.load_in_4bit: Input should be a valid boolean",
+        ),
+        ({"packing": "off"}, "jobs[2].packing: Input should be a valid boolean"),
+    ],
+)
+def test_values_that_failed_only_at_training_time_are_refused(tmp_path, fields, expected):
+    with pytest.raises(SpecError) as err:
+        load_fleet(write(tmp_path, with_job(**fields)))
+    assert expected in str(err.value)
+
+
+def test_numbers_yaml_reads_as_strings_still_parse(tmp_path):
+    """YAML 1.1 reads `1e-4` (no dot) as a string: a learning rate written that way is a number."""
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump(GOOD).replace("learning_rate: 0.001", "learning_rate: 1e-3"))
+    assert "1e-3" in path.read_text()
+    assert resolve_jobs(load_fleet(path), path)[0].training.learning_rate == 1e-3
+
+
+def test_a_key_written_twice_is_an_error_but_a_merge_may_override(tmp_path):
+    path = tmp_path / "fleet.yaml"
+    path.write_text(
+        "name: f\nbase_model: tiny-llama\njobs:\n  - customer: a\n    dataset: a.jsonl\n"
+        "    lora: {rank: 8}\n    lora: {alpha: 4}\n"
+    )
+    with pytest.raises(SpecError, match=r"key 'lora' appears twice in one mapping \(first on line 6\)"):
+        load_fleet(path)
+    path.write_text(
+        "x-job: &job {customer: a, dataset: a.jsonl}\nname: f\nbase_model: tiny-llama\n"
+        "jobs:\n  - <<: *job\n    customer: b\n"
+    )
+    with pytest.raises(SpecError, match="x-job: unknown field"):  # the merge itself is fine
+        load_fleet(path)
+
+
+def test_every_accepted_optimizer_builds_and_steps():
+    """Each name the spec takes is one transformers knows and builds with this project's
+    dependencies (a name outside them used to fail only when the job's trainer was built)."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+    from transformers.training_args import OptimizerNames
+
+    from lorafleet.spec import OPTIMIZERS
+
+    assert set(OPTIMIZERS) <= {o.value for o in OptimizerNames}
+    for name in OPTIMIZERS:
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(
+            TrainingArguments(output_dir=None, optim=name, learning_rate=1e-3, report_to=[])
+        )
+        param = torch.nn.Parameter(torch.ones(64, 64))
+        optimizer = cls([param], **kwargs)
+        param.sum().backward()
+        optimizer.step()
+        assert not torch.equal(param.detach(), torch.ones(64, 64)), name
+
+
+def test_model_names_with_a_trailing_newline_do_not_resolve():
+    from lorafleet.errors import RegistryError
+    from lorafleet.registry import parse_ref
+
+    for bad in ("acme\n", "acme/1\n", "acme@production\n", "acme/\u0661"):  # \u0661: an Arabic-Indic 1
+        with pytest.raises(RegistryError, match="is not an adapter name"):
+            parse_ref(bad)
