@@ -165,7 +165,7 @@ def error_of(r: httpx.Response, status: int) -> dict:
 def sse(r: httpx.Response) -> tuple[str, list[dict]]:
     events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
     text = "".join(
-        (e["choices"][0].get("delta") or {}).get("content") or "" for e in events if "choices" in e
+        (e["choices"][0].get("delta") or {}).get("content") or "" for e in events if e.get("choices")
     )
     return text, events
 
@@ -193,6 +193,22 @@ BAD = [
     ("stop", "x" * 65),
     ("max_tokens", 0),
     ("max_tokens", "many"),
+    # JSON types as OpenAI takes them: lax coercion made these 1 token, seed 1, greedy 0.5, ...
+    ("max_tokens", True),
+    ("max_tokens", "12"),
+    ("max_tokens", 1.5),
+    ("max_completion_tokens", 2.0),
+    ("seed", True),
+    ("n", True),
+    ("n", 0),
+    ("n", -1),
+    ("temperature", "0.5"),
+    ("top_p", True),
+    ("stream", "yes"),
+    ("stream", 1),
+    ("logit_bias", {"5": True}),
+    ("logit_bias", {"5": -100, "05": 100}),  # one token, two values
+    ("stream_options", {"include_usage": True}),  # without stream: true
     ("model", None),
     ("messages", []),
     ("messages", [{"role": "wizard", "content": "hi"}]),
@@ -260,6 +276,26 @@ def test_null_parameters_are_their_defaults(make):
             "content",
         ),
         ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "1"}]}, "messages"),
+        ({"messages": [*HI, {"role": "assistant", "content": "", "tool_calls": []}]}, "messages"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"stream": True, "stream_options": {"include_obfuscation": True}}, "stream_options"),
+        # other servers' sampling and decoding options: ignored, they would mislead a 200
+        *[
+            ({name: value}, name)
+            for name, value in {
+                "top_k": 1,
+                "min_p": 0.1,
+                "repetition_penalty": 1.2,
+                "min_tokens": 5,
+                "ignore_eos": True,
+                "guided_json": {},
+                "guided_choice": ["a"],
+                "chat_template": "{{ x }}",
+                "add_generation_prompt": False,
+                "echo": True,
+                "skip_special_tokens": False,
+            }.items()
+        ],
     ],
 )
 def test_unsupported_features_are_a_400_that_says_so(make, extra, param):
@@ -267,6 +303,76 @@ def test_unsupported_features_are_a_400_that_says_so(make, extra, param):
     err = error_of(run(ep.http.post(CHAT, json={"model": BASE, "messages": HI, **extra})), 400)
     assert err["param"] == param, err
     assert "not supported" in err["message"] or param in err["message"]
+    assert not ep.replica.requests
+
+
+def test_parameters_that_change_nothing_are_taken(make):
+    harmless = {"user": "u1", "metadata": {"k": "v"}, "store": False, "service_tier": "auto"}
+    ep = make()
+    r = run(ep.chat(**harmless, parallel_tool_calls=False, modalities=["text"], tool_choice="none"))
+    assert r.status_code == 200, r.text
+    named = [{"role": "user", "content": "hi", "name": "ann"}]
+    assert run(ep.http.post(CHAT, json={"model": BASE, "messages": named})).status_code == 200
+
+
+def _prompt_of(tokenizer, low: int, high: int) -> str:
+    """A completions prompt whose token count lies in [low, high)."""
+    words = 1
+    while len(tokenizer(" ".join(["order"] * words))["input_ids"]) < low:
+        words += 1
+    text = " ".join(["order"] * words)
+    assert low <= len(tokenizer(text)["input_ids"]) < high
+    return text
+
+
+def test_without_max_tokens_a_long_prompt_gets_the_room_the_context_leaves(make, tokenizer):
+    """Context 256, cap 32: a 240-token prompt sent without max_tokens is answered in the 16 tokens
+    left (it was refused, quoting a max_tokens of 32 the client never sent)."""
+    ep = make()
+    prompt = _prompt_of(tokenizer, 230, 250)
+    r = run(ep.http.post("/v1/completions", json={"model": BASE, "prompt": prompt}))
+    assert r.status_code == 200, r.text
+    gen = ep.replica.requests[-1]
+    assert gen.max_new_tokens == 256 - len(gen.prompt_ids) < 32
+    short = run(ep.http.post("/v1/completions", json={"model": BASE, "prompt": "hi"}))
+    assert short.status_code == 200 and ep.replica.requests[-1].max_new_tokens == 32
+
+
+def test_a_token_limit_the_endpoint_cannot_keep_is_a_400_quoting_the_clients_value(make, tokenizer):
+    ep = make()
+    err = error_of(run(ep.chat(max_tokens=33)), 400)  # over the cap: it was clamped to 32 silently
+    assert (
+        err["param"] == "max_tokens" and "max_tokens 33 is over" in err["message"] and "32" in err["message"]
+    )
+    err = error_of(run(ep.chat(max_completion_tokens=1000)), 400)
+    assert err["param"] == "max_completion_tokens"
+    prompt = _prompt_of(tokenizer, 230, 250)
+    body = {"model": BASE, "prompt": prompt, "max_tokens": 30}
+    err = error_of(run(ep.http.post("/v1/completions", json=body)), 400)
+    assert err["code"] == "context_length_exceeded" and "max_tokens 30" in err["message"]
+    assert err["param"] == "max_tokens" and "at most" in err["message"]
+    full = {"model": BASE, "prompt": _prompt_of(tokenizer, 256, 300)}
+    err = error_of(run(ep.http.post("/v1/completions", json=full)), 400)
+    assert err["code"] == "context_length_exceeded" and err["param"] == "prompt"
+    assert not ep.replica.requests
+
+
+def test_include_usage_ends_the_stream_with_the_usage(make, tokenizer):
+    ids = tokenizer("the answer is 42")["input_ids"]
+    ep = make(replica=FakeReplica(ids, per_step=2))
+    r = run(ep.chat(stream=True, stream_options={"include_usage": True}))
+    text, events = sse(r)
+    assert text == "the answer is 42"
+    last = events[-1]
+    n_prompt = len(ep.replica.requests[-1].prompt_ids)
+    assert last["choices"] == [] and last["id"] == events[0]["id"]
+    assert last["usage"] == {
+        "prompt_tokens": n_prompt,
+        "completion_tokens": len(ids),
+        "total_tokens": n_prompt + len(ids),
+    }
+    plain = run(ep.chat(stream=True, stream_options={"include_usage": False}))
+    assert all("usage" not in e for e in sse(plain)[1])
 
 
 def test_completions_refuse_echo_and_an_empty_prompt(make):
@@ -642,3 +748,45 @@ def test_tenants_see_only_their_own_models_and_their_limits(make, keys, tokenize
     )
     assert run(ep.chat(model="globex", headers={"authorization": f"Bearer {other}"})).status_code == 200
     assert getattr(ep.replica.requests[-1], "tenant", "globex-inc") == "globex-inc"
+
+
+def test_a_request_over_the_tenants_whole_token_budget_is_a_400_not_a_retry(make, tmp_path):
+    """A request larger than the tenant's tokens a minute can never run: a 429 sent clients into
+    retries a minute apart that could not succeed."""
+    from lorafleet.serve.keys import add_key
+
+    path = tmp_path / "keys.json"
+    auth = {"authorization": f"Bearer {add_key(path, 'tiny-corp', ['acme'], tokens_per_minute=24)}"}
+    ep = make(api_keys_file=str(path))
+    r = run(ep.chat(model="acme", headers=auth, max_tokens=30))
+    err = error_of(r, 400)
+    assert err["code"] == "request_too_large" and "can never run" in err["message"]
+    assert "retry-after" not in r.headers
+    assert run(ep.chat(model="acme", headers=auth, max_tokens=2)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        (CHAT, '{"model": "micro", "messages": [{"role": "user", "content": "hi \\ud800"}]}', "messages"),
+        (
+            CHAT,
+            '{"model": "micro", "messages": [{"role": "user", "content": '
+            '[{"type": "text", "text": "\\udfff"}]}]}',
+            "messages",
+        ),
+        (
+            CHAT,
+            '{"model": "micro", "messages": [{"role": "user", "content": "hi"}], "stop": ["\\ud800"]}',
+            "stop",
+        ),
+        ("/v1/completions", '{"model": "micro", "prompt": "a \\ud800 b"}', "prompt"),
+    ],
+)
+def test_an_unpaired_surrogate_is_a_400_that_names_it(make, path, body, param):
+    """JSON may escape a lone UTF-16 surrogate, which no tokenizer encodes: it was refused as a
+    chat template failure with the tokenizer's TypeError."""
+    ep = make()
+    headers = {"content-type": "application/json"}
+    err = error_of(run(ep.http.post(path, content=body.encode(), headers=headers)), 400)
+    assert err["param"] == param and "unpaired UTF-16 surrogate" in err["message"], err

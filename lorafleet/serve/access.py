@@ -61,6 +61,8 @@ class Tenants:
         try:
             return self.limiter.acquire(tenant, max_tokens)
         except TenantLimitError as exc:
+            if exc.code == "request_too_large":  # it can never fit: a retry would only wait
+                raise api.ApiError(400, exc.message, code=exc.code, param="max_tokens") from None
             raise api.ApiError(
                 429, exc.message, "rate_limit_error", code=exc.code, retry_after_s=exc.retry_after_s
             ) from None

@@ -3,23 +3,36 @@ OpenAI's error shape, so the official `openai` client works unchanged.
 
 Every parameter is bounded here, the way OpenAI and vLLM bound it: one request's values reach a
 shared batch, so nothing out of range may get past the API (see DESIGN.md, "a batch is shared").
-A feature we do not serve (tools, images, logprobs, n > 1) is refused with a 400 that names it,
-never ignored into a 200 the client would misread.
+A feature we do not serve (tools, images, logprobs, n > 1, other servers' options such as top_k)
+is refused with a 400 that names it, never ignored into a 200 the client would misread; JSON
+types are taken strictly (max_tokens: true is not 1 token). Token limits are settled in the
+ingress, which knows the context: no limit means what the cap and context leave.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
 MAX_STOP_STRINGS = 4  # OpenAI's bound
 MAX_STOP_CHARS = 64
 MAX_LOGIT_BIAS = 300  # OpenAI's bound
 GREEDY_BELOW = 1e-5  # a temperature under this decodes greedily (logits / 1e-45 overflow)
 SEED_RANGE = (-(2**63), 2**64)  # torch.Generator.manual_seed's range, [low, high)
+# JSON's types as OpenAI takes them: an integer parameter takes no true, 1.5 or "12" and a number
+# parameter no "0.5" or true (pydantic's lax mode made max_tokens: true one token)
+Count = Annotated[int, Strict()]
+Number = Annotated[float, Strict()]
+Switch = Annotated[bool, Strict()]
+# OpenAI parameters that change nothing in the answer: taken and ignored. Any other name is
+# refused, naming it (top_k, min_p, guided_json, ... are other servers' and not served here).
+HARMLESS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "prediction")
+# handled one by one below (refused unless set to what we serve)
+CHECKED = ("tools", "functions", "tool_choice", "function_call", "response_format", "logprobs")
+CHECKED += ("top_logprobs", "stream_options", "modalities")
 # the parameters OpenAI's API spec marks nullable: null means the default (clients built from the
 # spec send null for a parameter left unset, and OpenAI and vLLM answer them)
 NULLABLE = (
@@ -67,22 +80,23 @@ def unsupported(feature: str, param: str) -> ApiError:
 
 
 class _Request(BaseModel):
-    # OpenAI clients send fields we don't use (user, stream_options, ...); the ones that would
-    # change the answer's meaning are refused by _refuse_unsupported instead of being ignored
+    # extras are kept to be checked: HARMLESS ones pass, CHECKED ones only with the values we
+    # serve, and any other name is refused (_refuse_unsupported), never ignored
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    checked_here: ClassVar[tuple[str, ...]] = ()  # a route's own parameters, checked by its class
 
     model: str = Field(max_length=256, description="adapter name (acme, acme@candidate, acme/3) or the base")
-    max_tokens: int | None = Field(None, ge=1, le=1_000_000, description="new tokens at most")
-    max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
-    temperature: float = Field(1.0, ge=0, le=2, description=f"below {GREEDY_BELOW}: greedy")
-    top_p: float = Field(1.0, gt=0, le=1)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> -100..100")
+    max_tokens: Count | None = Field(None, ge=1, le=1_000_000, description="new tokens at most")
+    max_completion_tokens: Count | None = Field(None, ge=1, le=1_000_000)
+    temperature: Number = Field(1.0, ge=0, le=2, description=f"below {GREEDY_BELOW}: greedy")
+    top_p: Number = Field(1.0, gt=0, le=1)
+    frequency_penalty: Number = Field(0.0, ge=-2, le=2)
+    presence_penalty: Number = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, Number] | None = Field(None, description="token id (as a string) -> -100..100")
     stop: str | list[str] | None = Field(None, validate_default=True, description="at most 4 strings")
-    seed: int | None = Field(None, ge=SEED_RANGE[0], lt=SEED_RANGE[1])
-    stream: bool = False
-    n: int = 1
+    seed: Count | None = Field(None, ge=SEED_RANGE[0], lt=SEED_RANGE[1])
+    stream: Switch = False
+    n: Count = 1
 
     @model_validator(mode="before")
     @classmethod
@@ -99,6 +113,8 @@ class _Request(BaseModel):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
         if any(not s or len(s) > MAX_STOP_CHARS for s in stops):
             raise ValueError(f"each stop string must have 1 to {MAX_STOP_CHARS} characters")
+        for text in stops:
+            check_unicode(text)
         return stops
 
     @field_validator("logit_bias")
@@ -108,18 +124,26 @@ class _Request(BaseModel):
             return None
         if len(v) > MAX_LOGIT_BIAS:
             raise ValueError(f"at most {MAX_LOGIT_BIAS} entries, got {len(v)}")
+        seen: dict[int, str] = {}
         for key, value in v.items():
             if not key.isascii() or not key.isdigit() or len(key) > 9:
                 raise ValueError(f"keys are token ids written as strings, got {key!r}")
             if not -100 <= value <= 100:
                 raise ValueError(f"values lie in -100..100, got {value} for token {key}")
+            if (other := seen.setdefault(int(key), key)) != key:  # '5' and '05': one token, two values
+                raise ValueError(f"keys {other!r} and {key!r} are the same token {int(key)}; give it once")
         return v
 
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> _Request:
+        if self.n < 1:
+            raise ApiError(400, f"n must be 1 (got {self.n})", param="n")
         if self.n != 1:
             raise unsupported(f"n={self.n} (several choices per request); only n=1 is served", "n")
         extra = self.model_extra or {}
+        for name in extra:
+            if name not in HARMLESS + CHECKED + self.checked_here:
+                raise unsupported(f"the parameter '{name}'", name)
         for name in ("tools", "functions"):
             if extra.get(name):
                 raise unsupported(f"'{name}' (function calling)", name)
@@ -131,10 +155,30 @@ class _Request(BaseModel):
             raise unsupported("response_format other than {'type': 'text'}", "response_format")
         if extra.get("logprobs") not in (None, False) or extra.get("top_logprobs") not in (None, 0):
             raise unsupported("logprobs", "logprobs")
+        if extra.get("modalities") not in (None, ["text"]):
+            raise unsupported("modalities other than ['text']", "modalities")
+        self._stream_options(extra.get("stream_options"))
         return self
 
-    def new_tokens(self, default: int) -> int:
-        return self.max_completion_tokens or self.max_tokens or default
+    def _stream_options(self, options: Any) -> None:
+        if options is None:
+            return
+        if not self.stream:
+            raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
+        if not isinstance(options, dict) or set(options) - {"include_usage"}:
+            raise unsupported("stream_options other than include_usage", "stream_options")
+        if not isinstance(options.get("include_usage", False), bool):
+            raise ApiError(400, "stream_options.include_usage must be true or false", param="stream_options")
+
+    def include_usage(self) -> bool:
+        """OpenAI's stream_options.include_usage: a last chunk with the usage, no choices."""
+        return bool(((self.model_extra or {}).get("stream_options") or {}).get("include_usage"))
+
+    def asked_tokens(self) -> tuple[str, int | None]:
+        """The client's own limit on new tokens and the parameter that set it (None: not set)."""
+        if self.max_completion_tokens is not None:
+            return "max_completion_tokens", self.max_completion_tokens
+        return "max_tokens", self.max_tokens
 
     def bias(self) -> dict[int, float]:
         return {int(k): v for k, v in (self.logit_bias or {}).items()}
@@ -143,18 +187,33 @@ class _Request(BaseModel):
         return 0.0 if self.temperature < GREEDY_BELOW else self.temperature
 
 
+def check_unicode(text: str) -> str:
+    """JSON may carry an unpaired UTF-16 surrogate (\\ud800) no tokenizer can encode: say so."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start : exc.end].encode("unicode_escape").decode()
+        raise ValueError(
+            f"holds an unpaired UTF-16 surrogate ({bad}) at character {exc.start}; send valid Unicode"
+        ) from None
+    return text
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # a participant's `name` goes to the chat template, as vLLM passes it; anything else a message
+    # may carry (tool_calls, audio, refusal, ...) is refused rather than dropped
+    model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[dict[str, Any]]
+    name: str | None = Field(None, max_length=256)
 
     @field_validator("content")
     @classmethod
     def _text_parts(cls, v: str | list[dict[str, Any]]) -> str:
         """OpenAI's content parts: text parts are joined (as vLLM does); any other kind is refused."""
         if isinstance(v, str):
-            return v
+            return check_unicode(v)
         texts = []
         for part in v:
             kind = part.get("type")
@@ -162,12 +221,13 @@ class ChatMessage(BaseModel):
                 raise unsupported(f"content part type {kind!r} (this endpoint serves text only)", "content")
             if not isinstance(part.get("text"), str):
                 raise ValueError("a text content part needs a string 'text'")
-            texts.append(part["text"])
+            texts.append(check_unicode(part["text"]))
         return "\n".join(texts)
 
     def template_dict(self) -> dict[str, str]:
         role = "system" if self.role == "developer" else self.role  # OpenAI's newer name for system
-        return {"role": role, "content": self.content}
+        named = {"name": self.name} if self.name else {}
+        return {"role": role, "content": self.content, **named}
 
 
 class ChatCompletionRequest(_Request):
@@ -175,7 +235,15 @@ class ChatCompletionRequest(_Request):
 
 
 class CompletionRequest(_Request):
+    checked_here: ClassVar[tuple[str, ...]] = ("echo", "suffix", "best_of")
     prompt: str = Field(min_length=1, description="the text to continue (one string)")
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_string(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            raise ValueError("one string is served: a list of prompts or of token ids is not")
+        return check_unicode(v) if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _completion_only(self) -> CompletionRequest:
@@ -239,6 +307,18 @@ def completion_chunk(cid: str, model: str, delta: str | None, finish: str | None
         "created": int(time.time()),
         "model": model,
         "choices": [{"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}],
+    }
+
+
+def usage_chunk(cid: str, model: str, chat: bool, usage: Usage) -> dict:
+    """The stream's last chunk when stream_options.include_usage is true: no choices, the usage."""
+    return {
+        "id": cid,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [],
+        "usage": usage.model_dump(),
     }
 
 

@@ -145,18 +145,43 @@ class IngressCore:
 
     async def _complete(self, body: Any, tenant: Any, ids: list[int], chat: bool, deadline: float) -> Any:
         adapter_id = await self._resolve(body.model, tenant)
-        max_new = min(body.new_tokens(self.args.max_new_tokens), self.args.max_new_tokens)
-        if len(ids) + max_new > self.context:
-            raise api.ApiError(
-                400,
-                f"prompt is {len(ids)} tokens and max_tokens {max_new}; the "
-                f"context length is {self.context}: shorten the prompt or max_tokens",
-                code="context_length_exceeded",
-                param="messages" if chat else "prompt",
-            )
+        max_new = self._max_new(body, len(ids), "messages" if chat else "prompt")
         gen = self._request(body, ids, max_new, tenant)
         lease = self.tenants.acquire(tenant, len(ids) + max_new)
         return await self.replies.answer(gen, adapter_id or "", body, chat, deadline, lease)
+
+    def _max_new(self, body: Any, n_prompt: int, prompt_param: str) -> int:
+        """New tokens for this request: what the client asked for, or without a limit of its own
+        as many as the endpoint's cap and the context leave (as OpenAI and vLLM do). A limit over
+        the cap or past the context is a 400 quoting the client's own value, never a clamp it
+        would read as its own `finish_reason: length`."""
+        param, asked = body.asked_tokens()
+        cap, room = self.args.max_new_tokens, self.context - n_prompt
+        if room < 1:
+            raise api.ApiError(
+                400,
+                f"the prompt is {n_prompt} tokens and the context length is {self.context}, which "
+                "leaves no room for an answer: shorten the prompt",
+                code="context_length_exceeded",
+                param=prompt_param,
+            )
+        if asked is None:
+            return min(cap, room)
+        if asked > cap:
+            raise api.ApiError(
+                400,
+                f"{param} {asked} is over this endpoint's limit of {cap} new tokens a request",
+                param=param,
+            )
+        if asked > room:
+            raise api.ApiError(
+                400,
+                f"the prompt is {n_prompt} tokens and {param} {asked}; the context length is "
+                f"{self.context}: shorten the prompt or lower {param} to at most {room}",
+                code="context_length_exceeded",
+                param=param,
+            )
+        return asked
 
     def _request(self, body: Any, ids: list[int], max_new: int, tenant: Any) -> Any:
         from lorafleet.serve.decoder import GenerationRequest

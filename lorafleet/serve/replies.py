@@ -226,13 +226,21 @@ class Replies:
         first = await self._next(stream, deadline)
         if isinstance(first, dict) and (err := final_error(first)) is not None:
             raise err
-        events = self._sse(stream, first, body, chat, deadline, lease, tag)
+        events = self._sse(stream, first, body, chat, deadline, lease, tag, len(gen.prompt_ids))
         # a client gone before the body starts: the generator never runs its finally
         weakref.finalize(events, _abandon, stream, lease)
         return StreamingResponse(events, media_type="text/event-stream")
 
     async def _sse(
-        self, stream: Any, item: Any, body: Any, chat: bool, deadline: float, lease: Any, tag: str
+        self,
+        stream: Any,
+        item: Any,
+        body: Any,
+        chat: bool,
+        deadline: float,
+        lease: Any,
+        tag: str,
+        n_prompt: int,
     ):
         cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         chunk = api.chat_chunk if chat else api.completion_chunk
@@ -266,4 +274,7 @@ class Replies:
                 await _close(stream)
         self.metrics.done(tag, n, start)
         yield _event(chunk(cid, body.model, None, finish))
+        if body.include_usage():
+            usage = api.Usage(prompt_tokens=n_prompt, completion_tokens=n, total_tokens=n_prompt + n)
+            yield _event(api.usage_chunk(cid, body.model, chat, usage))
         yield "data: [DONE]\n\n"

@@ -189,8 +189,9 @@ class TenantLimiter:
             return
         if max_tokens > limit:
             raise TenantLimitError(
-                f"max_tokens {max_tokens} is over tenant {tenant.tenant!r}'s limit of {limit} tokens "
-                "per minute: lower max_tokens",
+                f"the request may use {max_tokens} tokens (its prompt and max_tokens), over tenant "
+                f"{tenant.tenant!r}'s limit of {limit} tokens per minute, so it can never run: shorten "
+                "the prompt or lower max_tokens",
                 WINDOW_S,
                 "request_too_large",
             )
