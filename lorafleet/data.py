@@ -65,12 +65,14 @@ def _remote_fs(url: str) -> tuple[Any, str]:
             return fsspec.core.url_to_fs(url)
         except ImportError:  # "Install s3fs to access S3": pyarrow may speak it
             pass
+        except ValueError as exc:  # "Protocol not known: foo"
+            raise DataError(f"{redact(url)}: {exc}; give a local path or an s3://, gs://, ... URL") from None
     import pyarrow.fs
     from fsspec.implementations.arrow import ArrowFSWrapper
 
     try:
         arrow, path = pyarrow.fs.FileSystem.from_uri(url)
-    except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError) as exc:
+    except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError, OSError) as exc:
         raise DataError(
             f"{redact(url)}: cannot open this URL ({exc}); install the fsspec package for its protocol "
             "(e.g. s3fs, gcsfs) or give a local path"
@@ -129,9 +131,16 @@ def detect_format(path: Path, declared: str = "auto") -> str:
     return "jsonl"
 
 
+MESSAGE_KEYS = ("role", "content")
+
+
 def _check_message(msg: Any, i: int) -> str | None:
     if not isinstance(msg, dict):
         return f"messages[{i}] must be an object with role and content"
+    if "weight" in msg:  # OpenAI's weight 0 means "do not train on this turn": never ignore it
+        return f"messages[{i}].weight is not supported (every assistant turn is trained on); remove it"
+    if unknown := sorted(set(msg) - set(MESSAGE_KEYS)):
+        return f"messages[{i}] has keys {unknown} this trainer does not read; keep role and content"
     role = msg.get("role")
     if role not in ROLES:
         return f"messages[{i}].role {role!r} is not one of {', '.join(ROLES)}"
@@ -154,6 +163,8 @@ def check_record(rec: Any) -> tuple[str | None, str | None]:
         if not any(m["role"] == "assistant" for m in msgs):
             return "chat", "no assistant turn: there is nothing to learn from this conversation"
         return "chat", None
+    if ("prompt" in rec or "completion" in rec) and "text" in rec:
+        return None, "a record has prompt/completion or text, not both: keep one"
     if "prompt" in rec or "completion" in rec:
         for key in ("prompt", "completion"):
             if not isinstance(rec.get(key), str) or not rec[key]:
@@ -165,17 +176,38 @@ def check_record(rec: Any) -> tuple[str | None, str | None]:
     return None, f"unknown record with keys {sorted(rec)}; expected messages, prompt/completion or text"
 
 
+def _lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
+    """(line number, text, error) per line: a line that is not UTF-8 is an error of its own."""
+    for lineno, raw in enumerate(path.read_bytes().removeprefix(b"\xef\xbb\xbf").split(b"\n"), 1):
+        try:
+            yield lineno, raw.decode("utf-8").rstrip("\r"), None
+        except UnicodeDecodeError as exc:
+            yield lineno, None, f"not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1})"
+
+
+def _json_record(line: str) -> tuple[Any, str | None]:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return None, f"malformed JSON: {exc.msg} (column {exc.colno})"
+    except RecursionError:
+        return None, "malformed JSON: nested too deeply"
+    try:
+        json.dumps(rec, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # a \ud800 escape: no tokenizer can encode it
+        return None, "holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff); send valid Unicode"
+    return rec, None
+
+
 def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
     records, errors, kinds = [], [], set()
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
+    for lineno, line, bad in _lines(path):
+        if bad or not line.strip():
+            errors += [f"{path.name}:{lineno}: {bad}"] if bad else []
             continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            errors.append(f"{path.name}:{lineno}: malformed JSON: {exc.msg} (column {exc.colno})")
-            continue
-        kind, err = check_record(rec)
+        rec, err = _json_record(line)
+        if err is None:
+            kind, err = check_record(rec)
         if err:
             errors.append(f"{path.name}:{lineno}: {err}")
             continue
@@ -186,9 +218,16 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
     return records, errors
 
 
-def _read_text(path: Path) -> list[dict]:
-    blocks = [b.strip() for b in path.read_text(encoding="utf-8").split("\n\n")]
-    return [{"text": b} for b in blocks if b]
+def _read_text(path: Path) -> tuple[list[dict], list[str]]:
+    errors = [f"{path.name}:{lineno}: {bad}" for lineno, _, bad in _lines(path) if bad]
+    if errors:
+        return [], errors
+    text = path.read_text(encoding="utf-8-sig")
+    first = text.lstrip().split("\n", 1)[0]
+    if first.startswith("{") and _json_record(first)[1] is None and check_record(json.loads(first))[0]:
+        return [], [f"{path.name}: declared format text, but its lines are JSON records; use format: auto"]
+    blocks = [b.strip() for b in text.split("\n\n")]
+    return [{"text": b} for b in blocks if b], []
 
 
 def _read_table(path: Path, fmt: str) -> tuple[list[dict], list[str]]:
@@ -201,7 +240,11 @@ def _read_table(path: Path, fmt: str) -> tuple[list[dict], list[str]]:
     records, errors = [], []
     for row_no, rec in enumerate(table, 1):
         if isinstance(rec.get("messages"), str):  # CSV stores the conversation as JSON text
-            rec = {**rec, "messages": json.loads(rec["messages"])}
+            messages, err = _json_record(rec["messages"])
+            if err:
+                errors.append(f"{path.name}: row {row_no}: messages: {err}")
+                continue
+            rec = {**rec, "messages": messages}
         rec = {k: v for k, v in rec.items() if k in ("messages", "prompt", "completion", "text")}
         _, err = check_record(rec)
         if err:
@@ -220,6 +263,8 @@ def read_dataset(path: str | Path, fmt: str = "auto") -> tuple[list[dict], str]:
     """(examples, sha256) from one read of the bytes, so the hash is that of what was read."""
     where = redact(str(path))
     with local_copy(path) as local:
+        if local.is_dir():
+            raise DataError(f"{where}: is a folder; `dataset` names one file (JSONL, CSV, Parquet or text)")
         if not local.is_file():
             raise DataError(f"{where}: dataset file not found; check the job's `dataset` path")
         if local.stat().st_size == 0:
@@ -229,11 +274,15 @@ def read_dataset(path: str | Path, fmt: str = "auto") -> tuple[list[dict], str]:
 
 def _parse(path: Path, fmt: str, where: str) -> list[dict]:
     if fmt == "text":
-        records, errors = _read_text(path), []
+        records, errors = _read_text(path)
     elif fmt in ("csv", "parquet"):
         records, errors = _read_table(path, fmt)
     else:
         records, errors = _read_jsonl(path)
+    if records and not errors and fmt in ("chat", "prompt_completion") and record_kind(records) != fmt:
+        errors = [
+            f"{where}: declared format {fmt}, but its records are {record_kind(records)}; use format: auto"
+        ]
     if errors:
         more = len(errors) - MAX_REPORTED_ERRORS
         shown = errors[:MAX_REPORTED_ERRORS] + ([f"... and {more} more"] if more > 0 else [])
@@ -255,10 +304,37 @@ def token_count(rec: dict, tokenizer: Any) -> int:
     return len(tokenizer(rec["text"])["input_ids"])
 
 
+def first_loss_token(rec: dict, tokenizer: Any) -> int:
+    """Where the tokens a record trains on begin: its first assistant turn, its completion, or
+    (plain text) its first token."""
+    if "messages" in rec:
+        turns = rec["messages"]
+        first = next(i for i, m in enumerate(turns) if m["role"] == "assistant")
+        if first == 0:
+            return 0
+        prefix = tokenizer.apply_chat_template(
+            turns[:first], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        return len(prefix)
+    if "prompt" in rec:
+        return len(tokenizer(rec["prompt"])["input_ids"])
+    return 0
+
+
 def inspect_dataset(path: str | Path, fmt: str, tokenizer: Any, max_length: int) -> DatasetReport:
-    """Validate a dataset and measure it in the base model's tokens."""
+    """Validate a dataset and measure it in the base model's tokens. A dataset none of whose
+    examples keeps a token to learn from within max_length is an error here, not at training."""
     records, sha256 = read_dataset(path, fmt)
-    counts = [token_count(r, tokenizer) for r in records]
+    try:
+        counts = [token_count(r, tokenizer) for r in records]
+    except (TypeError, ValueError) as exc:  # text the tokenizer cannot take
+        raise DataError(f"{redact(str(path))}: the base's tokenizer refused an example: {exc}") from None
+    long = [r for r, c in zip(records, counts, strict=True) if c > max_length]
+    if len(long) == len(records) and all(first_loss_token(r, tokenizer) >= max_length for r in long):
+        raise DataError(
+            f"{redact(str(path))}: every example's answer starts after max_length {max_length} tokens, so "
+            "truncation leaves nothing to learn; raise training.max_length or shorten the prompts"
+        )
     return DatasetReport(
         path=redact(str(path)),
         format=record_kind(records),

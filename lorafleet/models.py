@@ -170,3 +170,26 @@ def merge_adapter(base_path: Path, adapter_path: Path, out: Path) -> Path:
     merged.save_pretrained(out, safe_serialization=True)
     load_tokenizer(base_path).save_pretrained(out)
     return out
+
+
+def matrix_modules(path: Path) -> set[str]:
+    """Names of the base's modules that hold a weight matrix (model.layers.0.self_attn.q_proj,
+    ...), read from its safetensors headers without loading a tensor or torch. Empty when the
+    base has no safetensors files (nothing to check against)."""
+    names: set[str] = set()
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with open(file, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for key, info in header.items():
+            if key.endswith(".weight") and len(info.get("shape", ())) == 2:
+                names.add(key.removesuffix(".weight"))
+    return names
+
+
+def context_length(path: Path) -> int | None:
+    """The base's context in tokens (config.json max_position_embeddings), None if not stated."""
+    try:
+        value = json.loads((Path(path) / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None

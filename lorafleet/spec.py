@@ -302,7 +302,7 @@ class Overrides(_Strict):
 
 class JobEntry(Overrides):
     customer: Annotated[str, Field(description="customer id: lower-case slug, unique")]
-    dataset: Annotated[str, Field(description="path (relative to the fleet file) or URI")]
+    dataset: Annotated[str, Field(min_length=1, description="path (relative to the fleet file) or URI")]
     format: Literal["auto", "chat", "prompt_completion", "text", "csv", "parquet"] = "auto"
     packing: Flag = Field(True, description="false: this job trains in a Ray Train run of its own")
 
@@ -472,7 +472,7 @@ def resolve_job(fleet: FleetSpec, index: int, fleet_file: Path | None = None) ->
         sections[section] = merged
     dataset = job.dataset
     if fleet_file is not None and "://" not in dataset and not Path(dataset).is_absolute():
-        dataset = str((Path(fleet_file).parent / dataset).resolve())
+        dataset = _absolute(Path(fleet_file).parent / dataset)
     source = str(fleet_file) if fleet_file else "fleet"
     ds = sections["training"].get("deepspeed")
     if ds and fleet_file is not None and _looks_like_path(ds):
@@ -493,6 +493,13 @@ def resolve_job(fleet: FleetSpec, index: int, fleet_file: Path | None = None) ->
     if problem:
         raise SpecError(f"{source}: jobs[{index}].training.deepspeed: {problem}")
     return spec
+
+
+def _absolute(path: Path) -> str:
+    try:
+        return str(path.resolve())
+    except (OSError, RuntimeError):  # a symlink loop: reading it says what is wrong, per job
+        return str(path.absolute())
 
 
 def deepspeed_problem(job: JobSpec) -> str | None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from lorafleet.data import DatasetReport, inspect_dataset
 from lorafleet.errors import LorafleetError
-from lorafleet.models import fingerprint, load_tokenizer, resolve_base
+from lorafleet.models import context_length, fingerprint, load_tokenizer, matrix_modules, resolve_base
 from lorafleet.spec import FleetSpec, JobSpec, load_fleet, resolve_jobs
 
 
@@ -62,11 +62,39 @@ def check_fleet(fleet_file: str | Path) -> FleetCheck:
     jobs = resolve_jobs(fleet, fleet_file)
     base_path = resolve_base(fleet.base_model)
     check = FleetCheck(fleet, jobs, base_path, fingerprint(base_path), load_tokenizer(base_path))
+    modules, context = matrix_modules(base_path), context_length(base_path)
     for job in jobs:
         try:
-            check.reports[job.customer] = inspect_dataset(
-                job.dataset, job.format, check.tokenizer, job.training.max_length
-            )
+            if problem := targets_problem(job, modules):
+                raise LorafleetError(problem)
+            report = inspect_dataset(job.dataset, job.format, check.tokenizer, job.training.max_length)
+            if problem := context_problem(job, report, context):
+                raise LorafleetError(problem)
+            check.reports[job.customer] = report
         except LorafleetError as exc:
             check.errors[job.customer] = str(exc)
     return check
+
+
+def targets_problem(job: JobSpec, modules: set[str]) -> str | None:
+    """Target module names none of the base's modules answers to (peft's rule: the whole name,
+    or its last dotted parts), found here rather than when the job's adapter is built."""
+    targets = job.lora.target_modules
+    if targets == "all-linear" or not modules:
+        return None
+    missing = [t for t in targets if not any(m == t or m.endswith(f".{t}") for m in modules)]
+    if not missing:
+        return None
+    kinds = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    return f"lora.target_modules {missing} match no module of the base; its modules end in {kinds}"
+
+
+def context_problem(job: JobSpec, report: DatasetReport, context: int | None) -> str | None:
+    """Examples longer than the base's context, kept whole by a max_length above it."""
+    max_length = job.training.max_length
+    if context is None or max_length <= context or report.tokens_max <= context:
+        return None
+    return (
+        f"an example has {report.tokens_max} tokens and training.max_length {max_length} keeps them, but "
+        f"the base's context is {context} tokens: lower training.max_length to {context} or less"
+    )

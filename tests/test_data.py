@@ -101,3 +101,94 @@ def test_report_counts_tokens_and_truncation(tmp_path, micro_base):
     assert report.sha256 == dataset_hash(path)
     path.write_text(path.read_text() + "\n")
     assert dataset_hash(path) != report.sha256
+
+
+GOOD_LINE = json.dumps(chat(("user", "a"), ("assistant", "b"))).encode()
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b'{"prompt": "caf\xe9", "completion": "x"}', "d.jsonl:2: not UTF-8 text (byte 0xe9 at column 16)"),
+        (b'{"prompt": "\\ud800", "completion": "x"}', "d.jsonl:2: holds an unpaired UTF-16 surrogate"),
+        (b"[" * 100_000 + b"]" * 100_000, "d.jsonl:2: malformed JSON: nested too deeply"),
+        (
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": "q"},
+                        {"role": "assistant", "content": "a", "weight": 0},
+                    ]
+                }
+            ).encode(),
+            "d.jsonl:2: messages[1].weight is not supported",
+        ),
+        (
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": "q", "tool_calls": []},
+                        {"role": "assistant", "content": "a"},
+                    ]
+                }
+            ).encode(),
+            "d.jsonl:2: messages[0] has keys ['tool_calls'] this trainer does not read",
+        ),
+        (
+            json.dumps({"prompt": "p", "completion": "c", "text": "t"}).encode(),
+            "prompt/completion or text, not both",
+        ),
+    ],
+)
+def test_unreadable_lines_are_errors_with_file_and_line_never_a_traceback(tmp_path, raw, expected):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(GOOD_LINE + b"\n" + raw + b"\n")
+    with pytest.raises(DataError) as err:
+        load_records(path)
+    assert expected in str(err.value)
+
+
+def test_a_byte_order_mark_and_crlf_are_read(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD_LINE + b"\r\n" + GOOD_LINE + b"\r\n")
+    assert len(load_records(path)) == 2
+
+
+def test_a_declared_format_must_match_the_records(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", [chat(("user", "a"), ("assistant", "b"))])
+    with pytest.raises(DataError, match="declared format prompt_completion, but its records are chat"):
+        load_records(path, "prompt_completion")
+    with pytest.raises(DataError, match="declared format text, but its lines are JSON records"):
+        load_records(path, "text")
+    assert load_records(path, "chat")
+
+
+def test_a_folder_a_bad_csv_cell_and_an_unknown_protocol_are_named(tmp_path):
+    with pytest.raises(DataError, match="is a folder"):
+        load_records(tmp_path)
+    csv = tmp_path / "d.csv"
+    csv.write_text(
+        'messages\n"[{""role"": ""user"", ""content"": ""a""}, '
+        '{""role"": ""assistant"", ""content"": ""b""}]"\n"not json"\n'
+    )
+    with pytest.raises(DataError, match="d.csv: row 2: messages: malformed JSON"):
+        load_records(csv)
+    with pytest.raises(DataError, match="Protocol not known"):
+        load_records("foo://bucket/a.jsonl")
+
+
+def test_answers_truncation_removes_entirely_are_an_error_at_validation(tmp_path, micro_base):
+    """Every user turn longer than max_length: training found no loss token and failed; the
+    check finds it first. One example whose answer survives is enough to train."""
+    from lorafleet.models import load_tokenizer
+
+    tok = load_tokenizer(micro_base)
+    long = chat(("user", "word " * 40), ("assistant", "ok"))
+    path = write_lines(tmp_path / "d.jsonl", [long, long])
+    with pytest.raises(DataError, match="every example's answer starts after max_length 16"):
+        inspect_dataset(path, "auto", tok, max_length=16)
+    pc = write_lines(tmp_path / "p.jsonl", [{"prompt": "word " * 40, "completion": "ok"}])
+    with pytest.raises(DataError, match="answer starts after max_length 16"):
+        inspect_dataset(pc, "auto", tok, max_length=16)
+    mixed = write_lines(tmp_path / "m.jsonl", [long, chat(("user", "hi"), ("assistant", "ok"))])
+    assert inspect_dataset(mixed, "auto", tok, max_length=16).over_max_length == 1

@@ -288,3 +288,36 @@ def test_model_names_with_a_trailing_newline_do_not_resolve():
     for bad in ("acme\n", "acme/1\n", "acme@production\n", "acme/\u0661"):  # \u0661: an Arabic-Indic 1
         with pytest.raises(RegistryError, match="is not an adapter name"):
             parse_ref(bad)
+
+
+def test_a_job_the_base_cannot_train_fails_alone_at_validation(tmp_path, micro_base):
+    """Target modules the base lacks, examples longer than its context kept whole by max_length,
+    and a dataset that is a symlink loop: each is that job's error, named, and the other jobs'
+    checks still run (peft, training or a traceback found them before)."""
+    from lorafleet.validate import check_fleet
+    from tests.conftest import write_chat
+
+    good = write_chat(tmp_path / "good.jsonl", "g")
+    long = tmp_path / "long.jsonl"
+    long.write_text(
+        json.dumps(
+            {"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]}
+        )
+        + "\n"
+    )
+    (tmp_path / "loop.jsonl").symlink_to(tmp_path / "loop.jsonl")
+    jobs = [
+        {"customer": "good", "dataset": "good.jsonl", "lora": {"target_modules": ["q_proj", "v_proj"]}},
+        {"customer": "typo", "dataset": "good.jsonl", "lora": {"target_modules": ["q_proj", "qproj"]}},
+        {"customer": "long", "dataset": "long.jsonl", "training": {"max_length": 4096}},
+        {"customer": "loop", "dataset": "loop.jsonl"},
+    ]
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump({"name": "f", "base_model": str(micro_base), "jobs": jobs}))
+    check = check_fleet(path)
+    assert set(check.errors) == {"typo", "long", "loop"}, check.errors
+    assert "lora.target_modules ['qproj'] match no module of the base" in check.errors["typo"]
+    assert "q_proj" in check.errors["typo"]  # the names it has
+    assert "base's context is 256 tokens: lower training.max_length" in check.errors["long"]
+    assert "loop.jsonl" in check.errors["loop"]
+    assert check.reports["good"].examples == 40 and good.exists()
