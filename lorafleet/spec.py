@@ -412,15 +412,45 @@ def load_fleet(path: str | Path) -> FleetSpec:
     try:
         fleet = FleetSpec.model_validate(raw)
     except ValidationError as exc:
-        raise format_validation_error(exc, str(path)) from None
-    repeated = [f"{path}: {e}" for e in fleet.repeated_customers()]
-    try:
-        resolve_jobs(fleet, path)  # overrides are checked only once merged
-    except SpecError as exc:
-        raise SpecError("\n".join([*repeated, str(exc)])) from None
-    if repeated:
-        raise SpecError("\n".join(repeated))
+        errors = [str(format_validation_error(exc, str(path))), *_job_errors(_stand_in(raw, exc), path)]
+        raise SpecError("\n".join(errors)) from None
+    if errors := _job_errors(fleet, path):
+        raise SpecError("\n".join(errors))
     return fleet
+
+
+# top-level fields whose own errors leave the jobs checkable, and a valid value to stand in
+_STAND_INS: dict[str, Any] = {"name": "fleet", "base_model": "base", "registry": {}, "packing": {}}
+
+
+def _stand_in(raw: dict[str, Any], exc: ValidationError) -> FleetSpec | None:
+    """The fleet with its bad top-level fields stood in for (unknown ones dropped), so that the
+    jobs' own errors come in the same report; None when the jobs or defaults are bad themselves."""
+    fixed = dict(raw)
+    for err in exc.errors():
+        field = err["loc"][0] if err["loc"] else None
+        if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
+            fixed.pop(field, None)
+        elif field in _STAND_INS:
+            fixed[field] = _STAND_INS[field]
+        else:
+            return None
+    try:
+        return FleetSpec.model_validate(fixed)
+    except ValidationError:
+        return None
+
+
+def _job_errors(fleet: FleetSpec | None, path: Path) -> list[str]:
+    """Repeated customers and every job's bad overrides (checked only once merged)."""
+    if fleet is None:
+        return []
+    errors = [f"{path}: {e}" for e in fleet.repeated_customers()]
+    try:
+        resolve_jobs(fleet, path)
+    except SpecError as exc:
+        errors.append(str(exc))
+    return errors
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -191,6 +191,7 @@ BAD = [
     ("stop", ["a", "b", "c", "d", "e"]),
     ("stop", ""),
     ("stop", "x" * 65),
+    ("stop", ["ok", "\ufffd"]),  # a partly decoded character reads as U+FFFD: it would stop early
     ("max_tokens", 0),
     ("max_tokens", "many"),
     # JSON types as OpenAI takes them: lax coercion made these 1 token, seed 1, greedy 0.5, ...

@@ -124,6 +124,14 @@ def test_all_errors_reported_at_once(tmp_path):
     with pytest.raises(SpecError) as err:
         load_fleet(write(tmp_path, data))
     assert "learning_rate" in str(err.value) and "alpha" in str(err.value)
+    # top-level mistakes no longer hide the jobs' own: one pass reports them all
+    data.update(name="Bad Name", base_modle="x", packing={"slots": 0})
+    data["jobs"].append({"customer": "acme", "dataset": "a.jsonl"})
+    with pytest.raises(SpecError) as err:
+        load_fleet(write(tmp_path, data))
+    found = {line.split(": ", 2)[1] for line in str(err.value).splitlines()}
+    top = {"name", "base_modle", "packing.slots"}
+    assert found == top | {"jobs[3].customer", "jobs[2].lora.alpha", "jobs[2].training.learning_rate"}
 
 
 def test_missing_and_malformed_files(tmp_path):

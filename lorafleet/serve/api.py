@@ -115,6 +115,8 @@ class _Request(BaseModel):
             raise ValueError(f"each stop string must have 1 to {MAX_STOP_CHARS} characters")
         for text in stops:
             check_unicode(text)
+            if "\ufffd" in text:  # what a partly decoded character reads as: it would stop early
+                raise ValueError("a stop string may not hold U+FFFD, the replacement character")
         return stops
 
     @field_validator("logit_bias")
