@@ -312,6 +312,7 @@ def test_parameters_that_change_nothing_are_taken(make):
     ep = make()
     r = run(ep.chat(**harmless, parallel_tool_calls=False, modalities=["text"], tool_choice="none"))
     assert r.status_code == 200, r.text
+    assert run(ep.chat(top_k=None, min_p=None)).status_code == 200  # null: not set
     named = [{"role": "user", "content": "hi", "name": "ann"}]
     assert run(ep.http.post(CHAT, json={"model": BASE, "messages": named})).status_code == 200
 

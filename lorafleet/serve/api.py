@@ -143,8 +143,8 @@ class _Request(BaseModel):
         if self.n != 1:
             raise unsupported(f"n={self.n} (several choices per request); only n=1 is served", "n")
         extra = self.model_extra or {}
-        for name in extra:
-            if name not in HARMLESS + CHECKED + self.checked_here:
+        for name, value in extra.items():  # null is "not set", as for OpenAI's own parameters
+            if value is not None and name not in HARMLESS + CHECKED + self.checked_here:
                 raise unsupported(f"the parameter '{name}'", name)
         for name in ("tools", "functions"):
             if extra.get(name):
