@@ -4,6 +4,9 @@ the endpoint can serve (`lorafleet validate` refuses a job the serving engine wo
 from __future__ import annotations
 
 import re
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Strict
 
 # The gathered engine's default rank bound (its banks grow to the largest rank loaded, up to this).
 MAX_SERVE_RANK = 64
@@ -22,3 +25,18 @@ def check_name(kind: str, value: str, rule: str = NAME_RULE) -> str:
             "a letter or digit ('@' and '/' are taken by the name@alias and name/version forms)"
         )
     return value
+
+
+def _not_a_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not true/false")
+    return value
+
+
+# Numbers in the files people write (fleet files, serve configs, keys files): YAML and JSON give
+# ints, floats and booleans their own types, so a setting takes each only as itself (`rank: true`
+# is a mistake, not rank 1). Numbers written as strings ('1e-4', which YAML 1.1 reads as a
+# string) still parse as floats; the models also set allow_inf_nan=False.
+Whole = Annotated[int, Strict()]
+Flag = Annotated[bool, Strict()]
+Real = Annotated[float, BeforeValidator(_not_a_bool)]

@@ -14,35 +14,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    Strict,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorafleet.errors import SpecError
-from lorafleet.limits import MAX_SERVE_RANK, PREFIX_RULE, check_name
+from lorafleet.limits import MAX_SERVE_RANK, PREFIX_RULE, Flag, Real, Whole, check_name
 
 SLUG = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # fullmatch: `$` alone would let a final newline in
 
-
-def _not_a_bool(value: Any) -> Any:
-    if isinstance(value, bool):
-        raise ValueError("expected a number, not true/false")
-    return value
-
-
-# YAML gives ints, floats and booleans their own types, so a spec takes each only as itself: a
-# `rank: true` is a mistake, not rank 1. Numbers written as strings ('1e-4', which YAML 1.1 reads
-# as a string) still parse as floats; infinities and NaN never pass (`allow_inf_nan=False`).
-Whole = Annotated[int, Strict()]
-Flag = Annotated[bool, Strict()]
-Real = Annotated[float, BeforeValidator(_not_a_bool)]
 
 # The transformers optimizers that run with this project's dependencies alone (torch and
 # bitsandbytes; no layer-wise, GaLore, APOLLO, LOMO, schedule-free or XLA/NPU ones): a name

@@ -59,3 +59,35 @@ def test_queues_are_bounded_where_the_ingress_answers_overload():
     assert ingress.backpressure_config.status_code == 429
     unbounded = build_app({"max_queued_requests": -1})._bound_deployment
     assert unbounded.max_queued_requests == -1
+
+
+def _number_fields(model):
+    numbers = (int, float, int | None, float | None)
+    return [name for name, info in model.model_fields.items() if info.annotation in numbers]
+
+
+def test_every_number_a_serve_config_or_keys_file_takes_is_bounded_and_typed():
+    """Infinities, NaN, absurd magnitudes and booleans never pass as numbers (a request_timeout_s
+    of .inf or a max_batch_size of 10**9 only showed as a hang or an out-of-memory under load)."""
+    from pydantic import ValidationError
+
+    from lorafleet.serve.config import AppArgs
+    from lorafleet.serve.keys import Tenant
+
+    cases = [(AppArgs, {}, name) for name in _number_fields(AppArgs)]
+    cases += [(Tenant, {"tenant": "t", "adapters": ["*"]}, name) for name in _number_fields(Tenant)]
+    assert len(cases) > 20
+    for model, base, name in cases:
+        for value in (float("inf"), float("nan"), 10**30, -(10**30), True):
+            with pytest.raises(ValidationError) as err:
+                model.model_validate({**base, name: value})
+            assert name in str(err.value), (model.__name__, name, value)
+
+
+def test_min_replicas_over_max_is_refused():
+    from pydantic import ValidationError
+
+    from lorafleet.serve.config import AppArgs
+
+    with pytest.raises(ValidationError, match="min_replicas 3 is over max_replicas 2"):
+        AppArgs(min_replicas=3, max_replicas=2)

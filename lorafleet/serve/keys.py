@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lorafleet.errors import LorafleetError
+from lorafleet.limits import Flag, Real, Whole
 
 LIMIT_FIELDS = ("max_concurrent", "tokens_per_minute", "weight")
 
@@ -31,21 +32,21 @@ class KeysFileError(LorafleetError):
 
 class Tenant(BaseModel):
     # forbid: a misspelt limit in a hand-edited file must not silently mean "no limit"
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     tenant: str = Field(min_length=1, description="who the key belongs to; limits are counted per tenant")
     adapters: list[str] = Field(description="customer ids this key may call; '*' = all")
-    base: bool = Field(True, description="may call the bare base model")
-    max_concurrent: int | None = Field(
+    base: Flag = Field(True, description="may call the bare base model")
+    max_concurrent: Whole | None = Field(
         None, ge=1, le=100_000, description="requests in flight at once for this tenant; past it: 429"
     )
-    tokens_per_minute: int | None = Field(
+    tokens_per_minute: Whole | None = Field(
         None,
         ge=1,
         le=10**12,
         description="max_tokens requested per sliding minute (corrected by tokens used); past it: 429",
     )
-    weight: float = Field(
+    weight: Real = Field(
         1.0, gt=0, le=1000, description="share of a replica's batch slots against other tenants in a queue"
     )
 
