@@ -14,6 +14,27 @@ from lorafleet.errors import LorafleetError
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
 
+def _number(kind: type, low: float, high: float, what: str) -> Callable[[str], Any]:
+    """An argparse type: a number of `kind` in [low, high], or a usage error saying so."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not low <= value <= high or value != value:  # value != value: NaN
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+
+    return parse
+
+
+whole = _number(int, 1, 10**9, "a whole number from 1")
+port = _number(int, 1, 65535, "a port (1 to 65535)")
+real = _number(float, 1e-9, 1e6, "a number above 0")
+share = _number(float, 0, 1e6, "a number from 0")
+
+
 def command(name: str) -> Callable:
     def register(fn: Callable[[argparse.Namespace], int]) -> Callable:
         COMMANDS[name] = fn
@@ -289,7 +310,12 @@ def adapters_promote(c, args) -> int:
     from lorafleet import registry
     from lorafleet.ui import print_json
 
-    result = registry.promote(c, args.prefix + args.customer, args.version, args.if_better)
+    ref = registry.parse_ref(args.customer)
+    if ref.version is not None or ref.alias != registry.PRODUCTION:
+        raise LorafleetError(
+            f"promote takes a customer ('acme'), not {args.customer!r}; give a version with --version N"
+        )
+    result = registry.promote(c, args.prefix + ref.model, args.version, args.if_better)
     if args.json:
         print_json(result)
     elif result["promoted"]:
@@ -303,7 +329,8 @@ def adapters_promote(c, args) -> int:
 def adapters_pull(c, args) -> int:
     from lorafleet import registry
 
-    adapter = registry.pull(c, args.name, Path(args.output), args.prefix)
+    out = registry.fresh_output(Path(args.output))
+    adapter = registry.pull(c, args.name, out, args.prefix)
     print(f"{adapter.name} -> {args.output}")
     return 0
 
@@ -312,11 +339,13 @@ def adapters_merge(c, args) -> int:
     from lorafleet import registry
     from lorafleet.models import fingerprint, merge_adapter, resolve_base
 
+    out = registry.fresh_output(Path(args.output))
     adapter = registry.fetch(c, args.name, args.prefix)
     base_name = args.base or adapter.version.tags["base_model"]
     base_path = resolve_base(base_name)
     registry.check_base(adapter, fingerprint(base_path), base_name)
-    merge_adapter(base_path, adapter.path, Path(args.output))
+    with registry.written_whole(out) as tmp:
+        merge_adapter(base_path, adapter.path, tmp)
     print(f"{adapter.name} merged into {base_name} -> {args.output}")
     return 0
 
@@ -368,7 +397,9 @@ def _adapter_parsers(sub: argparse._SubParsersAction) -> None:
     for name in ("pull", "merge"):
         parsers[name].add_argument("name", help="acme | acme@alias | acme/3")
     parsers["promote"].add_argument("customer")
-    parsers["promote"].add_argument("--version", type=int, default=None)
+    parsers["promote"].add_argument(
+        "--version", type=whole, default=None, help="the version to promote (default: the candidate)"
+    )
     parsers["promote"].add_argument(
         "--if-better", action="store_true", help="only if its eval loss beats production's"
     )
@@ -380,7 +411,7 @@ def _adapter_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--prefix", default="", help="registered model name prefix")
     u = sub.add_parser("ui", help="open the MLflow UI on the same store")
     u.add_argument("--host", default="127.0.0.1")
-    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--port", type=port, default=5000)
 
 
 @command("serve")
@@ -477,7 +508,7 @@ def _serve_parsers(sub: argparse._SubParsersAction) -> None:
         help="serve without keys on a non-loopback host (anyone who reaches the port may call any adapter)",
     )
     s.add_argument("--host", default=None, help="default: the config's http_options.host, else 127.0.0.1")
-    s.add_argument("--port", type=int, default=None, help="default: the config's, else 8000")
+    s.add_argument("--port", type=port, default=None, help="default: the config's, else 8000")
     s.add_argument("--ray-address", default=None)
     _keys_parsers(sub)
 
@@ -489,10 +520,12 @@ def _keys_parsers(sub: argparse._SubParsersAction) -> None:
     create.add_argument("tenant")
     create.add_argument("--adapters", required=True, help="comma-separated customers, or '*'")
     create.add_argument("--no-base", action="store_true", help="deny the bare base model")
-    limits = "the tenant's limits, on all its keys; default: no limit"
+    limits = "the tenant's limit, on all its keys; default: the one its keys have, else none"
     create.add_argument("--max-concurrent", type=int, default=None, help=f"requests in flight ({limits})")
     create.add_argument("--tokens-per-minute", type=int, default=None, help=f"max_tokens a minute ({limits})")
-    create.add_argument("--weight", type=float, default=1.0, help="share of batch slots against others")
+    create.add_argument(
+        "--weight", type=float, default=None, help="share of batch slots against others (default 1)"
+    )
     revoke = acts.add_parser("revoke", help="remove every key of a tenant")
     revoke.add_argument("tenant")
     listing = acts.add_parser("list", help="tenants, adapters and limits (never keys or hashes)")
@@ -560,23 +593,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _bench_parsers(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("demo", help="train, register, serve and query the demo fleet")
-    d.add_argument("--port", type=int, default=8000)
+    d.add_argument("--port", type=port, default=8000)
     b = sub.add_parser("bench", help="benchmarks, JSON out: train | serve | scale")
     b.add_argument("what", choices=["train", "serve", "scale"])
     b.add_argument("--base-model", default="tiny-llama")
     b.add_argument("--dataset", default=None, help="train: dataset (default: a demo dataset)")
-    b.add_argument("--steps", type=int, default=20, help="train: steps per job")
-    b.add_argument("--jobs", type=int, default=16, help="train: jobs in the fleet run three ways")
-    b.add_argument("--adapters", type=int, default=16, help="serve: distinct adapters")
-    b.add_argument("--requests", type=int, default=128, help="serve: HTTP requests per mix")
+    b.add_argument("--steps", type=whole, default=20, help="train: steps per job")
+    b.add_argument("--jobs", type=whole, default=16, help="train: jobs in the fleet run three ways")
+    b.add_argument("--adapters", type=whole, default=16, help="serve: distinct adapters")
+    b.add_argument("--requests", type=whole, default=128, help="serve: HTTP requests per mix")
     b.add_argument("--large", action="store_true", help="serve: also a ~100M-parameter base")
-    b.add_argument("--scale-jobs", type=int, default=50, help="scale: jobs in the fleet")
-    b.add_argument("--scale-steps", type=int, default=2, help="scale: steps per job")
-    b.add_argument("--nodes", type=int, default=4, help="scale: simulated worker nodes")
-    b.add_argument("--gpus-per-node", type=float, default=1, help="scale: GPUs each node declares")
-    b.add_argument("--cpus-per-node", type=float, default=2, help="scale: CPUs each node declares")
-    b.add_argument("--gpus-per-job", type=float, default=1, help="scale: gpus_per_worker of each job")
-    b.add_argument("--cpus-per-job", type=float, default=1, help="scale: cpus_per_worker of each job")
+    b.add_argument("--scale-jobs", type=whole, default=50, help="scale: jobs in the fleet")
+    b.add_argument("--scale-steps", type=whole, default=2, help="scale: steps per job")
+    b.add_argument("--nodes", type=whole, default=4, help="scale: simulated worker nodes")
+    b.add_argument("--gpus-per-node", type=share, default=1, help="scale: GPUs each node declares")
+    b.add_argument("--cpus-per-node", type=real, default=2, help="scale: CPUs each node declares")
+    b.add_argument("--gpus-per-job", type=share, default=1, help="scale: gpus_per_worker of each job")
+    b.add_argument("--cpus-per-job", type=real, default=1, help="scale: cpus_per_worker of each job")
     b.add_argument("--no-packing", action="store_true", help="scale: one Ray Train run per job, no slots")
     b.add_argument("--out", default=None, help="also write the JSON here")
     _bench_serve_trust_parsers(b)
@@ -591,16 +624,16 @@ def _bench_serve_trust_parsers(b: argparse.ArgumentParser) -> None:
         ("registry-outage", "a real mlflow server killed for --outage-s under traffic"),
     ):
         b.add_argument(f"--{mode}", action="store_true", help=f"serve: {what}")
-    b.add_argument("--max-tokens", type=int, default=32, help="serve modes: max_tokens of a request")
-    b.add_argument("--long-tokens", type=int, default=128, help="fairness: max_tokens of a flood request")
-    b.add_argument("--flood", type=int, default=64, help="fairness: flood requests in flight")
-    b.add_argument("--trickle", type=int, default=20, help="fairness: one-at-a-time requests")
-    b.add_argument("--overload-s", type=float, default=20, help="overload: seconds of 2x arrivals")
-    b.add_argument("--outage-s", type=float, default=30, help="registry-outage: seconds stopped")
-    b.add_argument("--outage-before-s", type=float, default=5, help="registry-outage: traffic before")
-    b.add_argument("--outage-after-s", type=float, default=30, help="registry-outage: traffic after")
-    b.add_argument("--timeout-s", type=float, default=120, help="serve modes: client timeout")
-    b.add_argument("--port", type=int, default=8123, help="serve modes: endpoint port")
+    b.add_argument("--max-tokens", type=whole, default=32, help="serve modes: max_tokens of a request")
+    b.add_argument("--long-tokens", type=whole, default=128, help="fairness: max_tokens of a flood request")
+    b.add_argument("--flood", type=whole, default=64, help="fairness: flood requests in flight")
+    b.add_argument("--trickle", type=whole, default=20, help="fairness: one-at-a-time requests")
+    b.add_argument("--overload-s", type=real, default=20, help="overload: seconds of 2x arrivals")
+    b.add_argument("--outage-s", type=real, default=30, help="registry-outage: seconds stopped")
+    b.add_argument("--outage-before-s", type=real, default=5, help="registry-outage: traffic before")
+    b.add_argument("--outage-after-s", type=real, default=30, help="registry-outage: traffic after")
+    b.add_argument("--timeout-s", type=real, default=120, help="serve modes: client timeout")
+    b.add_argument("--port", type=port, default=8123, help="serve modes: endpoint port")
     b.add_argument(
         "--app-arg", action="append", default=[], metavar="KEY=VALUE", help="serve modes: an AppArgs field"
     )
@@ -648,14 +681,44 @@ EXTENSIONS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
+# MLflow's HTTP defaults retry 7 times with backoff, about 4 minutes before a command says the
+# server is down; 4 retries still ride out a restart (about 30 s). A value the user sets wins.
+MLFLOW_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name, value in MLFLOW_HTTP.items():
+        os.environ.setdefault(name, value)
     args = build_parser().parse_args(legacy_keys_form(sys.argv[1:] if argv is None else argv))
     try:
         return COMMANDS[args.command](args)
     except LorafleetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if (message := _unreachable_store(exc)) is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+def _unreachable_store(exc: Exception) -> str | None:
+    """A message for an MLflow server that does not answer, None for any other error."""
+    from lorafleet import settings
+
+    text = str(exc)
+    if type(exc).__name__ != "MlflowException" or not any(
+        sign in text for sign in ("Connection refused", "Max retries exceeded", "Failed to establish")
+    ):
+        return None
+    return (
+        f"the MLflow tracking server at {settings.tracking_uri()} does not answer; start it, or point "
+        "MLFLOW_TRACKING_URI at one that runs (unset: the embedded ./mlflow.db)"
+    )
 
 
 def run() -> None:
@@ -667,7 +730,13 @@ def run() -> None:
     import threading
 
     code = main()
-    for thread in threading.enumerate():  # what Python's own exit waits for, first
+    # what Python's own exit waits for, first, and the way it does: its thread-exit hooks wake
+    # idle pool workers (MLflow's artifact downloads leave some), then non-daemon threads are
+    # joined. A bare join of those workers never returned (`adapters pull` hung after its work).
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()
+    for thread in threading.enumerate():
         if not thread.daemon and thread is not threading.current_thread():
             thread.join()
     ray = sys.modules.get("ray")  # only where the command used Ray

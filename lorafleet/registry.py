@@ -12,6 +12,8 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,7 +137,9 @@ def _wait_ready(c: MlflowClient, name: str, version: str, timeout_s: float = 30)
 def _get_model(c: MlflowClient, name: str) -> Any:
     try:
         return c.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise  # the store failed: not an answer about the name
         known = ", ".join(sorted(m.name for m in adapter_models(c))) or "none yet"
         raise RegistryError(f"unknown adapter '{name}'; registered adapters: {known}") from None
 
@@ -229,7 +233,7 @@ def promote(c: MlflowClient, model: str, version: int | None = None, if_better: 
     the base model (tracking.beats_base) and production's eval loss. Rollback is promoting an
     older version."""
     target = resolve_version(
-        c, AdapterRef(model, version=version) if version else AdapterRef(model, alias=CANDIDATE)
+        c, AdapterRef(model, version=version) if version is not None else AdapterRef(model, alias=CANDIDATE)
     )
     current = _production(c, model)
     refusal = _refusal(target, current) if if_better else None
@@ -323,7 +327,10 @@ def list_rows(c: MlflowClient) -> list[dict[str, Any]]:
 
 
 def show(c: MlflowClient, name: str, prefix: str = "") -> dict[str, Any]:
-    model = _get_model(c, parse_ref(name, prefix).model)
+    """An adapter and its versions; `acme/3` or `acme@candidate` shows that one version."""
+    ref = parse_ref(name, prefix)
+    model = _get_model(c, ref.model)
+    only = resolve_version(c, ref).version if ("/" in name or "@" in name) else None
     return {
         "adapter": model.name,
         "description": model.description,
@@ -338,14 +345,44 @@ def show(c: MlflowClient, name: str, prefix: str = "") -> dict[str, Any]:
                 "tags": dict(v.tags),
             }
             for v in versions(c, model.name)
+            if only is None or str(v.version) == str(only)
         ],
     }
 
 
 def pull(c: MlflowClient, name: str, out: Path, prefix: str = "") -> ResolvedAdapter:
-    """Copy an adapter folder (plain peft layout) to `out`."""
+    """Copy an adapter folder (plain peft layout) to `out`, a new or empty folder, whole or not
+    at all."""
+    fresh_output(out)
     adapter = fetch(c, name, prefix)
-    out.mkdir(parents=True, exist_ok=True)
-    for file in ALLOWED_FILES:
-        shutil.copy2(adapter.path / file, out / file)
+    with written_whole(out) as tmp:
+        for file in ALLOWED_FILES:
+            shutil.copy2(adapter.path / file, tmp / file)
     return adapter
+
+
+def fresh_output(out: Path) -> Path:
+    """`out` if a folder may be written there: it does not exist or is an empty folder. Nothing
+    is overwritten or mixed with what was there."""
+    if out.exists() and not out.is_dir():
+        raise RegistryError(f"{out} is a file; give a folder to write the adapter into")
+    if out.is_dir() and any(out.iterdir()):
+        raise RegistryError(f"{out} is not empty; give a new or empty folder (nothing was overwritten)")
+    return out
+
+
+@contextmanager
+def written_whole(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out` to write into; it becomes `out` only once complete."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    except OSError as exc:
+        raise RegistryError(f"cannot write to {out}: {exc.strerror or exc}") from None
+    try:
+        yield tmp
+        if out.is_dir():
+            out.rmdir()  # empty (fresh_output): the complete folder takes its place
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

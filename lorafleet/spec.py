@@ -379,10 +379,16 @@ def format_validation_error(exc: ValidationError, source: str, prefix: str = "")
 def load_fleet(path: str | Path) -> FleetSpec:
     """Parse and validate a fleet file (jobs merged too); raises SpecError naming file and field."""
     path = Path(path)
+    if path.is_dir():
+        raise SpecError(f"{path}: is a folder; give the fleet's YAML file")
     if not path.is_file():
         raise SpecError(f"{path}: no such fleet file")
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as exc:
+        raise SpecError(
+            f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})"
+        ) from None
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):

@@ -270,3 +270,62 @@ def test_cli_marks_adapters_no_better_than_base(sqlite_store, micro_base, tmp_pa
     assert row["beats_base"] is False and row["base_eval_loss"] == 2.4
     assert main(["status", "fleet"]) == 0
     assert "no better than" in capsys.readouterr().out  # the note column (may wrap)
+
+
+def test_promote_version_0_moves_nothing_and_show_honours_a_version(
+    sqlite_store, micro_base, tmp_path, capsys
+):
+    c = sqlite_store
+    register(c, micro_base, tmp_path, "", eval_loss=1.0)
+    with pytest.raises(RegistryError, match="has no version 0"):  # `if version` took 0 as "the candidate"
+        registry.promote(c, "acme", version=0)
+    assert "production" not in c.get_registered_model("acme").aliases
+    with pytest.raises(SystemExit):
+        main(["adapters", "promote", "acme", "--version", "0"])
+    assert "is not a whole number from 1" in capsys.readouterr().err
+    assert main(["adapters", "promote", "acme/1"]) == 2
+    assert "give a version with --version N" in capsys.readouterr().err
+    assert [v["version"] for v in registry.show(c, "acme/1")["versions"]] == [1]
+    with pytest.raises(RegistryError, match="has no version 99"):
+        registry.show(c, "acme/99")
+
+
+def test_pull_writes_a_new_folder_whole_and_overwrites_nothing(sqlite_store, micro_base, tmp_path):
+    c = sqlite_store
+    register(c, micro_base, tmp_path, "", eval_loss=1.0)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "adapter_config.json").write_text("mine")
+    with pytest.raises(RegistryError, match="is not empty; give a new or empty folder"):
+        registry.pull(c, "acme@candidate", busy)
+    assert (busy / "adapter_config.json").read_text() == "mine" and len(list(busy.iterdir())) == 1
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(RegistryError, match="is a file"):
+        registry.pull(c, "acme@candidate", afile)
+    with pytest.raises(RegistryError, match="cannot write to"):
+        registry.pull(c, "acme@candidate", afile / "under")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    registry.pull(c, "acme@candidate", empty)
+    assert sorted(p.name for p in empty.iterdir()) == sorted(registry.ALLOWED_FILES)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_commands_end_after_their_work_and_an_unreachable_store_is_named(tmp_path):
+    """`run()` ends like Python's exit: idle pool threads (MLflow's downloads leave some) are woken,
+    not joined forever; an MLflow server that does not answer is one line, not a traceback."""
+    code = (
+        "import concurrent.futures, sys\n"
+        "pool = concurrent.futures.ThreadPoolExecutor(1); pool.submit(lambda: 1).result()\n"
+        "sys.argv = ['lorafleet', 'schema']\n"
+        "from lorafleet.cli import run\nrun()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and '"title": "FleetSpec"' in out.stdout
+    env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
+    env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    cmd = [sys.executable, "-m", "lorafleet.cli", "adapters", "list"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "does not answer" in out.stderr and "Traceback" not in out.stderr

@@ -137,6 +137,12 @@ def test_all_errors_reported_at_once(tmp_path):
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(SpecError, match="no such fleet file"):
         load_fleet(tmp_path / "nope.yaml")
+    with pytest.raises(SpecError, match="is a folder; give the fleet's YAML file"):
+        load_fleet(tmp_path)
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(b"\x00\xff\xfe binary")
+    with pytest.raises(SpecError, match="not UTF-8 text \\(byte 0xff at offset 1\\)"):
+        load_fleet(binary)
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: [unclosed")
     with pytest.raises(SpecError, match="not valid YAML"):
@@ -329,3 +335,23 @@ def test_a_job_the_base_cannot_train_fails_alone_at_validation(tmp_path, micro_b
     assert "base's context is 256 tokens: lower training.max_length" in check.errors["long"]
     assert "loop.jsonl" in check.errors["loop"]
     assert check.reports["good"].examples == 40 and good.exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "train", "--jobs", "0"],
+        ["bench", "train", "--steps", "-5"],
+        ["bench", "scale", "--cpus-per-job", "0"],
+        ["bench", "scale", "--nodes", "1e12"],
+        ["bench", "serve", "--max-tokens", "nan"],
+        ["ui", "--port", "99999"],
+        ["serve", "--port", "0"],
+        ["adapters", "promote", "acme", "--version", "-1"],
+    ],
+)
+def test_command_line_numbers_are_checked_before_anything_runs(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert "is not a" in capsys.readouterr().err

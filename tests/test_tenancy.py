@@ -287,3 +287,52 @@ def test_hostile_mix_keeps_good_order_and_share():
         "max_queued_requests": 32,
         "keys_reload_s": 0.5,
     }
+
+
+def test_a_rotated_key_keeps_the_tenants_limits_unless_new_ones_are_given(tmp_path):
+    path = tmp_path / "keys.json"
+    add_key(path, "acme-corp", ["acme"], max_concurrent=8, tokens_per_minute=20000, weight=2)
+    add_key(path, "acme-corp", ["acme"])  # rotation: a second key, no limits named
+    assert {(t.max_concurrent, t.tokens_per_minute, t.weight) for t in load_keys(path).values()} == {
+        (8, 20000, 2)
+    }
+    add_key(path, "acme-corp", ["acme"], max_concurrent=2)
+    assert {(t.max_concurrent, t.tokens_per_minute) for t in load_keys(path).values()} == {(2, 20000)}
+
+
+@pytest.mark.parametrize(
+    ("tenant", "adapters", "message"),
+    [
+        ("bad name/@", ["acme"], "tenant 'bad name/@' may use only"),
+        ("t\n", ["acme"], "may use only"),
+        ("t" * 200, ["acme"], "at most 128 characters"),
+        ("t", [], "at least 1 item"),
+        ("t", ["acme@prod"], "adapter 'acme@prod' may use only"),
+        ("t", ["a/b"], "may use only"),
+    ],
+)
+def test_names_a_key_can_never_match_are_refused(tmp_path, tenant, adapters, message):
+    path = tmp_path / "keys.json"
+    with pytest.raises(KeysFileError, match=message):
+        add_key(path, tenant, adapters)
+    assert not path.exists()
+
+
+def test_keys_files_that_are_folders_or_hold_odd_entries_are_named(tmp_path):
+    folder = tmp_path / "dir.json"
+    folder.mkdir()
+    for call in (lambda: add_key(folder, "t", ["acme"]), lambda: load_keys(folder)):
+        with pytest.raises(KeysFileError, match="is a folder"):
+            call()
+    with pytest.raises(KeysFileError, match="does not exist"):
+        add_key(tmp_path / "no" / "keys.json", "t", ["acme"])
+    odd = tmp_path / "odd.json"
+    odd.write_text('{"abc": "str"}')
+    with pytest.raises(KeysFileError, match="key hash -> tenant object"):
+        add_key(odd, "t", ["acme"])
+    misspelt = tmp_path / "misspelt.json"
+    misspelt.write_text('{"abc": {"tenant": "t", "adapters": ["acme"], "max_concurent": 3}}')
+    before = misspelt.read_text()
+    with pytest.raises(KeysFileError, match="max_concurent"):
+        add_key(misspelt, "u", ["acme"])  # a file `list` refuses is not written to either
+    assert misspelt.read_text() == before

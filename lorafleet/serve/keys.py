@@ -18,10 +18,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lorafleet.errors import LorafleetError
-from lorafleet.limits import Flag, Real, Whole
+from lorafleet.limits import Flag, Real, Whole, check_name
 
 LIMIT_FIELDS = ("max_concurrent", "tokens_per_minute", "weight")
 
@@ -34,8 +34,10 @@ class Tenant(BaseModel):
     # forbid: a misspelt limit in a hand-edited file must not silently mean "no limit"
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    tenant: str = Field(min_length=1, description="who the key belongs to; limits are counted per tenant")
-    adapters: list[str] = Field(description="customer ids this key may call; '*' = all")
+    tenant: str = Field(
+        min_length=1, max_length=128, description="who the key belongs to; limits are counted per tenant"
+    )
+    adapters: list[str] = Field(min_length=1, description="customer ids this key may call; '*' = all")
     base: Flag = Field(True, description="may call the bare base model")
     max_concurrent: Whole | None = Field(
         None, ge=1, le=100_000, description="requests in flight at once for this tenant; past it: 429"
@@ -50,6 +52,17 @@ class Tenant(BaseModel):
         1.0, gt=0, le=1000, description="share of a replica's batch slots against other tenants in a queue"
     )
 
+    @field_validator("tenant")
+    @classmethod
+    def _tenant(cls, v: str) -> str:
+        return check_name("tenant", v)
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapters(cls, v: list[str]) -> list[str]:
+        # customer ids as the fleet file writes them: a name with '@' or '/' never matches one
+        return [a if a == "*" else check_name("adapter", a) for a in v]
+
     def limits(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in LIMIT_FIELDS}
 
@@ -61,29 +74,31 @@ def key_hash(key: str) -> str:
 def read_raw(path: str | Path) -> dict[str, dict]:
     """The file as stored; {} when it does not exist yet."""
     path = Path(path)
+    if path.is_dir():
+        raise KeysFileError(f"keys file {path} is a folder; name a file, e.g. {path / 'keys.json'}")
     if not path.is_file():
         return {}
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise KeysFileError(f"keys file {path}: cannot read it as JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise KeysFileError(f"keys file {path}: expected an object of key hash -> tenant")
+    if not isinstance(raw, dict) or not all(isinstance(t, dict) for t in raw.values()):
+        raise KeysFileError(f"keys file {path}: expected an object of key hash -> tenant object")
     return raw
 
 
 def load_keys(path: str | Path) -> dict[str, Tenant]:
     """key hash -> Tenant; raises KeysFileError naming the bad entry."""
+    raw = read_raw(path)  # a folder or malformed file is named first
     if not Path(path).is_file():
         raise KeysFileError(f"keys file {path} does not exist: create it with `lorafleet keys create`")
     keys = {}
-    for h, t in read_raw(path).items():
+    for h, t in raw.items():
         try:
             keys[h] = Tenant.model_validate(t)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise KeysFileError(f"keys file {path}: entry {h[:12]}...: {where}: {first['msg']}") from None
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise KeysFileError(f"keys file {path}: entry {h[:12]}...: {problems}") from None
     return keys
 
 
@@ -122,22 +137,24 @@ def add_key(
     base: bool = True,
     max_concurrent: int | None = None,
     tokens_per_minute: int | None = None,
-    weight: float = 1.0,
+    weight: float | None = None,
 ) -> str:
-    """Create a key for a tenant; returns the key (shown once), stores only its hash. The limits
-    given become the tenant's limits on all of its keys."""
+    """Create a key for a tenant; returns the key (shown once), stores only its hash. Limits
+    given become the tenant's limits on all of its keys; limits not given (None) keep the ones
+    its keys have (a new key rotated in does not lift them), else none and weight 1."""
+    path = Path(path)
+    current = load_keys(path) if path.is_file() else {}  # a malformed file is refused, not added to
+    if not path.parent.is_dir():
+        raise KeysFileError(f"keys file {path}: the folder {path.parent} does not exist")
+    held = next((t.limits() for t in current.values() if t.tenant == tenant), {"weight": 1.0})
+    given = {"max_concurrent": max_concurrent, "tokens_per_minute": tokens_per_minute, "weight": weight}
+    limits = {k: v if v is not None else held.get(k) for k, v in given.items()}
     try:
-        entry = Tenant(
-            tenant=tenant,
-            adapters=adapters,
-            base=base,
-            max_concurrent=max_concurrent,
-            tokens_per_minute=tokens_per_minute,
-            weight=weight,
-        )
+        entry = Tenant(tenant=tenant, adapters=adapters, base=base, **limits)
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise KeysFileError(f"key for {tenant!r}: {first['loc'][0]}: {first['msg']}") from None
+        message = first["msg"].removeprefix("Value error, ")
+        raise KeysFileError(f"key for {tenant!r}: {first['loc'][0]}: {message}") from None
     raw = read_raw(path)
     for other in raw.values():
         if other.get("tenant") == tenant:
