@@ -329,8 +329,7 @@ def adapters_promote(c, args) -> int:
 def adapters_pull(c, args) -> int:
     from lorafleet import registry
 
-    out = registry.fresh_output(Path(args.output))
-    adapter = registry.pull(c, args.name, out, args.prefix)
+    adapter = registry.pull(c, args.name, Path(args.output), args.prefix)
     print(f"{adapter.name} -> {args.output}")
     return 0
 
@@ -339,8 +338,8 @@ def adapters_merge(c, args) -> int:
     from lorafleet import registry
     from lorafleet.models import fingerprint, merge_adapter, resolve_base
 
-    out = registry.fresh_output(Path(args.output))
     adapter = registry.fetch(c, args.name, args.prefix)
+    out = registry.fresh_output(Path(args.output))
     base_name = args.base or adapter.version.tags["base_model"]
     base_path = resolve_base(base_name)
     registry.check_base(adapter, fingerprint(base_path), base_name)

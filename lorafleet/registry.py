@@ -353,8 +353,8 @@ def show(c: MlflowClient, name: str, prefix: str = "") -> dict[str, Any]:
 def pull(c: MlflowClient, name: str, out: Path, prefix: str = "") -> ResolvedAdapter:
     """Copy an adapter folder (plain peft layout) to `out`, a new or empty folder, whole or not
     at all."""
+    adapter = fetch(c, name, prefix)  # first: a wrong name is the first thing to hear about
     fresh_output(out)
-    adapter = fetch(c, name, prefix)
     with written_whole(out) as tmp:
         for file in ALLOWED_FILES:
             shutil.copy2(adapter.path / file, tmp / file)
