@@ -681,15 +681,18 @@ EXTENSIONS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 
 # MLflow's HTTP defaults retry 7 times with backoff, about 4 minutes before a command says the
-# server is down; 4 retries still ride out a restart (about 30 s). A value the user sets wins.
+# server is down; 4 retries still ride out a restart (about 30 s). Only for the commands that
+# read the registry for a person waiting at a terminal: a fleet's training keeps MLflow's own
+# patience for a server restarting mid-fleet. A value the user sets wins.
 MLFLOW_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+BROWSING = ("adapters", "status")
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    for name, value in MLFLOW_HTTP.items():
-        os.environ.setdefault(name, value)
     args = build_parser().parse_args(legacy_keys_form(sys.argv[1:] if argv is None else argv))
+    for name, value in MLFLOW_HTTP.items() if args.command in BROWSING else ():
+        os.environ.setdefault(name, value)
     try:
         return COMMANDS[args.command](args)
     except LorafleetError as exc:
