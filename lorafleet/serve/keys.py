@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lorafleet.errors import LorafleetError
 from lorafleet.limits import Flag, Real, Whole, check_name
@@ -37,7 +37,7 @@ class Tenant(BaseModel):
     tenant: str = Field(
         min_length=1, max_length=128, description="who the key belongs to; limits are counted per tenant"
     )
-    adapters: list[str] = Field(min_length=1, description="customer ids this key may call; '*' = all")
+    adapters: list[str] = Field(description="customer ids this key may call; '*' = all")
     base: Flag = Field(True, description="may call the bare base model")
     max_concurrent: Whole | None = Field(
         None, ge=1, le=100_000, description="requests in flight at once for this tenant; past it: 429"
@@ -51,17 +51,6 @@ class Tenant(BaseModel):
     weight: Real = Field(
         1.0, gt=0, le=1000, description="share of a replica's batch slots against other tenants in a queue"
     )
-
-    @field_validator("tenant")
-    @classmethod
-    def _tenant(cls, v: str) -> str:
-        return check_name("tenant", v)
-
-    @field_validator("adapters")
-    @classmethod
-    def _adapters(cls, v: list[str]) -> list[str]:
-        # customer ids as the fleet file writes them: a name with '@' or '/' never matches one
-        return [a if a == "*" else check_name("adapter", a) for a in v]
 
     def limits(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in LIMIT_FIELDS}
@@ -146,6 +135,7 @@ def add_key(
     current = load_keys(path) if path.is_file() else {}  # a malformed file is refused, not added to
     if not path.parent.is_dir():
         raise KeysFileError(f"keys file {path}: the folder {path.parent} does not exist")
+    _check_names(tenant, adapters, base)
     held = next((t.limits() for t in current.values() if t.tenant == tenant), {"weight": 1.0})
     given = {"max_concurrent": max_concurrent, "tokens_per_minute": tokens_per_minute, "weight": weight}
     limits = {k: v if v is not None else held.get(k) for k, v in given.items()}
@@ -163,6 +153,21 @@ def add_key(
     raw[key_hash(key)] = entry.model_dump()
     write_keys(path, raw)
     return key
+
+
+def _check_names(tenant: str, adapters: list[str], base: bool) -> None:
+    """A new key's names (files written before these rules still load): the tenant and each
+    adapter follow the registry's name rule, since a customer id with '@' or '/' never matches
+    one, and a key must be able to call something."""
+    try:
+        check_name("tenant", tenant)
+        for adapter in adapters:
+            if adapter != "*":
+                check_name("adapter", adapter)
+    except ValueError as exc:
+        raise KeysFileError(str(exc)) from None
+    if not adapters and not base:
+        raise KeysFileError(f"a key for {tenant!r} with no adapters and no base could call nothing")
 
 
 def revoke(path: str | Path, tenant: str) -> int:
