@@ -378,8 +378,21 @@ def cmd_ui(args: argparse.Namespace) -> int:
     ]
     if settings.artifact_root():
         cmd += ["--default-artifact-root", settings.artifact_root()]
+    _check_can_listen(args.host, args.port)  # MLflow's server exits 0 when it cannot
     print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C stops it)")
     return subprocess.call(cmd)
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise LorafleetError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port or --host"
+        ) from None
 
 
 def _adapter_parsers(sub: argparse._SubParsersAction) -> None:

@@ -355,3 +355,13 @@ def test_command_line_numbers_are_checked_before_anything_runs(argv, capsys):
         main(argv)
     assert exit_.value.code == 2
     assert "is not a" in capsys.readouterr().err
+
+
+def test_ui_refuses_an_address_it_cannot_listen_on(capsys):
+    """MLflow's server exits 0 when its port is taken: the command checks first and says so."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["ui", "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
