@@ -219,12 +219,14 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
 
 
 def _read_text(path: Path) -> tuple[list[dict], list[str]]:
-    errors = [f"{path.name}:{lineno}: {bad}" for lineno, _, bad in _lines(path) if bad]
+    lines = list(_lines(path))  # one read: its decoding errors, and the text itself
+    errors = [f"{path.name}:{lineno}: {bad}" for lineno, _, bad in lines if bad]
     if errors:
         return [], errors
-    text = path.read_text(encoding="utf-8-sig")
+    text = "\n".join(line for _, line, _ in lines)
     first = text.lstrip().split("\n", 1)[0]
-    if first.startswith("{") and _json_record(first)[1] is None and check_record(json.loads(first))[0]:
+    rec, err = _json_record(first) if first.startswith("{") else (None, "not JSON")
+    if err is None and check_record(rec)[0]:
         return [], [f"{path.name}: declared format text, but its lines are JSON records; use format: auto"]
     blocks = [b.strip() for b in text.split("\n\n")]
     return [{"text": b} for b in blocks if b], []
@@ -279,10 +281,9 @@ def _parse(path: Path, fmt: str, where: str) -> list[dict]:
         records, errors = _read_table(path, fmt)
     else:
         records, errors = _read_jsonl(path)
-    if records and not errors and fmt in ("chat", "prompt_completion") and record_kind(records) != fmt:
-        errors = [
-            f"{where}: declared format {fmt}, but its records are {record_kind(records)}; use format: auto"
-        ]
+    kind = record_kind(records) if records else fmt
+    if not errors and fmt in ("chat", "prompt_completion") and kind != fmt:
+        errors = [f"{where}: declared format {fmt}, but its records are {kind}; use format: auto"]
     if errors:
         more = len(errors) - MAX_REPORTED_ERRORS
         shown = errors[:MAX_REPORTED_ERRORS] + ([f"... and {more} more"] if more > 0 else [])

@@ -144,9 +144,10 @@ def _get_model(c: MlflowClient, name: str) -> Any:
         raise RegistryError(f"unknown adapter '{name}'; registered adapters: {known}") from None
 
 
-def resolve_version(c: MlflowClient, ref: AdapterRef) -> ModelVersion:
-    """The model version a name points at, or an error saying which names exist."""
-    model = _get_model(c, ref.model)
+def resolve_version(c: MlflowClient, ref: AdapterRef, model: Any = None) -> ModelVersion:
+    """The model version a name points at, or an error saying which names exist (`model`: the
+    registered model, when the caller has it already)."""
+    model = model or _get_model(c, ref.model)
     if ref.version is not None:
         try:
             return c.get_model_version(ref.model, str(ref.version))
@@ -330,7 +331,7 @@ def show(c: MlflowClient, name: str, prefix: str = "") -> dict[str, Any]:
     """An adapter and its versions; `acme/3` or `acme@candidate` shows that one version."""
     ref = parse_ref(name, prefix)
     model = _get_model(c, ref.model)
-    only = resolve_version(c, ref).version if ("/" in name or "@" in name) else None
+    only = resolve_version(c, ref, model).version if ("/" in name or "@" in name) else None
     return {
         "adapter": model.name,
         "description": model.description,

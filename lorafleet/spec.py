@@ -349,12 +349,16 @@ _BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "l
 _YAML_BOOLEAN_HINT = "YAML reads yes, no, on, off, true and false as booleans: quote the word ('no')"
 
 
+def _dotted(loc: tuple) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+
+
 def _format_error(err: dict[str, Any], prefix: str = "") -> str:
     loc = err["loc"]
-    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    path = _dotted(loc)
     kind = err["type"]
     if kind == "invalid_key":  # pydantic puts the key itself last in the path: name the mapping
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[:-1]).lstrip(".")
+        where = _dotted(loc[:-1])
         hint = f"; {_YAML_BOOLEAN_HINT}" if isinstance(err.get("input"), bool) else ""
         return f"{prefix}{where}: the key {err.get('input')!r} is not a field name{hint}"
     if kind == "string_type" and isinstance(err.get("input"), bool):

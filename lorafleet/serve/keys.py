@@ -81,6 +81,11 @@ def load_keys(path: str | Path) -> dict[str, Tenant]:
     raw = read_raw(path)  # a folder or malformed file is named first
     if not Path(path).is_file():
         raise KeysFileError(f"keys file {path} does not exist: create it with `lorafleet keys create`")
+    return _tenants(path, raw)
+
+
+def _tenants(path: str | Path, raw: dict[str, dict]) -> dict[str, Tenant]:
+    """The file's entries validated, or a KeysFileError naming the first bad one."""
     keys = {}
     for h, t in raw.items():
         try:
@@ -132,7 +137,8 @@ def add_key(
     given become the tenant's limits on all of its keys; limits not given (None) keep the ones
     its keys have (a new key rotated in does not lift them), else none and weight 1."""
     path = Path(path)
-    current = load_keys(path) if path.is_file() else {}  # a malformed file is refused, not added to
+    raw = read_raw(path)
+    current = _tenants(path, raw)  # a file that does not validate is refused, not added to
     if not path.parent.is_dir():
         raise KeysFileError(f"keys file {path}: the folder {path.parent} does not exist")
     _check_names(tenant, adapters, base)
@@ -145,7 +151,6 @@ def add_key(
         first = exc.errors()[0]
         message = first["msg"].removeprefix("Value error, ")
         raise KeysFileError(f"key for {tenant!r}: {first['loc'][0]}: {message}") from None
-    raw = read_raw(path)
     for other in raw.values():
         if other.get("tenant") == tenant:
             other.update(entry.limits())
