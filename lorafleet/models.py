@@ -95,7 +95,6 @@ def compute_dtype(name: str, on_gpu: bool) -> Any:
 
 def quantization_config(quant: Any, dtype: Any) -> Any:
     """bitsandbytes config for a QuantizationSpec, or None for a full-precision base."""
-    import_bitsandbytes()
     from transformers import BitsAndBytesConfig
 
     if not quant.load_in_4bit:
