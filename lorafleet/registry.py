@@ -32,6 +32,7 @@ CANDIDATE, PRODUCTION = "candidate", "production"
 ALLOWED_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # the name part is a registered model name (prefix + customer), so it follows limits.NAME_RULE
 REF = re.compile(rf"(?P<customer>{NAME_RULE})(?:@(?P<alias>[a-z0-9_-]+)|/(?P<version>[0-9]+))?")
+ALIAS_OR_VERSION = re.compile(rf"{NAME_RULE}(@(?P<alias>.*)|/(?P<version>.*))")
 
 
 @dataclass(frozen=True)
@@ -41,16 +42,33 @@ class AdapterRef:
     version: int | None = None
 
     def __str__(self) -> str:
-        return self.model + (f"@{self.alias}" if self.alias else f"/{self.version}" if self.version else "")
+        return self.model + (
+            f"@{self.alias}" if self.alias else f"/{self.version}" if self.version is not None else ""
+        )
 
 
 def parse_ref(name: str, prefix: str = "") -> AdapterRef:
+    """`acme` (its production alias), `acme@candidate`, `acme/3`. Version 0 and a capitalised
+    alias are refused with their own reason: `acme/0` once read as plain `acme` (version 0 is
+    falsy) and was served the production version."""
     m = REF.fullmatch(name)
     if not m:
-        raise RegistryError(f"'{name}' is not an adapter name; use 'acme', 'acme@candidate' or 'acme/3'")
-    version = int(m["version"]) if m["version"] else None
-    alias = m["alias"] or (None if version else PRODUCTION)
+        raise RegistryError(f"'{name}' is not an adapter name; {_ref_hint(name)}")
+    version = int(m["version"]) if m["version"] is not None else None
+    if version == 0:
+        raise RegistryError(f"'{name}': versions start at 1; use 'acme/1' or later, or 'acme' for production")
+    alias = m["alias"] or (None if version is not None else PRODUCTION)
     return AdapterRef(prefix + m["customer"], alias, version)
+
+
+def _ref_hint(name: str) -> str:
+    """What is wrong with a name REF refused, where the part after '@' or '/' is the culprit."""
+    m = ALIAS_OR_VERSION.fullmatch(name)
+    if m and m["alias"] is not None and re.fullmatch("[A-Za-z0-9_-]+", m["alias"]):
+        return f"aliases are lower case: '@{m['alias'].lower()}'"
+    if m and m["version"] is not None:
+        return "a version is a whole number written in ASCII digits: 'acme/3'"
+    return "use 'acme', 'acme@candidate' or 'acme/3'"
 
 
 def _sha256(path: Path) -> str:

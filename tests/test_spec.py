@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -302,6 +303,36 @@ def test_model_names_with_a_trailing_newline_do_not_resolve():
     for bad in ("acme\n", "acme/1\n", "acme@production\n", "acme/\u0661"):  # \u0661: an Arabic-Indic 1
         with pytest.raises(RegistryError, match="is not an adapter name"):
             parse_ref(bad)
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("acme/0", "versions start at 1"),  # once read as plain 'acme': production served
+        ("acme/000", "versions start at 1"),
+        ("acme@PRODUCTION", "aliases are lower case: '@production'"),
+        ("acme/x", "a version is a whole number"),
+        ("acme@", "use 'acme'"),
+    ],
+)
+def test_a_bad_version_or_alias_says_what_is_wrong(name, reason):
+    from lorafleet.errors import RegistryError
+    from lorafleet.registry import parse_ref
+
+    with pytest.raises(RegistryError, match=re.escape(reason)):
+        parse_ref(name)
+
+
+def test_every_name_form_reads_back_as_itself():
+    """str(ref) is the canonical name: it parses back to the same reference (version 1 and up,
+    any lower-case alias, the bare name as production)."""
+    from lorafleet.registry import PRODUCTION, AdapterRef, parse_ref
+
+    for name in ("acme", "acme/1", "acme/12", "acme@candidate", "Acme.2@prod_b", "a/007"):
+        ref = parse_ref(name)
+        assert parse_ref(str(ref)) == ref
+        assert ref.version != 0 and (ref.alias is None) != (ref.version is None)
+    assert parse_ref("acme") == AdapterRef("acme", PRODUCTION)
 
 
 def test_a_job_the_base_cannot_train_fails_alone_at_validation(tmp_path, micro_base):
