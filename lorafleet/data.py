@@ -322,16 +322,29 @@ def first_loss_token(rec: dict, tokenizer: Any) -> int:
     return 0
 
 
+def _measured(measure: Any, rec: dict, number: int, path: str | Path, tokenizer: Any) -> int:
+    """measure(rec, tokenizer) (token_count, first_loss_token), with a refusal named: text the
+    tokenizer cannot take (TypeError, ValueError), or a chat template that raises on these
+    messages (jinja2's TemplateError: a base whose template wants roles alternating, or no system
+    turn), is this example's error, not a traceback that stops the other jobs' checks."""
+    from jinja2 import TemplateError
+
+    try:
+        return measure(rec, tokenizer)
+    except (TypeError, ValueError, TemplateError) as exc:
+        raise DataError(
+            f"{redact(str(path))}: example {number}: the base's tokenizer or chat template refused it: {exc}"
+        ) from None
+
+
 def inspect_dataset(path: str | Path, fmt: str, tokenizer: Any, max_length: int) -> DatasetReport:
     """Validate a dataset and measure it in the base model's tokens. A dataset none of whose
     examples keeps a token to learn from within max_length is an error here, not at training."""
     records, sha256 = read_dataset(path, fmt)
-    try:
-        counts = [token_count(r, tokenizer) for r in records]
-    except (TypeError, ValueError) as exc:  # text the tokenizer cannot take
-        raise DataError(f"{redact(str(path))}: the base's tokenizer refused an example: {exc}") from None
-    long = [r for r, c in zip(records, counts, strict=True) if c > max_length]
-    if len(long) == len(records) and all(first_loss_token(r, tokenizer) >= max_length for r in long):
+    counts = [_measured(token_count, r, i, path, tokenizer) for i, r in enumerate(records, 1)]
+    if all(c > max_length for c in counts) and all(
+        _measured(first_loss_token, r, i, path, tokenizer) >= max_length for i, r in enumerate(records, 1)
+    ):
         raise DataError(
             f"{redact(str(path))}: every example's answer starts after max_length {max_length} tokens, so "
             "truncation leaves nothing to learn; raise training.max_length or shorten the prompts"

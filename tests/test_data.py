@@ -192,3 +192,23 @@ def test_answers_truncation_removes_entirely_are_an_error_at_validation(tmp_path
         inspect_dataset(pc, "auto", tok, max_length=16)
     mixed = write_lines(tmp_path / "m.jsonl", [long, chat(("user", "hi"), ("assistant", "ok"))])
     assert inspect_dataset(mixed, "auto", tok, max_length=16).over_max_length == 1
+
+
+def test_a_chat_template_that_raises_is_that_examples_error(tmp_path, micro_base):
+    """A base whose chat template raises on some messages (roles that must alternate, as many
+    real bases' do) makes that example a named error; it was a jinja2 traceback that stopped
+    every other job's check."""
+    from lorafleet.models import load_tokenizer
+
+    tok = load_tokenizer(micro_base)
+    tok.chat_template = (
+        "{% for m in messages %}{% if loop.index0 > 0 and m.role == messages[loop.index0 - 1].role %}"
+        "{{ raise_exception('roles must alternate') }}{% endif %}{{ m.content }}{% endfor %}"
+    )
+    good = chat(("user", "hi"), ("assistant", "ok"))
+    bad = chat(("user", "hi"), ("user", "again"), ("assistant", "ok"))
+    path = write_lines(tmp_path / "d.jsonl", [good, bad])
+    with pytest.raises(DataError, match=r"d.jsonl: example 2: .*template refused it: roles must alternate"):
+        inspect_dataset(path, "auto", tok, max_length=64)
+    only_good = write_lines(tmp_path / "g.jsonl", [good])
+    assert inspect_dataset(only_good, "auto", tok, max_length=64).examples == 1
