@@ -49,7 +49,7 @@ def _download_from_hub(repo_id: str) -> Path:
         ) from exc
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
 
 
@@ -63,7 +63,7 @@ def fingerprint(path: str | Path) -> str:
     Hashing gigabytes takes seconds, so the result is cached by (path, sizes, mtimes).
     """
     path = Path(path).resolve()
-    files = [path / f for f in FINGERPRINT_FILES] + _weight_files(path)
+    files = [path / f for f in FINGERPRINT_FILES] + weight_files(path)
     key = json.dumps([[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
     cache = _cache_file()
     known = json.loads(cache.read_text()) if cache.is_file() else {}

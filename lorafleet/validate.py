@@ -6,9 +6,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorafleet.data import DatasetReport, inspect_dataset
+from lorafleet.data import DatasetReport, inspect_dataset, read_dataset
 from lorafleet.errors import LorafleetError
-from lorafleet.models import context_length, fingerprint, load_tokenizer, matrix_modules, resolve_base
+from lorafleet.models import (
+    WEIGHT_SUFFIXES,
+    context_length,
+    fingerprint,
+    load_tokenizer,
+    matrix_modules,
+    resolve_base,
+    weight_files,
+)
 from lorafleet.spec import FleetSpec, JobSpec, load_fleet, resolve_jobs
 
 
@@ -55,25 +63,69 @@ def own_run_reason(fleet: FleetSpec, job: JobSpec) -> str | None:
     return None
 
 
+@dataclass
+class BaseFacts:
+    """What the checks need of the base: read once, before any job's."""
+
+    path: Path
+    fingerprint: str
+    tokenizer: Any
+    modules: set[str]
+    context: int | None
+
+
 def check_fleet(fleet_file: str | Path) -> FleetCheck:
-    """Spec errors raise (nothing can run); data errors are collected per job (the rest can)."""
+    """Spec errors raise (nothing can run); data errors are collected per job (the rest can). A
+    base that cannot be read raises too, after reading every dataset, so one pass names them all."""
     fleet_file = Path(fleet_file)
     fleet = load_fleet(fleet_file)
     jobs = resolve_jobs(fleet, fleet_file)
-    base_path = resolve_base(fleet.base_model)
-    check = FleetCheck(fleet, jobs, base_path, fingerprint(base_path), load_tokenizer(base_path))
-    modules, context = matrix_modules(base_path), context_length(base_path)
+    try:
+        base = inspect_base(fleet.base_model)
+    except LorafleetError as exc:
+        raise LorafleetError("\n".join([f"base_model: {exc}", *_unread_datasets(jobs)])) from None
+    check = FleetCheck(fleet, jobs, base.path, base.fingerprint, base.tokenizer)
     for job in jobs:
         try:
-            if problem := targets_problem(job, modules):
+            if problem := targets_problem(job, base.modules):
                 raise LorafleetError(problem)
             report = inspect_dataset(job.dataset, job.format, check.tokenizer, job.training.max_length)
-            if problem := context_problem(job, report, context):
+            if problem := context_problem(job, report, base.context):
                 raise LorafleetError(problem)
             check.reports[job.customer] = report
         except LorafleetError as exc:
             check.errors[job.customer] = str(exc)
     return check
+
+
+def inspect_base(name: str) -> BaseFacts:
+    """The base's path, fingerprint, tokenizer, weight matrices and context. A folder that is not
+    a whole model (no weights, no tokenizer, an unreadable file) is an error naming it here: it
+    was a transformers traceback, or passed and failed in every job's worker."""
+    path = resolve_base(name)
+    if not weight_files(path):
+        raise LorafleetError(f"{path} holds no weights ({' or '.join(WEIGHT_SUFFIXES)} files)")
+    try:
+        return BaseFacts(
+            path, fingerprint(path), load_tokenizer(path), matrix_modules(path), context_length(path)
+        )
+    except Exception as exc:  # transformers, tokenizers and json raise many kinds for a broken folder
+        why = " ".join(str(exc).split())[:300]
+        raise LorafleetError(
+            f"{path} cannot be read as a model ({type(exc).__name__}: {why}); a base folder needs "
+            "config.json, its tokenizer files (tokenizer.json or tokenizer_config.json) and its weights"
+        ) from None
+
+
+def _unread_datasets(jobs: list[JobSpec]) -> list[str]:
+    """The datasets' own errors (reading and format; measuring them needs the base's tokenizer)."""
+    errors = []
+    for i, job in enumerate(jobs):
+        try:
+            read_dataset(job.dataset, job.format)
+        except LorafleetError as exc:
+            errors.append(f"jobs[{i}] ({job.customer}): {exc}")
+    return errors
 
 
 def targets_problem(job: JobSpec, modules: set[str]) -> str | None:

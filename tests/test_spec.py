@@ -369,6 +369,50 @@ def test_a_job_the_base_cannot_train_fails_alone_at_validation(tmp_path, micro_b
 
 
 @pytest.mark.parametrize(
+    ("keep", "reason"),
+    [
+        (
+            {"config.json", "tokenizer.json", "tokenizer_config.json"},
+            "holds no weights (.safetensors or .bin",
+        ),
+        ({"config.json", "model.safetensors"}, "cannot be read as a model (ValueError"),
+        ({"model.safetensors", "tokenizer.json", "tokenizer_config.json", "config.json:{bad"}, "OSError"),
+    ],
+)
+def test_a_broken_base_folder_is_named_with_every_datasets_error(tmp_path, micro_base, keep, reason):
+    """A base folder missing its weights or tokenizer, or with a broken config, is one error that
+    names it and says what a base folder needs; the datasets are still read, so a missing one is
+    named in the same pass. It was a transformers traceback, or (no weights) a failure in every
+    job's worker."""
+    import shutil
+
+    from lorafleet.errors import LorafleetError
+    from lorafleet.validate import check_fleet
+    from tests.conftest import write_chat
+
+    base = tmp_path / "base"
+    base.mkdir()
+    for name in keep:
+        name, _, text = name.partition(":")
+        if text:
+            (base / name).write_text(text)
+        else:
+            shutil.copy(micro_base / name, base / name)
+    write_chat(tmp_path / "good.jsonl", "g")
+    jobs = [{"customer": "good", "dataset": "good.jsonl"}, {"customer": "gone", "dataset": "gone.jsonl"}]
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump({"name": "f", "base_model": str(base), "jobs": jobs}))
+    with pytest.raises(LorafleetError) as err:
+        check_fleet(path)
+    first, *rest = str(err.value).splitlines()
+    assert first.startswith(f"base_model: {base}") and reason in first, first
+    assert "config.json" in first or "no weights" in first
+    assert rest == [
+        f"jobs[1] (gone): {tmp_path / 'gone.jsonl'}: dataset file not found; check the job's `dataset` path"
+    ]
+
+
+@pytest.mark.parametrize(
     "argv",
     [
         ["bench", "train", "--jobs", "0"],
