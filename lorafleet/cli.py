@@ -330,8 +330,23 @@ def adapters_pull(c, args) -> int:
     from lorafleet import registry
 
     adapter = registry.pull(c, args.name, Path(args.output), args.prefix)
-    print(f"{adapter.name} -> {args.output}")
+    _written(args, adapter, f"{adapter.name} -> {args.output}")
     return 0
+
+
+def _written(args: argparse.Namespace, adapter: Any, line: str, **more: Any) -> None:
+    """What pull and merge wrote: a line, or with --json the version and folder."""
+    from lorafleet.ui import print_json
+
+    if not args.json:
+        print(line)
+        return
+    mv = adapter.version
+    print_json(
+        {"adapter": adapter.name, "model": mv.name, "version": int(mv.version)}
+        | more
+        | {"output": str(Path(args.output).resolve())}
+    )
 
 
 def adapters_merge(c, args) -> int:
@@ -345,7 +360,7 @@ def adapters_merge(c, args) -> int:
     registry.check_base(adapter, fingerprint(base_path), base_name)
     with registry.written_whole(out) as tmp:
         merge_adapter(base_path, adapter.path, tmp)
-    print(f"{adapter.name} merged into {base_name} -> {args.output}")
+    _written(args, adapter, f"{adapter.name} merged into {base_name} -> {args.output}", base_model=base_name)
     return 0
 
 

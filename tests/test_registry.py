@@ -201,6 +201,15 @@ def test_cli_browsing(store, micro_base, tmp_path, prefix, capsys):
         (1, ["production"]),
     ]
     assert main(["adapters", "pull", "acme@candidate", "--prefix", prefix, "-o", str(tmp_path / "o")]) == 0
+    assert capsys.readouterr().out == f"{prefix}acme/2 -> {tmp_path / 'o'}\n"
+    assert main(["adapters", "pull", "acme", "--prefix", prefix, "-o", str(tmp_path / "p"), "--json"]) == 0
+    pulled = json.loads(capsys.readouterr().out)  # --json is JSON here too
+    assert pulled == {
+        "adapter": f"{prefix}acme/1",
+        "model": f"{prefix}acme",
+        "version": 1,
+        "output": str(tmp_path / "p"),
+    }
     assert main(["adapters", "pull", "ghost", "--prefix", prefix, "-o", str(tmp_path / "o")]) == 2
     assert "unknown adapter" in capsys.readouterr().err
 
