@@ -154,13 +154,28 @@ def join_cluster(address: str | None) -> None:
     from lorafleet.errors import LorafleetError
 
     address = address or os.environ.get("RAY_ADDRESS") or "auto"
+    how = "start one with `ray start --head` and submit with --ray-address auto, or pass the address of yours"
+    if why := unreachable(address):  # Ray itself retries a dead address for about two minutes
+        raise LorafleetError(f"no running Ray cluster at {address} ({why}); {how}")
     try:
         init_ray(address)
     except ConnectionError as exc:
-        raise LorafleetError(
-            f"no running Ray cluster at {address} ({exc}); start one with `ray start --head` "
-            "and submit with --ray-address auto, or pass the address of yours"
-        ) from None
+        raise LorafleetError(f"no running Ray cluster at {address} ({exc}); {how}") from None
+
+
+def unreachable(address: str, timeout_s: float = 3.0) -> str | None:
+    """Why nothing listens at a 'host:port' (or 'ray://host:port') address; None when something
+    does, or when the address is not one ('auto': Ray finds the cluster itself)."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return None
+    except OSError as exc:
+        return exc.strerror or f"no answer in {timeout_s:g} s"
 
 
 def free_port() -> int:

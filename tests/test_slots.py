@@ -214,3 +214,17 @@ def test_slots_and_cancel_without_a_cluster_say_how_to_start_one(monkeypatch, ca
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert "no running Ray cluster at auto" in err and "ray start --head" in err, err
+
+
+def test_a_dead_cluster_address_is_an_error_at_once(monkeypatch, capsys):
+    """An address where nothing listens: Ray retried it for about two minutes before saying so."""
+    from lorafleet.raystart import free_port
+
+    dead = f"127.0.0.1:{free_port()}"
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for argv in (["slots", "--ray-address", dead], ["cancel", "demo", "--ray-address", dead]):
+        started = time.monotonic()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"no running Ray cluster at {dead} (Connection refused)" in err, err
+        assert time.monotonic() - started < 10
