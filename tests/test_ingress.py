@@ -767,6 +767,73 @@ def test_a_request_over_the_tenants_whole_token_budget_is_a_400_not_a_retry(make
     assert run(ep.chat(model="acme", headers=auth, max_tokens=2)).status_code == 200
 
 
+def test_tokens_per_minute_count_the_prompt_as_well_as_the_answer(make, tmp_path, tokenizer):
+    """What a request reserved (its prompt and max_tokens) is corrected on release to its prompt
+    and the tokens it got: it was corrected to the answer's tokens only, so long prompts with
+    max_tokens 1 ran past the limit."""
+    from lorafleet.serve.keys import add_key
+
+    path = tmp_path / "keys.json"
+    auth = {"authorization": f"Bearer {add_key(path, 'tiny-corp', ['acme'], tokens_per_minute=10**4)}"}
+    answer = tokenizer("one two three")["input_ids"]
+    ep = make(replica=FakeReplica(answer), api_keys_file=str(path))
+    prompt = ep.core.tokenizer.apply_chat_template(
+        HI, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    used = 0
+    for stream in (False, True):
+        r = run(ep.chat(model="acme", headers=auth, stream=stream, max_tokens=len(answer)))
+        assert r.status_code == 200
+        used += len(prompt) + len(answer)
+        assert ep.core.tenants.limiter.tokens_in_window("tiny-corp") == used
+
+
+class ServeLikeResponse:
+    """As Serve's DeploymentResponse: a caller that stops awaiting it leaves the replica's work
+    running; only cancel() stops it."""
+
+    def __init__(self, coro: Any):
+        self.task = asyncio.ensure_future(coro)
+        self.cancelled = False
+
+    def __await__(self):
+        return asyncio.shield(self.task).__await__()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.task.cancel()
+
+
+def test_a_timed_out_answer_cancels_its_replica_call_and_keeps_its_reservation(make, tmp_path, tokenizer):
+    """A non-streaming request past request_timeout_s: the 504 cancels the replica call (its row
+    decoded on to max_tokens, holding a batch row while the tenant's slot was free again), and
+    the tenant keeps what it reserved, as its row's use is not known."""
+    from lorafleet.serve.keys import add_key
+
+    path = tmp_path / "keys.json"
+    auth = {"authorization": f"Bearer {add_key(path, 'tiny-corp', ['acme'], tokens_per_minute=10**4)}"}
+    replica = FakeReplica(tokenizer("one two")["input_ids"], delay_s=5.0)
+    calls: list[ServeLikeResponse] = []
+    replica.complete = _Method(
+        lambda gen: calls.append(ServeLikeResponse(replica._complete(gen))) or calls[-1]
+    )
+    ep = make(replica=replica, api_keys_file=str(path), request_timeout_s=0.2)
+
+    async def timed_out() -> tuple[httpx.Response, bool]:
+        r = await ep.chat(model="acme", headers=auth, max_tokens=7)
+        await asyncio.sleep(0)  # the cancelled task settles
+        return r, calls[-1].task.cancelled()
+
+    r, stopped = run(timed_out())
+    assert error_of(r, 504)["code"] == "timeout"
+    assert calls[-1].cancelled and stopped
+    prompt = ep.core.tokenizer.apply_chat_template(
+        HI, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    assert ep.core.tenants.limiter.tokens_in_window("tiny-corp") == len(prompt) + 7
+    assert ep.core.tenants.limiter.in_flight("tiny-corp") == 0
+
+
 @pytest.mark.parametrize(
     ("path", "body", "param"),
     [

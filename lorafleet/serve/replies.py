@@ -186,24 +186,30 @@ class Replies:
         self, handle: Any, gen: Any, body: Any, chat: bool, deadline: float, lease: Any, tag: str
     ) -> JSONResponse:
         start = time.perf_counter()
+        calls: list[Any] = []  # the replica call (and its one retry): a timeout cancels it
+
+        def call() -> Any:
+            calls.append(handle.complete.remote(gen))
+            return calls[-1]
+
         try:
-            final = await _within(
-                _with_one_retry(lambda: handle.complete.remote(gen)), deadline, self.args.request_timeout_s
-            )
-        except api.ApiError:
+            final = await _within(_with_one_retry(call), deadline, self.args.request_timeout_s)
+        except api.ApiError:  # the timeout: Serve's response goes on unless cancelled
+            for response in calls:
+                _cancel(response)  # the replica drops the row at its next step
+            lease.release(None)  # what the row used before it stopped is not known: all it reserved
             raise
         except Exception as exc:
             raise replica_error(exc) from None
         if (err := final_error(final)) is not None:
             raise err
-        n = len(final["token_ids"])
-        lease.release(n)
+        n_prompt, n = len(gen.prompt_ids), len(final["token_ids"])
+        lease.release(n_prompt + n)  # tokens per minute count the prompt, as they were reserved
         text, stopped = cut_at_stop(
             self.tokenizer.decode(final["token_ids"], skip_special_tokens=True), body.stop
         )
         finish = "stop" if stopped else final.get("finish_reason", "stop")
         self.metrics.done(tag, n, start)
-        n_prompt = len(gen.prompt_ids)
         usage = api.Usage(prompt_tokens=n_prompt, completion_tokens=n, total_tokens=n_prompt + n)
         make = api.chat_response if chat else api.completion_response
         return JSONResponse(
@@ -269,7 +275,7 @@ class Replies:
             yield _event(replica_error(exc).body())
             return
         finally:  # also when the client hangs up: the replica drops the row at its next step
-            lease.release(n)
+            lease.release(n_prompt + n)  # its prompt was read: the first tokens came
             if not isinstance(item, dict):
                 await _close(stream)
         self.metrics.done(tag, n, start)

@@ -3,7 +3,7 @@ limits and revocations need no redeploy) and how much each tenant may ask for at
 
 - `KeyStore(path, reload_s).tenant(authorization_header)` -> Tenant, or None for a bad key.
 - `TenantLimiter().acquire(tenant, max_tokens)` -> Lease, or raises TenantLimitError (429 with
-  Retry-After at the ingress); `lease.release(tokens_used)` when the answer is done.
+  Retry-After at the ingress); `lease.release(tokens_used)` (prompt and generated) when the answer is done.
 
 Both are meant for one asyncio event loop (the ingress): their methods never await and hold a
 threading lock only for a few dict operations, so they are also safe from threads.
@@ -125,8 +125,9 @@ class _Usage:
 
 
 class Lease:
-    """One admitted request. release() once with the tokens actually generated (None keeps the
-    reservation); a second release does nothing, so it is safe in every finally."""
+    """One admitted request. release() once with the tokens it used, its prompt and what it
+    generated (0: it failed and is not charged; None keeps the reservation, for a request whose
+    use is not known); a second release does nothing, so it is safe in every finally."""
 
     def __init__(self, limiter: TenantLimiter, tenant: str, entry: _Reservation):
         self._limiter, self.tenant, self._entry, self._released = limiter, tenant, entry, False
@@ -141,7 +142,7 @@ class Lease:
 class TenantLimiter:
     """Per-tenant concurrent requests and tokens per sliding minute, read from the Tenant at each
     acquire (so a reloaded keys file applies at once). Tokens are reserved at admission as the
-    request's max_tokens and corrected to the tokens used on release."""
+    request's prompt and max_tokens, and corrected to the tokens used on release."""
 
     def __init__(self, clock: Clock = time.monotonic, concurrency_retry_after_s: float = 1.0):
         self.clock, self.concurrency_retry_after_s = clock, concurrency_retry_after_s
