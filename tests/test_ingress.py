@@ -267,7 +267,7 @@ def test_null_parameters_are_their_defaults(make):
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"logprobs": True}, "logprobs"),
-        ({"top_logprobs": 3}, "logprobs"),
+        ({"top_logprobs": 3}, "top_logprobs"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
             "content",
@@ -305,6 +305,46 @@ def test_unsupported_features_are_a_400_that_says_so(make, extra, param):
     assert err["param"] == param, err
     assert "not supported" in err["message"] or param in err["message"]
     assert not ep.replica.requests
+
+
+JSON_SAMPLES = {"string": "x", "boolean": False, "integer": 0, "number": 0.5, "object": {}, "array": []}
+
+
+@pytest.mark.parametrize("path", [CHAT, "/v1/completions"])
+def test_every_taken_parameter_of_the_wrong_json_type_is_a_400_naming_it(make, path):
+    """Each parameter taken or checked beside the served ones (user, metadata, echo, best_of,
+    tools, ...) has its JSON type: a value of any other type is a 400 naming the parameter and
+    the type it wants. A truthiness check took `echo: 0`, `tools: {}`, `best_of: true`, and any
+    type for the harmless ones."""
+    from lorafleet.serve.api import EXTRA_TYPES
+
+    ep = make()
+    body = {"model": BASE, **({"messages": HI} if path == CHAT else {"prompt": "hi"})}
+    own = {"echo", "suffix", "best_of"} if path != CHAT else set()
+    types = {**EXTRA_TYPES, "logprobs": ("boolean",) if path == CHAT else ("integer",)}
+    for name, kinds in types.items():
+        if name in {"echo", "suffix", "best_of"} - own:
+            continue  # another route's parameter: refused by name (test_unsupported_features...)
+        for kind, value in JSON_SAMPLES.items():
+            if kind in kinds or (kind == "integer" and "number" in kinds):
+                continue
+            extra = {"stream": True} if name == "stream_options" else {}
+            err = error_of(run(ep.http.post(path, json={**body, **extra, name: value})), 400)
+            assert err["param"] == name and f"'{name}' must be" in err["message"], (name, kind, err)
+    assert not ep.replica.requests
+
+
+def test_completions_logprobs_zero_and_best_of_below_one_are_refused(make):
+    ep = make()
+
+    def post(**extra: Any) -> httpx.Response:
+        return run(ep.http.post("/v1/completions", json={"model": BASE, "prompt": "hi", **extra}))
+
+    assert error_of(post(logprobs=0), 400)["param"] == "logprobs"  # 0 asks for the chosen tokens'
+    assert "best_of must be 1 (got 0)" in error_of(post(best_of=0), 400)["message"]
+    assert error_of(post(metadata={"k": 1}), 400)["param"] == "metadata"
+    assert error_of(post(metadata={f"k{i}": "v" for i in range(17)}), 400)["param"] == "metadata"
+    assert post(best_of=1, echo=False, suffix="", logprobs=None, tools=[]).status_code == 200
 
 
 def test_parameters_that_change_nothing_are_taken(make):

@@ -33,6 +33,28 @@ HARMLESS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", 
 # handled one by one below (refused unless set to what we serve)
 CHECKED = ("tools", "functions", "tool_choice", "function_call", "response_format", "logprobs")
 CHECKED += ("top_logprobs", "stream_options", "modalities")
+# each taken or checked parameter's JSON type, as OpenAI's API spec gives it: any other type is
+# a 400 naming it (a truthiness check read `echo: 0` or `tools: {}` as unset; `user: 5` passed)
+EXTRA_TYPES: dict[str, tuple[str, ...]] = {
+    "user": ("string",),
+    "metadata": ("object",),
+    "store": ("boolean",),
+    "service_tier": ("string",),
+    "parallel_tool_calls": ("boolean",),
+    "prediction": ("object",),
+    "tools": ("array",),
+    "functions": ("array",),
+    "tool_choice": ("string", "object"),
+    "function_call": ("string", "object"),
+    "response_format": ("object",),
+    "top_logprobs": ("integer",),
+    "modalities": ("array",),
+    "stream_options": ("object",),
+    "echo": ("boolean",),
+    "suffix": ("string",),
+    "best_of": ("integer",),
+}
+METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512  # OpenAI's bounds
 # the parameters OpenAI's API spec marks nullable: null means the default (clients built from the
 # spec send null for a parameter left unset, and OpenAI and vLLM answer them)
 NULLABLE = (
@@ -79,11 +101,42 @@ def unsupported(feature: str, param: str) -> ApiError:
     return ApiError(400, f"{feature} is not supported by this endpoint", code="unsupported", param=param)
 
 
+def json_type(value: Any) -> str:
+    """The JSON type of a parsed value (a bool is not a number here, as in JSON)."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    kinds = {str: "string", float: "number", dict: "object", list: "array", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def check_type(name: str, value: Any, kinds: tuple[str, ...]) -> None:
+    if json_type(value) not in kinds:
+        want = " or ".join(f"an {k}" if k[0] in "aeiou" else f"a {k}" for k in kinds)
+        raise ApiError(400, f"'{name}' must be {want}, got {json_type(value)} {value!r:.40}", param=name)
+
+
+def check_metadata(value: dict) -> None:
+    """OpenAI's metadata: up to 16 string pairs, keys up to 64 and values up to 512 characters."""
+    if len(value) > METADATA_PAIRS or not all(
+        isinstance(v, str) and len(k) <= METADATA_KEY_CHARS and len(v) <= METADATA_VALUE_CHARS
+        for k, v in value.items()
+    ):
+        raise ApiError(
+            400,
+            f"'metadata' holds up to {METADATA_PAIRS} pairs of strings, keys up to {METADATA_KEY_CHARS} "
+            f"and values up to {METADATA_VALUE_CHARS} characters",
+            param="metadata",
+        )
+
+
 class _Request(BaseModel):
     # extras are kept to be checked: HARMLESS ones pass, CHECKED ones only with the values we
     # serve, and any other name is refused (_refuse_unsupported), never ignored
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     checked_here: ClassVar[tuple[str, ...]] = ()  # a route's own parameters, checked by its class
+    logprobs_type: ClassVar[tuple[str, ...]] = ("boolean",)  # chat's; completions' is a count
 
     model: str = Field(max_length=256, description="adapter name (acme, acme@candidate, acme/3) or the base")
     max_tokens: Count | None = Field(None, ge=1, le=1_000_000, description="new tokens at most")
@@ -142,12 +195,15 @@ class _Request(BaseModel):
             raise ApiError(400, f"n must be 1 (got {self.n})", param="n")
         if self.n != 1:
             raise unsupported(f"n={self.n} (several choices per request); only n=1 is served", "n")
-        extra = self.model_extra or {}
-        for name, value in extra.items():  # null is "not set", as for OpenAI's own parameters
-            if value is not None and name not in HARMLESS + CHECKED + self.checked_here:
+        extra = {k: v for k, v in (self.model_extra or {}).items() if v is not None}  # null: not set
+        for name, value in extra.items():
+            if name not in HARMLESS + CHECKED + self.checked_here:
                 raise unsupported(f"the parameter '{name}'", name)
+            check_type(name, value, self.logprobs_type if name == "logprobs" else EXTRA_TYPES[name])
+        if "metadata" in extra:
+            check_metadata(extra["metadata"])
         for name in ("tools", "functions"):
-            if extra.get(name):
+            if extra.get(name):  # an empty list offers nothing to call
                 raise unsupported(f"'{name}' (function calling)", name)
         for name in ("tool_choice", "function_call"):
             if extra.get(name) not in (None, "none"):
@@ -155,8 +211,10 @@ class _Request(BaseModel):
         fmt = extra.get("response_format")
         if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
             raise unsupported("response_format other than {'type': 'text'}", "response_format")
-        if extra.get("logprobs") not in (None, False) or extra.get("top_logprobs") not in (None, 0):
+        if extra.get("logprobs", False) is not False:  # chat: true; completions: any count, 0 too
             raise unsupported("logprobs", "logprobs")
+        if extra.get("top_logprobs", 0) != 0:
+            raise unsupported("top_logprobs", "top_logprobs")
         if extra.get("modalities") not in (None, ["text"]):
             raise unsupported("modalities other than ['text']", "modalities")
         self._stream_options(extra.get("stream_options"))
@@ -238,6 +296,7 @@ class ChatCompletionRequest(_Request):
 
 class CompletionRequest(_Request):
     checked_here: ClassVar[tuple[str, ...]] = ("echo", "suffix", "best_of")
+    logprobs_type: ClassVar[tuple[str, ...]] = ("integer",)
     prompt: str = Field(min_length=1, description="the text to continue (one string)")
 
     @field_validator("prompt", mode="before")
@@ -249,12 +308,15 @@ class CompletionRequest(_Request):
 
     @model_validator(mode="after")
     def _completion_only(self) -> CompletionRequest:
-        extra = self.model_extra or {}
+        extra = self.model_extra or {}  # their types are checked with the other extras
         if extra.get("echo"):
             raise unsupported("echo", "echo")
-        if extra.get("suffix"):
+        if extra.get("suffix"):  # "" adds nothing after the completion
             raise unsupported("suffix", "suffix")
-        if extra.get("best_of") not in (None, 1):
+        best_of = extra.get("best_of")
+        if best_of is not None and best_of < 1:
+            raise ApiError(400, f"best_of must be 1 (got {best_of})", param="best_of")
+        if best_of is not None and best_of > 1:
             raise unsupported("best_of > 1", "best_of")
         return self
 
