@@ -429,6 +429,31 @@ def test_a_stop_string_ends_its_row_and_its_batch_mates_go_on(engine):
     assert other.token_ids == solo(engine, mate).token_ids and other.finish_reason == "length"
 
 
+def test_a_stop_string_split_by_special_tokens_ends_its_row(engine):
+    """Special tokens decode to nothing, so the stop window counts only tokens with text: 30 pads
+    between a stop string's two words once pushed its first word out of the window, and the row
+    decoded on to max_tokens with the stop string in its text."""
+    script = [5] + [0] * 30 + [6] + [7] * 10  # t5, 30 x <pad>, t6, ...
+
+    class Scripted(FaultyDecoder):
+        def _next_token(self, row, logits, greedy):
+            return (
+                script[len(row.result.token_ids)]
+                if row.request.stop
+                else super()._next_token(row, logits, greedy)
+            )
+
+    prompt = [2, 3, 4]
+    mate = GenerationRequest(prompt, "a", 6)
+    decoder = Scripted(engine)
+    done = decoder.admit([(0, GenerationRequest(prompt, None, 40, stop=["t5 t6"])), (1, mate)])
+    while decoder:
+        done += decoder.step()
+    rows = {row.key: row.result for row in done}
+    assert (rows[0].finish_reason, rows[0].stop_text, len(rows[0].token_ids)) == ("stop", "t5 t6", 32)
+    assert rows[1].token_ids == engine.generate([mate])[0].token_ids  # its mate as alone
+
+
 def test_stop_helpers():
     assert first_stop("abc STOP def END", ["END", "STOP"]) == "STOP"
     assert first_stop("abc", ["x"]) is None

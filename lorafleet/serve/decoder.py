@@ -142,6 +142,8 @@ class Decoder:
         self.batch: KVBatch | None = None
         self._out: list[Row] = []  # rows that left the batch since admit/step last returned
         self._joining: list[Row] = []  # newcomers of the admit() under way
+        # special tokens decode to nothing (skip_special_tokens): the stop window skips them
+        self._silent = frozenset(getattr(engine.tokenizer, "all_special_ids", ()) or ())
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -324,9 +326,17 @@ class Decoder:
 
     def _stop_hit(self, row: Row) -> str | None:
         """A stop string in the row's text: only the tail that the last token could complete one
-        in is decoded (earlier matches would have ended the row before)."""
-        tail = row.result.token_ids[-stop_window(row.request.stop) :]
-        return first_stop(self.engine.tokenizer.decode(tail, skip_special_tokens=True), row.request.stop)
+        in is decoded (earlier matches would have ended the row before). The tail is counted in
+        tokens that decode to text: special tokens between a stop string's parts once pushed
+        its start out of the window, and the row decoded on to max_tokens."""
+        window, tail = stop_window(row.request.stop), []
+        for token in reversed(row.result.token_ids):
+            if token not in self._silent:
+                tail.append(token)
+                if len(tail) == window:
+                    break
+        text = self.engine.tokenizer.decode(tail[::-1], skip_special_tokens=True)
+        return first_stop(text, row.request.stop)
 
     # ---- the batch's rows, binding and failures -----------------------------------------------
 
