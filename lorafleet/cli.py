@@ -549,7 +549,9 @@ def _keys_parsers(sub: argparse._SubParsersAction) -> None:
     create.add_argument("--no-base", action="store_true", help="deny the bare base model")
     limits = "the tenant's limit, on all its keys; default: the one its keys have, else none"
     create.add_argument("--max-concurrent", type=int, default=None, help=f"requests in flight ({limits})")
-    create.add_argument("--tokens-per-minute", type=int, default=None, help=f"max_tokens a minute ({limits})")
+    create.add_argument(
+        "--tokens-per-minute", type=int, default=None, help=f"prompt and answer tokens a minute ({limits})"
+    )
     create.add_argument(
         "--weight", type=float, default=None, help="share of batch slots against others (default 1)"
     )

@@ -46,7 +46,10 @@ class Tenant(BaseModel):
         None,
         ge=1,
         le=10**12,
-        description="max_tokens requested per sliding minute (corrected by tokens used); past it: 429",
+        description=(
+            "tokens per sliding minute, prompt and answer: reserved as the prompt and max_tokens, "
+            "corrected to the tokens used; past it: 429"
+        ),
     )
     weight: Real = Field(
         1.0, gt=0, le=1000, description="share of a replica's batch slots against other tenants in a queue"
