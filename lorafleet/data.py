@@ -297,12 +297,12 @@ def record_kind(records: list[dict]) -> str:
     return check_record(records[0])[0] or "text"
 
 
-def token_count(rec: dict, tokenizer: Any) -> int:
+def token_ids(rec: dict, tokenizer: Any) -> list[int]:
     if "messages" in rec:
-        return len(tokenizer.apply_chat_template(rec["messages"], tokenize=True, return_dict=False))
+        return list(tokenizer.apply_chat_template(rec["messages"], tokenize=True, return_dict=False))
     if "prompt" in rec:
-        return len(tokenizer(rec["prompt"] + rec["completion"])["input_ids"])
-    return len(tokenizer(rec["text"])["input_ids"])
+        return tokenizer(rec["prompt"] + rec["completion"])["input_ids"]
+    return tokenizer(rec["text"])["input_ids"]
 
 
 def first_loss_token(rec: dict, tokenizer: Any) -> int:
@@ -322,8 +322,8 @@ def first_loss_token(rec: dict, tokenizer: Any) -> int:
     return 0
 
 
-def _measured(measure: Any, rec: dict, number: int, path: str | Path, tokenizer: Any) -> int:
-    """measure(rec, tokenizer) (token_count, first_loss_token), with a refusal named: text the
+def _measured(measure: Any, rec: dict, number: int, path: str | Path, tokenizer: Any) -> Any:
+    """measure(rec, tokenizer) (token_ids, first_loss_token), with a refusal named: text the
     tokenizer cannot take (TypeError, ValueError), or a chat template that raises on these
     messages (jinja2's TemplateError: a base whose template wants roles alternating, or no system
     turn), is this example's error, not a traceback that stops the other jobs' checks."""
@@ -337,17 +337,45 @@ def _measured(measure: Any, rec: dict, number: int, path: str | Path, tokenizer:
         ) from None
 
 
-def inspect_dataset(path: str | Path, fmt: str, tokenizer: Any, max_length: int) -> DatasetReport:
-    """Validate a dataset and measure it in the base model's tokens. A dataset none of whose
-    examples keeps a token to learn from within max_length is an error here, not at training."""
+def inspect_dataset(
+    path: str | Path,
+    fmt: str,
+    tokenizer: Any,
+    max_length: int,
+    eval_fraction: float = 0.0,
+    seed: int = 0,
+    vocab_size: int | None = None,
+) -> DatasetReport:
+    """Validate a dataset and measure it in the base model's tokens. Errors here, not at
+    training: a token id the base's embedding lacks (a tokenizer with tokens added and the model
+    not resized), and no training example (of the split eval_fraction and seed leave) keeping a
+    token to learn from within max_length."""
     records, sha256 = read_dataset(path, fmt)
-    counts = [_measured(token_count, r, i, path, tokenizer) for i, r in enumerate(records, 1)]
-    if all(c > max_length for c in counts) and all(
-        _measured(first_loss_token, r, i, path, tokenizer) >= max_length for i, r in enumerate(records, 1)
-    ):
+    counts = []
+    for number, rec in enumerate(records, 1):
+        ids = _measured(token_ids, rec, number, path, tokenizer)
+        if vocab_size is not None and ids and max(ids) >= vocab_size:
+            raise DataError(
+                f"{redact(str(path))}: example {number} has token id {max(ids)}, past the base's "
+                f"embedding of {vocab_size} tokens: its tokenizer holds tokens the model was not "
+                "resized for; resize the base's embeddings (and save it) or remove those tokens"
+            )
+        counts.append(len(ids))
+    long = [i for i, c in enumerate(counts) if c > max_length]
+    learnable = {i for i in range(len(records)) if counts[i] <= max_length} | {
+        i for i in long if _measured(first_loss_token, records[i], i + 1, path, tokenizer) < max_length
+    }
+    if not learnable:
         raise DataError(
             f"{redact(str(path))}: every example's answer starts after max_length {max_length} tokens, so "
             "truncation leaves nothing to learn; raise training.max_length or shorten the prompts"
+        )
+    train = train_indices(len(records), eval_fraction, seed)
+    if not learnable & set(train):
+        raise DataError(
+            f"{redact(str(path))}: the examples whose answer starts within max_length {max_length} tokens "
+            f"all fall in the eval split (eval_fraction {eval_fraction}, seed {seed}), so training has "
+            "nothing to learn; lower training.eval_fraction, raise training.max_length or shorten the prompts"
         )
     return DatasetReport(
         path=redact(str(path)),
@@ -358,6 +386,43 @@ def inspect_dataset(path: str | Path, fmt: str, tokenizer: Any, max_length: int)
         over_max_length=sum(c > max_length for c in counts),
         sha256=sha256,
     )
+
+
+def split_records(records: list[dict], eval_fraction: float, seed: int) -> tuple[Any, Any]:
+    """The train and eval splits a job trains on, whichever way it trains (trl or packed):
+    datasets' seeded split; no eval split when eval_fraction leaves no example for it."""
+    ds = to_hf_dataset(records)
+    n_eval = int(len(ds) * eval_fraction)
+    if n_eval == 0:
+        return ds, None
+    split = ds.train_test_split(test_size=n_eval, seed=seed)
+    return split["train"], split["test"]
+
+
+def job_splits(
+    path: str | Path, fmt: str, eval_fraction: float, seed: int, expected_sha256: str = ""
+) -> tuple[Any, Any]:
+    """A job's splits, read from its dataset; a dataset that changed since validation (its hash
+    is not `expected_sha256`) is refused: its lineage would name the data validated."""
+    records, sha256 = read_dataset(path, fmt)
+    if expected_sha256 and sha256 != expected_sha256:
+        raise DataError(
+            f"{redact(str(path))} changed since the fleet was validated (sha256 {sha256[:12]}..., "
+            f"validated {expected_sha256[:12]}...); submit the fleet again to train on the new data"
+        )
+    return split_records(records, eval_fraction, seed)
+
+
+def train_indices(n: int, eval_fraction: float, seed: int) -> list[int]:
+    """Which of n examples split_records puts in the train split (datasets' split permutes
+    positions by the seed alone, whatever the rows hold)."""
+    import datasets
+
+    n_eval = int(n * eval_fraction)
+    if n_eval == 0:
+        return list(range(n))
+    split = datasets.Dataset.from_dict({"i": list(range(n))}).train_test_split(test_size=n_eval, seed=seed)
+    return list(split["train"]["i"])
 
 
 def to_hf_dataset(records: list[dict]) -> Any:

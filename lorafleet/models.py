@@ -187,8 +187,19 @@ def matrix_modules(path: Path) -> set[str]:
 
 def context_length(path: Path) -> int | None:
     """The base's context in tokens (config.json max_position_embeddings), None if not stated."""
+    return _config_count(path, "max_position_embeddings")
+
+
+def vocab_size(path: Path) -> int | None:
+    """The rows of the base's embedding (config.json vocab_size), None if not stated."""
+    return _config_count(path, "vocab_size")
+
+
+def _config_count(path: Path, key: str) -> int | None:
+    """A positive whole number from config.json (a multimodal base keeps it in text_config)."""
     try:
-        value = json.loads((Path(path) / "config.json").read_text()).get("max_position_embeddings")
+        config = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    return value if isinstance(value, int) and value > 0 else None
+    value = config.get(key, (config.get("text_config") or {}).get(key))
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None

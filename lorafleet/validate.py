@@ -15,6 +15,7 @@ from lorafleet.models import (
     load_tokenizer,
     matrix_modules,
     resolve_base,
+    vocab_size,
     weight_files,
 )
 from lorafleet.spec import FleetSpec, JobSpec, load_fleet, resolve_jobs
@@ -72,6 +73,7 @@ class BaseFacts:
     tokenizer: Any
     modules: set[str]
     context: int | None
+    vocab: int | None  # the embedding's rows (config.json vocab_size): token ids must stay below
 
 
 def check_fleet(fleet_file: str | Path) -> FleetCheck:
@@ -89,7 +91,10 @@ def check_fleet(fleet_file: str | Path) -> FleetCheck:
         try:
             if problem := targets_problem(job, base.modules):
                 raise LorafleetError(problem)
-            report = inspect_dataset(job.dataset, job.format, check.tokenizer, job.training.max_length)
+            t = job.training
+            report = inspect_dataset(
+                job.dataset, job.format, check.tokenizer, t.max_length, t.eval_fraction, t.seed, base.vocab
+            )
             if problem := context_problem(job, report, base.context):
                 raise LorafleetError(problem)
             check.reports[job.customer] = report
@@ -106,15 +111,15 @@ def inspect_base(name: str) -> BaseFacts:
     if not weight_files(path):
         raise LorafleetError(f"{path} holds no weights ({' or '.join(WEIGHT_SUFFIXES)} files)")
     try:
-        return BaseFacts(
-            path, fingerprint(path), load_tokenizer(path), matrix_modules(path), context_length(path)
-        )
+        tokenizer = load_tokenizer(path)
+        digest, modules = fingerprint(path), matrix_modules(path)
     except Exception as exc:  # transformers, tokenizers and json raise many kinds for a broken folder
         why = " ".join(str(exc).split())[:300]
         raise LorafleetError(
             f"{path} cannot be read as a model ({type(exc).__name__}: {why}); a base folder needs "
             "config.json, its tokenizer files (tokenizer.json or tokenizer_config.json) and its weights"
         ) from None
+    return BaseFacts(path, digest, tokenizer, modules, context_length(path), vocab_size(path))
 
 
 def _unread_datasets(jobs: list[JobSpec]) -> list[str]:

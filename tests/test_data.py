@@ -212,3 +212,40 @@ def test_a_chat_template_that_raises_is_that_examples_error(tmp_path, micro_base
         inspect_dataset(path, "auto", tok, max_length=64)
     only_good = write_lines(tmp_path / "g.jsonl", [good])
     assert inspect_dataset(only_good, "auto", tok, max_length=64).examples == 1
+
+
+def test_learnable_examples_all_in_the_eval_split_are_an_error_at_validation(tmp_path, micro_base):
+    """The train split is what training learns from: when every example that keeps an answer
+    token within max_length falls in the seeded eval split, training failed with no loss token;
+    validation now says so, naming eval_fraction and the seed."""
+    from lorafleet.data import job_splits, train_indices
+    from lorafleet.models import load_tokenizer
+
+    tok = load_tokenizer(micro_base)
+    long = chat(("user", "word " * 40), ("assistant", "ok"))
+    short = chat(("user", "hi"), ("assistant", "ok"))
+    seed = next(s for s in range(100) if 0 not in train_indices(10, 0.5, s))  # row 0 goes to eval
+    path = write_lines(tmp_path / "d.jsonl", [short] + [long] * 9)
+    with pytest.raises(DataError, match=rf"all fall in the eval split \(eval_fraction 0.5, seed {seed}\)"):
+        inspect_dataset(path, "auto", tok, max_length=16, eval_fraction=0.5, seed=seed)
+    kept = next(s for s in range(100) if 0 in train_indices(10, 0.5, s))
+    assert inspect_dataset(path, "auto", tok, max_length=16, eval_fraction=0.5, seed=kept).examples == 10
+    for s in (seed, kept):  # train_indices is the split the jobs train on
+        train, _ = job_splits(path, "auto", 0.5, s)
+        assert [r["messages"][0]["content"] == "hi" for r in train] == [
+            i == 0 for i in train_indices(10, 0.5, s)
+        ]
+
+
+def test_a_token_id_past_the_bases_embedding_is_an_error_at_validation(tmp_path, micro_base):
+    """A tokenizer with tokens added and the model not resized: the example that uses one failed
+    inside the forward every packed job shared; validation names it."""
+    from lorafleet.models import load_tokenizer, vocab_size
+
+    tok = load_tokenizer(micro_base)
+    path = write_lines(tmp_path / "d.jsonl", [chat(("user", "hi"), ("assistant", "ok"))] * 2)
+    messages = chat(("user", "hi"), ("assistant", "ok"))["messages"]
+    top = max(tok.apply_chat_template(messages, tokenize=True, return_dict=False))
+    with pytest.raises(DataError, match=rf"example 1 has token id {top}, past the base's embedding of {top}"):
+        inspect_dataset(path, "auto", tok, max_length=64, vocab_size=top)
+    assert inspect_dataset(path, "auto", tok, max_length=64, vocab_size=vocab_size(micro_base)).examples == 2

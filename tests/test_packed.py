@@ -10,10 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lorafleet.data import job_splits
 from lorafleet.models import fingerprint, load_tokenizer
 from lorafleet.spec import JobSpec, LoraSpec, QuantizationSpec, ResourcesSpec, TrainingSpec
 from lorafleet.train.packed import PackedTrainer, PackingError, jobs_that_fit
-from lorafleet.train.packed_data import split_records, tokenize
+from lorafleet.train.packed_data import Row, tokenize
 from lorafleet.train.worker import JobPlan, build_trainer
 from tests.conftest import write_chat
 
@@ -95,7 +96,9 @@ def test_tokens_match_trl_for_chat_and_prompt_completion(micro_base, tmp_path):
     for dataset, max_length in ((chat, 16), (pc, 64)):  # 16 cuts into the answers
         plan = make_plan(micro_base, dataset, "tok", max_length=max_length)
         trl_ds = build_trainer(plan, str(tmp_path / "trl"), "cpu", []).train_dataset
-        ours = tokenize(split_records(plan.job)[0], load_tokenizer(micro_base), max_length)
+        t = plan.job.training
+        train = job_splits(plan.job.dataset, plan.job.format, t.eval_fraction, t.seed, plan.dataset_sha256)[0]
+        ours = tokenize(train, load_tokenizer(micro_base), max_length)
         assert len(ours) == len(trl_ds) > 0
         assert [r.input_ids for r in ours] == trl_ds["input_ids"], dataset.name
         assert [r.labels for r in ours] == trl_ds["labels"], dataset.name
@@ -263,6 +266,36 @@ def test_cancel_and_a_failing_job_leave_the_others_training(micro_base, tmp_path
     assert trainer.active() == [] and all(not layer.adapters for layer in trainer.layers.values())
     with pytest.raises(PackingError, match="fingerprint"):
         trainer.add(plans[0].model_copy(update={"base_fingerprint": "sha256:other"}), tmp_path / "x")
+
+
+def test_a_job_whose_rows_break_the_shared_forward_fails_alone(micro_base, focus_runs):
+    """A row that raises inside the forward all jobs share (a token id past the embedding, as a
+    tokenizer with a token the base never learnt gives) fails its job alone: the group runs again
+    one job at a time, and the focus job ends with the adapter it gets alone. The error used to
+    leave the step, and the slot failed every job it held."""
+    tmp = focus_runs["tmp"]
+    trainer = PackedTrainer(str(micro_base), FP32, max_jobs=4, max_padding=1.0)  # one forward for all
+    bad = make_plan(micro_base, write_chat(tmp / "oov.jsonl", "oov"), "oov", max_steps=3, eval_fraction=0.0)
+    events = Events()
+    for plan in (focus_plan(micro_base, focus_runs["data"]), bad):
+        trainer.add(plan, tmp / "oov-run" / plan.job.customer, on_event=events)
+    job = next(j for j in trainer.pending if j.key == "oov")
+    job.train_rows = [Row([*r.input_ids[:-1], 10**6], r.labels) for r in job.train_rows]
+    trainer.run()
+    assert events.states("oov") == ["running", "failed"], events.by_customer["oov"]
+    assert "IndexError" in events.last("oov", "state")["reason"]
+    assert events.states("focus") == ["running", "succeeded"]
+    ref = adapter(focus_runs["alone"].last("focus", "state")["adapter"])
+    assert max_relative_diff(adapter(events.last("focus", "state")["adapter"]), ref) < TOLERANCE
+
+
+def test_a_dataset_changed_since_validation_fails_its_packed_job(micro_base, tmp_path):
+    """As in a run of its own: the job would train on data its lineage does not name."""
+    data = write_chat(tmp_path / "d.jsonl", "d")
+    plan = make_plan(micro_base, data, "d").model_copy(update={"dataset_sha256": "0" * 64})
+    events = Events()
+    assert PackedTrainer(str(micro_base), FP32).add(plan, tmp_path / "d", on_event=events) == "failed"
+    assert "changed since the fleet was validated" in events.last("d", "state")["reason"]
 
 
 def test_jobs_that_fit_a_memory_budget(micro_base, tmp_path):

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from lorafleet.spec import QuantizationSpec
-from lorafleet.train.packed_data import IGNORE, Row, collate, loss_tokens, split_records, tokenize
+from lorafleet.train.packed_data import IGNORE, Row, collate, loss_tokens, tokenize
 from lorafleet.train.packed_job import EventSink, PackedJob, install, notify, peft_config, uninstall
 from lorafleet.train.packed_lora import LoraPair, PackedRows, Segment, wrap_linears
 from lorafleet.train.packed_memory import estimate_job_bytes, jobs_that_fit
@@ -182,8 +182,10 @@ class PackedTrainer:
             raise PackingError(f"{job.customer} cannot join this packed trainer: " + "; ".join(problems))
 
     def _build_job(self, plan: JobPlan, output_dir: Path, on_event: EventSink | None) -> PackedJob:
-        t = plan.job.training
-        train_ds, eval_ds = split_records(plan.job)
+        from lorafleet.data import job_splits
+
+        job, t = plan.job, plan.job.training  # the data validated, or this job fails (as in its own run)
+        train_ds, eval_ds = job_splits(job.dataset, job.format, t.eval_fraction, t.seed, plan.dataset_sha256)
         train = tokenize(train_ds, self.tokenizer, t.max_length)
         evals = tokenize(eval_ds, self.tokenizer, t.max_length) if eval_ds is not None else []
         if not train:
@@ -304,7 +306,7 @@ class PackedTrainer:
     def _train(self, parts: list[tuple[PackedJob, list[Row]]]) -> None:
         results = []
         for group in length_groups(parts, self.max_padding):
-            results += self._train_group(group)
+            results += self._isolated(group)
         for job, loss, ok in results:
             try:  # from here on, an error is one job's
                 if not ok:
@@ -312,6 +314,31 @@ class PackedTrainer:
                 self._after_micro(job, loss.item())
             except Exception as exc:
                 self._fail(job, exc)
+
+    def _isolated(self, group: list[tuple[PackedJob, list[Row]]]) -> list[tuple[PackedJob, Any, bool]]:
+        """_train_group, with an error inside the shared forward or backward (a token id past the
+        embedding, out of memory on one job's batch) traced to its job: the group's gradients are
+        put back as they were and each job runs again alone, on the same rows with the same
+        dropout seed, so its gradient is the one it would get alone. A job that fails alone
+        fails; the others go on. Before, the error left the step and the slot failed every job."""
+        saved = _grads(group)
+        try:
+            return self._train_group(group)
+        except Exception as exc:
+            _restore(saved)
+            if len(group) == 1:
+                self._fail(group[0][0], exc)
+                return []
+            log.warning("a packed forward of %d jobs failed (%s): each runs alone", len(group), exc)
+        results = []
+        for part in group:
+            saved = _grads([part])
+            try:
+                results += self._train_group([part])
+            except Exception as exc:
+                _restore(saved)
+                self._fail(part[0], exc)
+        return results
 
     def _train_group(self, parts: list[tuple[PackedJob, list[Row]]]) -> list[tuple[PackedJob, Any, bool]]:
         """Forward and backward of one group; each job is in one group, so its gradients are whole."""
@@ -364,6 +391,17 @@ class PackedTrainer:
             self.rows.segments = []
             self.model.train()
         return total / max(rows, 1)
+
+
+def _grads(group: list[tuple[PackedJob, list[Row]]]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The group's jobs' accumulated gradients (None between windows: nothing to copy), to put
+    back when a backward fails part-way."""
+    return [(p, None if p.grad is None else p.grad.clone()) for job, _ in group for p in job.params]
+
+
+def _restore(saved: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+    for param, grad in saved:
+        param.grad = grad
 
 
 def length_groups(

@@ -18,8 +18,6 @@ from typing import Any
 
 import torch
 
-from lorafleet.spec import JobSpec
-
 IGNORE = -100
 
 
@@ -27,18 +25,6 @@ IGNORE = -100
 class Row:
     input_ids: list[int]
     labels: list[int]  # IGNORE where the token is not trained on
-
-
-def split_records(job: JobSpec) -> tuple[Any, Any]:
-    """The job's train and eval splits: the same split as `worker._datasets`."""
-    from lorafleet.data import load_records, to_hf_dataset
-
-    ds = to_hf_dataset(load_records(job.dataset, job.format))
-    n_eval = int(len(ds) * job.training.eval_fraction)
-    if n_eval == 0:
-        return ds, None
-    split = ds.train_test_split(test_size=n_eval, seed=job.training.seed)
-    return split["train"], split["test"]
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

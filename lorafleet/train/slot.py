@@ -408,14 +408,14 @@ class Slot:
                 self.state.in_flight.append(plan)
         self.changed = True
         job = self.jobs[customer]
+        if self.trainer is None:  # a base that does not load breaks the slot: every job it took fails
+            self.load(plan)  # with the reason (work_for); a job's own error below is that job's
         try:
-            if self.trainer is None:
-                self.load(plan)
-            elif self.k_for_next:
+            if self.k_for_next:
                 self.k = self.trainer.max_jobs = k_from_memory(self.trainer, plan, self.cfg.max_jobs)
             self.k_for_next = False
             self.trainer.add(plan, job.out, job.checkpoints.latest(), self.on_event)
-        except Exception as exc:  # PackingError, or a base that does not load: this job's
+        except Exception as exc:  # PackingError, a dataset that changed: this job's
             job.result = {"state": "failed", "reason": root_cause(exc)}
 
     def load(self, plan: JobPlan) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import ray
 
-from lorafleet.errors import BaseMismatchError, DataError
+from lorafleet.errors import BaseMismatchError
 from lorafleet.fastimport import import_bitsandbytes
 from lorafleet.spec import JobSpec, zero_stage
 from lorafleet.train.plan import ADAPTER_FILES, JobPlan
@@ -87,20 +87,10 @@ def _reentrant_checkpointing(deepspeed: dict[str, Any] | None) -> bool:
 
 
 def _datasets(job: JobSpec, expected_sha256: str = "") -> tuple[Any, Any]:
-    from lorafleet.data import read_dataset, redact, to_hf_dataset
+    from lorafleet.data import job_splits
 
-    records, sha256 = read_dataset(job.dataset, job.format)
-    if expected_sha256 and sha256 != expected_sha256:
-        raise DataError(
-            f"{redact(job.dataset)} changed since the fleet was validated (sha256 {sha256[:12]}..., "
-            f"validated {expected_sha256[:12]}...); submit the fleet again to train on the new data"
-        )
-    ds = to_hf_dataset(records)
-    n_eval = int(len(ds) * job.training.eval_fraction)
-    if n_eval == 0:
-        return ds, None
-    split = ds.train_test_split(test_size=n_eval, seed=job.training.seed)
-    return split["train"], split["test"]
+    t = job.training
+    return job_splits(job.dataset, job.format, t.eval_fraction, t.seed, expected_sha256)
 
 
 def check_base(path: Path, expected: str) -> None:
