@@ -440,3 +440,21 @@ def test_ui_refuses_an_address_it_cannot_listen_on(capsys):
         port = taken.getsockname()[1]
         assert main(["ui", "--port", str(port)]) == 2
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_every_fleet_and_customer_gets_a_checkpoint_folder_of_its_own():
+    """Fleet 'shop' with customer 'eu-x' and fleet 'shop-eu' with customer 'x' joined into one
+    folder name with the same settings' hash; one job then found the other's checkpoints."""
+    from lorafleet.spec import JobSpec, LoraSpec, QuantizationSpec, ResourcesSpec, TrainingSpec
+    from lorafleet.train.plan import ray_run_name
+
+    def job(fleet: str, customer: str) -> JobSpec:
+        sections = {"lora": LoraSpec(), "quantization": QuantizationSpec(), "training": TrainingSpec()}
+        names = {"fleet": fleet, "customer": customer, "base_model": "tiny-llama", "dataset": "d.jsonl"}
+        return JobSpec(**names, format="auto", resources=ResourcesSpec(), **sections)
+
+    pairs = [("shop", "eu-x"), ("shop-eu", "x"), ("shop", "eu"), ("sho", "p-eu")]
+    names = {ray_run_name(job(f, c), "a" * 64) for f, c in pairs}
+    assert len(names) == len(pairs)
+    assert ray_run_name(job("shop", "eu-x"), "a" * 64).startswith("shop-eu-x-")  # still readable
+    assert ray_run_name(job("shop", "eu-x"), "a" * 64) == ray_run_name(job("shop", "eu-x"), "a" * 64)

@@ -4,6 +4,7 @@ Ray Train runs import it, and each of those processes would otherwise pay second
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from pydantic import BaseModel, model_validator
@@ -14,8 +15,11 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def ray_run_name(job: JobSpec, jhash: str) -> str:
-    """A job's Ray Train run (and its checkpoints' folder in the storage path)."""
-    return f"{job.fleet}-{job.customer}-{jhash[:8]}"
+    """A job's Ray Train run (and its checkpoints' folder in the storage path): readable, and
+    unique to its fleet and customer through the hash (fleet 'shop' with customer 'eu-x' and
+    fleet 'shop-eu' with customer 'x' once shared one folder, and one resumed the other's)."""
+    own = hashlib.sha256(f"{job.fleet}\0{job.customer}\0{jhash}".encode()).hexdigest()
+    return f"{job.fleet}-{job.customer}-{own[:8]}"
 
 
 class JobPlan(BaseModel):
