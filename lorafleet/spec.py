@@ -7,6 +7,8 @@ names the file and the dotted path of the bad field, e.g.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import json
 import re
@@ -412,21 +414,46 @@ _STAND_INS: dict[str, Any] = {"name": "fleet", "base_model": "base", "registry":
 
 
 def _stand_in(raw: dict[str, Any], exc: ValidationError) -> FleetSpec | None:
-    """The fleet with its bad top-level fields stood in for (unknown ones dropped), so that the
-    jobs' own errors come in the same report; None when the jobs or defaults are bad themselves."""
-    fixed = dict(raw)
+    """The fleet with its bad fields stood in for, so that every job's own errors come in the
+    same report: bad top-level fields get a valid value, unknown fields and bad optional ones are
+    dropped (their defaults apply), a job's bad customer or dataset gets a placeholder. None when
+    what is bad leaves no jobs to check (`jobs` itself)."""
+    fixed = copy.deepcopy(raw)
     for err in exc.errors():
-        field = err["loc"][0] if err["loc"] else None
-        if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
-            fixed.pop(field, None)
-        elif field in _STAND_INS:
-            fixed[field] = _STAND_INS[field]
+        loc = err["loc"]
+        if not loc:
+            return None
+        if loc[0] in _STAND_INS and len(loc) >= 1 and err["type"] != "extra_forbidden":
+            fixed[loc[0]] = _STAND_INS[loc[0]]
+        elif loc[0] == "jobs" and len(loc) >= 3 and loc[2] in _JOB_STAND_INS:
+            _put(fixed, loc[:3], _JOB_STAND_INS[loc[2]].format(i=loc[1]))
+        elif err["type"] == "extra_forbidden" or (loc[0] in ("defaults", "jobs") and len(loc) >= 3):
+            _drop(fixed, loc[:3] if loc[0] == "defaults" else loc)
         else:
             return None
     try:
         return FleetSpec.model_validate(fixed)
     except ValidationError:
         return None
+
+
+# a job's required fields, standing in when bad (a placeholder no real job uses)
+_JOB_STAND_INS = {"customer": "stand-in-{i}", "dataset": "stand-in-{i}.jsonl"}
+
+
+def _put(tree: Any, loc: tuple, value: Any) -> None:
+    for key in loc[:-1]:
+        tree = tree[key]
+    tree[loc[-1]] = value
+
+
+def _drop(tree: Any, loc: tuple) -> None:
+    """Remove the value at loc (a mapping's key), if it is there."""
+    with contextlib.suppress(KeyError, IndexError, TypeError):
+        for key in loc[:-1]:
+            tree = tree[key]
+        if isinstance(tree, dict):
+            tree.pop(loc[-1], None)
 
 
 def _job_errors(fleet: FleetSpec | None, path: Path) -> list[str]:

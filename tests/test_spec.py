@@ -135,6 +135,27 @@ def test_all_errors_reported_at_once(tmp_path):
     assert found == top | {"jobs[3].customer", "jobs[2].lora.alpha", "jobs[2].training.learning_rate"}
 
 
+def test_bad_defaults_and_bad_job_entries_do_not_hide_other_jobs_overrides(tmp_path):
+    """A bad default, a job's bad customer or missing dataset, and unknown keys: each is reported,
+    and the other jobs' overrides are still merged and checked in the same pass (the first
+    such error hid every override error, so fixing a fleet took a run per layer)."""
+    data = with_job(training={"learning_rate": -1, "max_lenght": 64}, lora={"rank": 1000})
+    data["defaults"]["training"]["batch_size"] = 0
+    data["jobs"] += [{"customer": "Bad Name", "dataset": "a.jsonl"}, {"customer": "c", "datasett": "a.jsonl"}]
+    with pytest.raises(SpecError) as err:
+        load_fleet(write(tmp_path, data))
+    found = {line.split(": ", 2)[1] for line in str(err.value).splitlines()}
+    assert found == {
+        "defaults.training.batch_size",
+        "jobs[2].training.learning_rate",
+        "jobs[2].training.max_lenght",
+        "jobs[2].lora.rank",
+        "jobs[3].customer",
+        "jobs[4].dataset",
+        "jobs[4].datasett",
+    }
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(SpecError, match="no such fleet file"):
         load_fleet(tmp_path / "nope.yaml")
