@@ -20,6 +20,7 @@ is the only place that runs those stages in order; `lorafleet.train` runs jobs o
 from __future__ import annotations
 
 import hashlib
+import logging
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +37,9 @@ from lorafleet.validate import FleetCheck, check_fleet
 
 if TYPE_CHECKING:  # the runner imports Ray and torch: loaded when a fleet runs, not to validate
     from lorafleet.train.runner import FleetExecution, JobEnd
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -256,6 +260,14 @@ def record_end(c: Any, sub: Submission, end: JobEnd) -> JobOutcome:
 # ---- register ----------------------------------------------------------------------------
 
 
+def fail_planned(sub: Submission, customer: str, reason: str) -> None:
+    """A planned job that will not go to Ray: failed on its run, and out of the plans."""
+    planned = sub.plans.pop(customer)
+    sub.slot_jobs.discard(customer)
+    tracking.set_state(tracking.client(), planned.run_id, "failed", reason)
+    sub.done[customer] = JobOutcome(customer, "failed", planned.run_id, reason)
+
+
 def register_adapter(c: Any, sub: Submission, plan: JobPlan, outcome: JobOutcome) -> None:
     """A registry failure is recorded on the run; the trained adapter stays in its artefacts."""
     from lorafleet import registry
@@ -294,9 +306,11 @@ class Launch:
         """With Ray up, as soon as the fleet's spec and data are valid: the new slots the warm ones
         on the cluster cannot cover start, so their start-up (a Ray Train run, imports) overlaps
         the MLflow runs being written. They load the base only with a job: if every job turns out
-        to be reused they end (or wait warm) having loaded nothing."""
+        to be reused they end (or wait warm) having loaded nothing. Not where no node can hold
+        a slot: its jobs fail at planning (placement_problem)."""
         candidates = self.slot_candidates(check)
         started = self.execution is not None and candidates
+        started = started and not self.placement_problem(check, candidates[0].customer)
         if started and self.execution.prestart_slots(candidates, check.base_fingerprint):
             self.launched_at = self.launched_at or time.time()
 
@@ -308,6 +322,23 @@ class Launch:
             execution.release_warm_slots()
         self.launched_at = self.launched_at or time.time()
         execution.add(sub.plans[customer].plan, customer in sub.slot_jobs)
+
+    def placement_problem(self, check: FleetCheck, customer: str) -> str | None:
+        """Why a job can never start here: a cluster this process started (no autoscaler) whose
+        nodes cannot hold its workers; it waited forever, queued with no reason. On a joined
+        cluster, which may grow, the job waits, and the console says for what."""
+        from lorafleet.raystart import fixed_size
+        from lorafleet.train.runner import placement_problem
+
+        self.start(check.fleet)
+        job = next(j for j in check.jobs if j.customer == customer)
+        problem = placement_problem(job.resources)
+        if problem is None:
+            return None
+        if fixed_size():
+            return f"{problem}: lower its resources, or submit to a larger cluster (--ray-address)"
+        log.warning("%s waits until the cluster grows: it %s", customer, problem)
+        return None
 
     def slot_candidates(self, check: FleetCheck) -> list[JobSpec]:
         """The fleet's slot candidates, found once per submission (over the whole fleet)."""
@@ -397,7 +428,10 @@ def submit(
         launch.prestart_slots(check)  # with Ray up; else the slots start with the first slot job
         sub = open_submission(check, fleet_file, register)
         for customer in plan_jobs(sub, check, fail_at_step):
-            launch.add(sub, check, customer)
+            if problem := launch.placement_problem(check, customer):
+                fail_planned(sub, customer, problem)
+            else:
+                launch.add(sub, check, customer)
         if launch.launched_at is not None:
             launch.execution.seal()
     except BaseException:

@@ -85,9 +85,21 @@ def init_ray(address: str | None, **options: Any) -> None:
         ray.init(address="local", **local, **common, **options)
     if ray.get_runtime_context().gcs_address == gcs_address:
         mark_cluster()
-        return
-    ray.shutdown()  # Ray put its GCS elsewhere (never seen): its processes name a wrong address
-    ray.init(address="local", runtime_env=runtime_env(), **local, **common, **options)
+    else:
+        ray.shutdown()  # Ray put its GCS elsewhere (never seen): its processes name a wrong address
+        ray.init(address="local", runtime_env=runtime_env(), **local, **common, **options)
+    _STARTED_HERE.add(ray.get_runtime_context().gcs_address)
+
+
+_STARTED_HERE: set[str] = set()  # GCS addresses of the local clusters this process started
+
+
+def fixed_size() -> bool:
+    """Whether the cluster Ray is connected to is one this process started on this machine: it
+    has no autoscaler, so what its nodes hold is all there will be. A joined cluster may grow."""
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().gcs_address in _STARTED_HERE
 
 
 def starts_new_cluster(address: str | None) -> bool:

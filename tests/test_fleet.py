@@ -23,14 +23,20 @@ def test_bad_job_fails_alone_and_good_ones_train(lf_home, micro_base, ray_sessio
     write_chat(lf_home / "a.jsonl", "alpha")
     write_chat(lf_home / "b.jsonl", "beta")
     (lf_home / "c.jsonl").write_text('{"messages": [{"role": "user", "content": "x"}]}\n')
-    jobs = {"a": "a.jsonl", "b": "b.jsonl", "c": "c.jsonl"}
+    jobs: dict = {"a": "a.jsonl", "b": "b.jsonl", "c": "c.jsonl"}
+    # more than any node of the session's cluster (2 CPUs, no GPU) holds: they waited forever
+    jobs |= {"big": {"dataset": "a.jsonl", "resources": {"cpus_per_worker": 64}}}
+    jobs |= {"gpu": {"dataset": "a.jsonl", "resources": {"gpus_per_worker": 1}}}
     path = fleet_file(lf_home, "mech", jobs, base=micro_base, training=MECH)
 
     result = submit(path)
 
     states = {c: o.state for c, o in result.jobs.items()}
-    assert states == {"a": "succeeded", "b": "succeeded", "c": "failed"}
+    assert states == {"a": "succeeded", "b": "succeeded", "c": "failed", "big": "failed", "gpu": "failed"}
     assert "c.jsonl:1: no assistant turn" in result.jobs["c"].reason
+    largest = "no node of the cluster holds that (the largest: 2 CPUs, 0 GPUs)"
+    assert "1 worker(s) of 64 CPU and 0 GPU each" in result.jobs["big"].reason
+    assert largest in result.jobs["big"].reason and largest in result.jobs["gpu"].reason
     client = tracking.client()
     for customer in ("a", "b"):
         run = client.get_run(result.jobs[customer].run_id)

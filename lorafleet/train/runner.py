@@ -306,6 +306,20 @@ def slots_that_fit(res: ResourcesSpec) -> int:
     return fit
 
 
+def placement_problem(res: ResourcesSpec) -> str | None:
+    """Why the cluster's live nodes cannot hold one run of `res` now (its workers, each on one
+    node), None when they can."""
+    if slots_that_fit(res) >= res.workers:
+        return None
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    cpus = max((n.get("CPU", 0) for n in nodes), default=0)
+    gpus = max((n.get("GPU", 0) for n in nodes), default=0)
+    return (
+        f"needs {res.workers} worker(s) of {res.cpus_per_worker:g} CPU and {res.gpus_per_worker:g} GPU "
+        f"each, and no node of the cluster holds that (the largest: {cpus:g} CPUs, {gpus:g} GPUs)"
+    )
+
+
 def slot_template(job: JobSpec, base_fp: str, packing: PackingSpec, work: Any, pool: str) -> dict[str, Any]:
     """A slot's Ray Train loop config, less its name: what every slot of the fleet holds."""
     return SlotConfig(
