@@ -4,7 +4,9 @@ from the fleet's queue on the progress board.
 
 Per job everything stays as with a run of its own: its MLflow run (the driver copies the board's
 events), live state on the board, checkpoints under `<storage>/<fleet>-<customer>-<hash>/`
-(the layout Ray Train gives a job's own run, so a re-submit resumes either way), cancel, and
+(the folder a run of its own would use; a re-submit resumes from them while the job trains the
+same way: a packed checkpoint holds the packed trainer's state, a run's holds trl's, so a job
+moved between a slot and a run of its own, e.g. by `packing: false`, starts over), cancel, and
 its end reported on the board. A job's Python error is that job's alone: it is retried in the
 slot from its last checkpoint while its `max_failures` allows, else it fails, and the slot goes
 on. A job that kills its process (out of memory, a crash in a kernel) costs the slot a restart:
