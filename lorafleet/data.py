@@ -361,17 +361,19 @@ def inspect_dataset(
                 "resized for; resize the base's embeddings (and save it) or remove those tokens"
             )
         counts.append(len(ids))
-    long = [i for i, c in enumerate(counts) if c > max_length]
-    learnable = {i for i in range(len(records)) if counts[i] <= max_length} | {
-        i for i in long if _measured(first_loss_token, records[i], i + 1, path, tokenizer) < max_length
-    }
-    if not learnable:
-        raise DataError(
-            f"{redact(str(path))}: every example's answer starts after max_length {max_length} tokens, so "
-            "truncation leaves nothing to learn; raise training.max_length or shorten the prompts"
-        )
+
+    def learns(i: int) -> bool:  # keeps a token to learn from within max_length
+        if counts[i] <= max_length:
+            return True
+        return _measured(first_loss_token, records[i], i + 1, path, tokenizer) < max_length
+
     train = train_indices(len(records), eval_fraction, seed)
-    if not learnable & set(train):
+    if not any(learns(i) for i in sorted(train, key=lambda i: counts[i] > max_length)):
+        if not any(learns(i) for i in set(range(len(records))) - set(train)):
+            raise DataError(
+                f"{redact(str(path))}: every example's answer starts after max_length {max_length} tokens, "
+                "so truncation leaves nothing to learn; raise training.max_length or shorten the prompts"
+            )
         raise DataError(
             f"{redact(str(path))}: the examples whose answer starts within max_length {max_length} tokens "
             f"all fall in the eval split (eval_fraction {eval_fraction}, seed {seed}), so training has "

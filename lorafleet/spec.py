@@ -426,7 +426,7 @@ def _stand_in(raw: dict[str, Any], exc: ValidationError) -> FleetSpec | None:
         if loc[0] in _STAND_INS and len(loc) >= 1 and err["type"] != "extra_forbidden":
             fixed[loc[0]] = _STAND_INS[loc[0]]
         elif loc[0] == "jobs" and len(loc) >= 3 and loc[2] in _JOB_STAND_INS:
-            _put(fixed, loc[:3], _JOB_STAND_INS[loc[2]].format(i=loc[1]))
+            _put(fixed, loc[:3], _placeholder(fixed, loc[2], loc[1]))
         elif err["type"] == "extra_forbidden" or (loc[0] in ("defaults", "jobs") and len(loc) >= 3):
             _drop(fixed, loc[:3] if loc[0] == "defaults" else loc)
         else:
@@ -439,6 +439,15 @@ def _stand_in(raw: dict[str, Any], exc: ValidationError) -> FleetSpec | None:
 
 # a job's required fields, standing in when bad (a placeholder no real job uses)
 _JOB_STAND_INS = {"customer": "stand-in-{i}", "dataset": "stand-in-{i}.jsonl"}
+
+
+def _placeholder(fleet: dict[str, Any], field: str, index: int) -> str:
+    """A stand-in no job of the fleet uses (a real customer may be called 'stand-in-2')."""
+    taken = {str(job.get(field)) for job in fleet["jobs"] if isinstance(job, dict)}
+    value = _JOB_STAND_INS[field].format(i=index)
+    while value in taken:
+        value = value.replace("stand-in", "stand-in-x", 1)
+    return value
 
 
 def _put(tree: Any, loc: tuple, value: Any) -> None:
@@ -520,7 +529,7 @@ def resolve_job(fleet: FleetSpec, index: int, fleet_file: Path | None = None) ->
         dataset = _absolute(Path(fleet_file).parent / dataset)
     source = str(fleet_file) if fleet_file else "fleet"
     ds = sections["training"].get("deepspeed")
-    if ds and fleet_file is not None and _looks_like_path(ds):
+    if isinstance(ds, str) and fleet_file is not None and _looks_like_path(ds):
         sections["training"]["deepspeed"] = str(deepspeed_file(ds, Path(fleet_file).parent))
     try:
         spec = JobSpec(

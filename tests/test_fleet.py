@@ -34,7 +34,7 @@ def test_bad_job_fails_alone_and_good_ones_train(lf_home, micro_base, ray_sessio
     states = {c: o.state for c, o in result.jobs.items()}
     assert states == {"a": "succeeded", "b": "succeeded", "c": "failed", "big": "failed", "gpu": "failed"}
     assert "c.jsonl:1: no assistant turn" in result.jobs["c"].reason
-    largest = "no node of the cluster holds that (the largest: 2 CPUs, 0 GPUs)"
+    largest = "no node of the cluster holds one (the largest: 2 CPUs, 0 GPUs)"
     assert "1 worker(s) of 64 CPU and 0 GPU each" in result.jobs["big"].reason
     assert largest in result.jobs["big"].reason and largest in result.jobs["gpu"].reason
     client = tracking.client()

@@ -321,7 +321,7 @@ def test_every_taken_parameter_of_the_wrong_json_type_is_a_400_naming_it(make, p
     ep = make()
     body = {"model": BASE, **({"messages": HI} if path == CHAT else {"prompt": "hi"})}
     own = {"echo", "suffix", "best_of"} if path != CHAT else set()
-    types = {**EXTRA_TYPES, "logprobs": ("boolean",) if path == CHAT else ("integer",)}
+    types = {**EXTRA_TYPES, "logprobs": ("boolean",) if path == CHAT else ("integer", "boolean")}
     for name, kinds in types.items():
         if name in {"echo", "suffix", "best_of"} - own:
             continue  # another route's parameter: refused by name (test_unsupported_features...)
@@ -345,6 +345,7 @@ def test_completions_logprobs_zero_and_best_of_below_one_are_refused(make):
     assert error_of(post(metadata={"k": 1}), 400)["param"] == "metadata"
     assert error_of(post(metadata={f"k{i}": "v" for i in range(17)}), 400)["param"] == "metadata"
     assert post(best_of=1, echo=False, suffix="", logprobs=None, tools=[]).status_code == 200
+    assert post(logprobs=False).status_code == 200  # lenient clients send false for "none"
 
 
 def test_parameters_that_change_nothing_are_taken(make):

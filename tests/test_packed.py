@@ -289,6 +289,51 @@ def test_a_job_whose_rows_break_the_shared_forward_fails_alone(micro_base, focus
     assert max_relative_diff(adapter(events.last("focus", "state")["adapter"]), ref) < TOLERANCE
 
 
+def test_a_job_failing_in_the_shared_backward_leaves_its_mates_gradients_whole(micro_base, tmp_path):
+    """The error comes in the backward of the second micro-step of a two-micro-step window, when
+    the mate's gradients of the first are in .grad and the shared backward has added part of the
+    second's: they are put back before each job runs alone, so the mate ends as it does alone."""
+    data = write_chat(tmp_path / "m.jsonl", "m")
+
+    def plan(customer: str, dataset: Path) -> JobPlan:
+        return make_plan(
+            micro_base, dataset, customer, max_steps=3, gradient_accumulation=2, eval_fraction=0.0
+        )
+
+    alone = train(PackedTrainer(str(micro_base), FP32, max_jobs=1), [plan("m", data)], tmp_path / "alone")
+    trainer = PackedTrainer(str(micro_base), FP32, max_jobs=2, max_padding=1.0)  # one forward for both
+    events = Events()
+    for p in (plan("m", data), plan("b", write_chat(tmp_path / "b.jsonl", "b"))):
+        trainer.add(p, tmp_path / "packed" / p.job.customer, on_event=events)
+    trainer.step()  # the first micro-step of both: their gradients wait in .grad
+
+    def fault(grad: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("injected backward fault")
+
+    trainer.jobs["b"].params[0].register_hook(fault)  # the first layer's: late in the backward
+    trainer.run()
+    assert events.states("b") == ["running", "failed"] and "injected backward fault" in str(
+        events.by_customer["b"]
+    )
+    assert events.states("m") == ["running", "succeeded"]
+    ref = adapter(alone.last("m", "state")["adapter"])
+    assert max_relative_diff(adapter(events.last("m", "state")["adapter"]), ref) < TOLERANCE
+
+
+def test_a_target_packed_training_cannot_hold_fails_that_job_not_silently(micro_base, tmp_path):
+    """Packed LoRA wraps linear layers: a job that also targets the embedding was trained with
+    that target left out (another adapter than it gets alone); it now fails, saying how to train."""
+    data = write_chat(tmp_path / "d.jsonl", "d")
+    trainer = PackedTrainer(str(micro_base), FP32)
+    for targets in (["q_proj", "embed_tokens"], ["lm_head"]):
+        plan = make_plan(micro_base, data, "d", lora={"target_modules": targets})
+        with pytest.raises(
+            ValueError, match=r"\['(embed_tokens|lm_head)'\] match no linear layer.*packing: false"
+        ):
+            trainer.targets(plan)
+    assert trainer.targets(make_plan(micro_base, data, "d", lora={"target_modules": ["q_proj"]}))
+
+
 def test_a_dataset_changed_since_validation_fails_its_packed_job(micro_base, tmp_path):
     """As in a run of its own: the job would train on data its lineage does not name."""
     data = write_chat(tmp_path / "d.jsonl", "d")

@@ -49,15 +49,20 @@ def test_validate_says_which_jobs_share_slots(lf_home, micro_base, capsys):
 
 @pytest.mark.integration
 def test_jobs_share_one_slot_and_a_failing_one_fails_alone(lf_home, micro_base, ray_session):
-    jobs = {"a": {}, "b": {}, "bad": {}, "solo": {"packing": False}}
+    # the slot's first job targets the embedding, which packed LoRA (linear layers) cannot: sizing
+    # K from it failed the whole slot once; it is that job's error
+    jobs = {"emb": {"lora": {"target_modules": ["embed_tokens"]}}, "a": {}, "b": {}, "bad": {}}
+    jobs["solo"] = {"packing": False}
     path = fleet_file(lf_home, "slots", jobs, base=micro_base, packing={"slots": 1})
 
     result = submit(path, fail_at_step={"bad": 3})
 
     states = {c: o.state for c, o in result.jobs.items()}
     reasons = {c: o.reason for c, o in result.jobs.items()}
-    assert states == {"a": "succeeded", "b": "succeeded", "bad": "failed", "solo": "succeeded"}, reasons
+    expected = {"emb": "failed", "a": "succeeded", "b": "succeeded", "bad": "failed", "solo": "succeeded"}
+    assert states == expected, reasons
     assert "injected fault at step 3" in result.jobs["bad"].reason
+    assert "embed_tokens" in result.jobs["emb"].reason and "slot" not in result.jobs["emb"].reason
     client = tracking.client()
     for customer in ("a", "b", "solo"):
         run = client.get_run(result.jobs[customer].run_id)

@@ -156,6 +156,29 @@ def test_bad_defaults_and_bad_job_entries_do_not_hide_other_jobs_overrides(tmp_p
     }
 
 
+def test_a_stand_in_never_takes_a_real_customers_name(tmp_path):
+    """A bad customer stands in as 'stand-in-<i>' while the other jobs are checked: a job really
+    called that was then reported as a repeated customer."""
+    data = with_job(training={"learning_rate": -1})
+    data["jobs"] += [
+        {"customer": "stand-in-3", "dataset": "a.jsonl"},
+        {"customer": "B A D", "dataset": "a.jsonl"},
+    ]
+    with pytest.raises(SpecError) as err:
+        load_fleet(write(tmp_path, data))
+    assert "appears twice" not in str(err.value)
+    assert {line.split(": ", 2)[1] for line in str(err.value).splitlines()} == {
+        "jobs[2].training.learning_rate",
+        "jobs[4].customer",
+    }
+
+
+def test_a_deepspeed_setting_that_is_not_a_name_or_path_is_a_spec_error(tmp_path):
+    data = with_job(training={"deepspeed": 5})
+    with pytest.raises(SpecError, match=r"jobs\[2\]\.training\.deepspeed"):
+        load_fleet(write(tmp_path, data))
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(SpecError, match="no such fleet file"):
         load_fleet(tmp_path / "nope.yaml")

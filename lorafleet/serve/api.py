@@ -296,7 +296,7 @@ class ChatCompletionRequest(_Request):
 
 class CompletionRequest(_Request):
     checked_here: ClassVar[tuple[str, ...]] = ("echo", "suffix", "best_of")
-    logprobs_type: ClassVar[tuple[str, ...]] = ("integer",)
+    logprobs_type: ClassVar[tuple[str, ...]] = ("integer", "boolean")  # a count; false also means none
     prompt: str = Field(min_length=1, description="the text to continue (one string)")
 
     @field_validator("prompt", mode="before")

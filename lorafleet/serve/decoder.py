@@ -329,13 +329,11 @@ class Decoder:
         in is decoded (earlier matches would have ended the row before). The tail is counted in
         tokens that decode to text: special tokens between a stop string's parts once pushed
         its start out of the window, and the row decoded on to max_tokens."""
-        window, tail = stop_window(row.request.stop), []
-        for token in reversed(row.result.token_ids):
-            if token not in self._silent:
-                tail.append(token)
-                if len(tail) == window:
-                    break
-        text = self.engine.tokenizer.decode(tail[::-1], skip_special_tokens=True)
+        ids, window, start = row.result.token_ids, stop_window(row.request.stop), len(row.result.token_ids)
+        while start > 0 and window > 0:  # back to the window's first token with text
+            start -= 1
+            window -= ids[start] not in self._silent
+        text = self.engine.tokenizer.decode(ids[start:], skip_special_tokens=True)  # as the ingress does
         return first_stop(text, row.request.stop)
 
     # ---- the batch's rows, binding and failures -----------------------------------------------

@@ -197,7 +197,7 @@ class Replies:
         except api.ApiError:  # the timeout: Serve's response goes on unless cancelled
             for response in calls:
                 _cancel(response)  # the replica drops the row at its next step
-            lease.release(None)  # what the row used before it stopped is not known: all it reserved
+            lease.release(None if calls else 0)  # a row's use before it stopped is not known: all it reserved
             raise
         except Exception as exc:
             raise replica_error(exc) from None

@@ -202,9 +202,14 @@ class PackedTrainer:
         if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
             return list(self.layers)
         names = [n for n in self.layers if check_target_module_exists(config, n)]
-        if not names:
+        # each target on its own: one that is no linear layer (embed_tokens, lm_head) was left out
+        # silently beside one that is, and the job trained another adapter than it would alone
+        alone = [t for t in config.target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+        if alone or not names:
             raise ValueError(
-                f"target_modules {plan.job.lora.target_modules} match no linear layer of the base"
+                f"target_modules {sorted(alone or config.target_modules)} match no linear layer packed "
+                "training holds (it trains linear layers, not the embedding or the output head); "
+                "train this job in a run of its own with packing: false"
             )
         return names
 
@@ -325,6 +330,7 @@ class PackedTrainer:
         try:
             return self._train_group(group)
         except Exception as exc:
+            self._raise_if_device_broken(exc)
             _restore(saved)
             if len(group) == 1:
                 self._fail(group[0][0], exc)
@@ -336,9 +342,22 @@ class PackedTrainer:
             try:
                 results += self._train_group([part])
             except Exception as exc:
+                self._raise_if_device_broken(exc)
                 _restore(saved)
                 self._fail(part[0], exc)
         return results
+
+    def _raise_if_device_broken(self, exc: Exception) -> None:
+        """A CUDA error that sticks (a device-side assert, an illegal memory access) fails every
+        later call in this process: no job can be told from another then, so the error leaves
+        the step (DeviceBrokenError) and the slot's process restarts: its jobs resume from their
+        checkpoints one at a time, so a job that breaks the device again is found alone."""
+        if not self.device.startswith("cuda"):
+            return
+        try:
+            torch.cuda.synchronize(self.device)
+        except Exception:
+            raise DeviceBrokenError(f"the device is unusable after: {type(exc).__name__}: {exc}") from exc
 
     def _train_group(self, parts: list[tuple[PackedJob, list[Row]]]) -> list[tuple[PackedJob, Any, bool]]:
         """Forward and backward of one group; each job is in one group, so its gradients are whole."""
@@ -402,6 +421,10 @@ def _grads(group: list[tuple[PackedJob, list[Row]]]) -> list[tuple[torch.Tensor,
 def _restore(saved: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
     for param, grad in saved:
         param.grad = grad
+
+
+class DeviceBrokenError(RuntimeError):
+    """The device failed in a way that outlives the call (sticky CUDA errors): only a new process helps."""
 
 
 def length_groups(

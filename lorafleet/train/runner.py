@@ -314,10 +314,12 @@ def placement_problem(res: ResourcesSpec) -> str | None:
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     cpus = max((n.get("CPU", 0) for n in nodes), default=0)
     gpus = max((n.get("GPU", 0) for n in nodes), default=0)
-    return (
-        f"needs {res.workers} worker(s) of {res.cpus_per_worker:g} CPU and {res.gpus_per_worker:g} GPU "
-        f"each, and no node of the cluster holds that (the largest: {cpus:g} CPUs, {gpus:g} GPUs)"
+    need = (
+        f"needs {res.workers} worker(s) of {res.cpus_per_worker:g} CPU and {res.gpus_per_worker:g} GPU each"
     )
+    if fit := slots_that_fit(res):
+        return f"{need}, and the cluster's nodes hold {fit} such worker(s) at once"
+    return f"{need}, and no node of the cluster holds one (the largest: {cpus:g} CPUs, {gpus:g} GPUs)"
 
 
 def slot_template(job: JobSpec, base_fp: str, packing: PackingSpec, work: Any, pool: str) -> dict[str, Any]:

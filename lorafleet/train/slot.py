@@ -270,7 +270,11 @@ def work_for(cfg: SlotConfig, work: Assignment, slot: Slot | None) -> tuple[Slot
     except Exception as exc:  # the slot itself broke (e.g. the base): its jobs fail, not the fleet's
         import traceback
 
+        from lorafleet.train.packed import DeviceBrokenError  # imported with the trainer already
+
         traceback.print_exc()  # into the worker's log
+        if isinstance(exc, DeviceBrokenError):  # only a new process helps: die as a crash does,
+            crash_now()  # and the jobs in flight resume one at a time (settle_crash)
         reason = f"{cfg.slot} failed: {root_cause(exc)}"
         try:  # every job it took and did not finish, those waiting for their turn after a restart too
             for plan in map(JobPlan.model_validate, ray.get(board.unfinished.remote(cfg.slot))):
@@ -411,7 +415,7 @@ class Slot:
         self.changed = True
         job = self.jobs[customer]
         if self.trainer is None:  # a base that does not load breaks the slot: every job it took fails
-            self.load(plan)  # with the reason (work_for); a job's own error below is that job's
+            self.load()  # with the reason (work_for); a job's own error below (its K too) is that job's
         try:
             if self.k_for_next:
                 self.k = self.trainer.max_jobs = k_from_memory(self.trainer, plan, self.cfg.max_jobs)
@@ -420,8 +424,9 @@ class Slot:
         except Exception as exc:  # PackingError, a dataset that changed: this job's
             job.result = {"state": "failed", "reason": root_cause(exc)}
 
-    def load(self, plan: JobPlan) -> None:
-        """The slot's base, once; K from memory unless the fleet file bounds it."""
+    def load(self) -> None:
+        """The slot's base, once; K from memory (unless the fleet file bounds it) with the job
+        admitted next, inside that job's own try: its targets may be what cannot be sized."""
         from lorafleet.train.packed import PackedTrainer
 
         res = self.cfg.resources
@@ -435,8 +440,7 @@ class Slot:
             max_jobs=self.k,
             base_fingerprint=self.cfg.base_fingerprint,
         )
-        if self.cfg.k_from_memory:
-            self.k = self.trainer.max_jobs = k_from_memory(self.trainer, plan, self.k)
+        self.k_for_next = self.cfg.k_from_memory
 
     def apply_cancels(self) -> None:
         cancelled = ray.get(self.board.cancelled_names.remote())  # one call a step for all jobs
