@@ -171,18 +171,18 @@ def merge_adapter(base_path: Path, adapter_path: Path, out: Path) -> Path:
     return out
 
 
-def matrix_modules(path: Path) -> set[str]:
-    """Names of the base's modules that hold a weight matrix (model.layers.0.self_attn.q_proj,
-    ...), read from its safetensors headers without loading a tensor or torch. Empty when the
-    base has no safetensors files (nothing to check against)."""
-    names: set[str] = set()
+def matrix_modules(path: Path) -> dict[str, tuple[int, int]]:
+    """The base's modules that hold a weight matrix (model.layers.0.self_attn.q_proj, ...) and
+    its shape, read from its safetensors headers without loading a tensor or torch. Empty when
+    the base has no safetensors files (nothing to check against)."""
+    shapes: dict[str, tuple[int, int]] = {}
     for file in sorted(Path(path).glob("*.safetensors")):
         with open(file, "rb") as fh:
             header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
         for key, info in header.items():
             if key.endswith(".weight") and len(info.get("shape", ())) == 2:
-                names.add(key.removesuffix(".weight"))
-    return names
+                shapes[key.removesuffix(".weight")] = tuple(info["shape"])
+    return shapes
 
 
 def context_length(path: Path) -> int | None:

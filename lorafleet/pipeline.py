@@ -131,7 +131,7 @@ def _plan_job(
     tags = {"spec_hash": job.spec_hash(), "base_fingerprint": base_fp}
     tags |= {"trains_in": "own run", "own_run_reason": own_run} if own_run else {"trains_in": "warm slot"}
     if job.customer in check.errors:
-        reason = f"invalid dataset: {check.errors[job.customer]}"
+        reason = f"failed validation: {check.errors[job.customer]}"
         run_id = tracking.start_job_run(c, sub.exp_id, sub.fleet_run_id, job, tags)
         tracking.set_state(c, run_id, "failed", reason)
         sub.done[job.customer] = JobOutcome(job.customer, "failed", run_id, reason)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,7 @@ class BaseFacts:
     path: Path
     fingerprint: str
     tokenizer: Any
-    modules: set[str]
+    modules: dict[str, tuple[int, int]]  # every weight matrix and its shape
     context: int | None
     vocab: int | None  # the embedding's rows (config.json vocab_size): token ids must stay below
 
@@ -89,7 +90,7 @@ def check_fleet(fleet_file: str | Path) -> FleetCheck:
     check = FleetCheck(fleet, jobs, base.path, base.fingerprint, base.tokenizer)
     for job in jobs:
         try:
-            if problem := targets_problem(job, base.modules):
+            if problem := targets_problem(job, base.modules, base.vocab):
                 raise LorafleetError(problem)
             t = job.training
             report = inspect_dataset(
@@ -133,17 +134,30 @@ def _unread_datasets(jobs: list[JobSpec]) -> list[str]:
     return errors
 
 
-def targets_problem(job: JobSpec, modules: set[str]) -> str | None:
+def targets_problem(job: JobSpec, modules: dict[str, tuple[int, int]], vocab: int | None) -> str | None:
     """Target module names none of the base's modules answers to (peft's rule: the whole name,
-    or its last dotted parts), found here rather than when the job's adapter is built."""
+    or its last dotted parts), or that name the embedding or the output head (a matrix with a row
+    per token): the endpoint serves LoRA on linear layers only, so such an adapter trained and
+    could never be served. Found here rather than when the job's adapter is built."""
     targets = job.lora.target_modules
     if targets == "all-linear" or not modules:
         return None
-    missing = [t for t in targets if not any(m == t or m.endswith(f".{t}") for m in modules)]
-    if not missing:
-        return None
-    kinds = sorted({m.rsplit(".", 1)[-1] for m in modules})
-    return f"lora.target_modules {missing} match no module of the base; its modules end in {kinds}"
+
+    def hits(target: str, names: Iterable[str]) -> list[str]:
+        return [m for m in names if m == target or m.endswith(f".{target}")]
+
+    missing = [t for t in targets if not hits(t, modules)]
+    if missing:
+        kinds = sorted({m.rsplit(".", 1)[-1] for m in modules})
+        return f"lora.target_modules {missing} match no module of the base; its modules end in {kinds}"
+    per_token = [m for m, shape in modules.items() if vocab is not None and shape[0] == vocab]
+    if heads := [t for t in targets if hits(t, per_token)]:
+        return (
+            f"lora.target_modules {heads} name the embedding or the output head; the endpoint serves "
+            "LoRA on linear layers only: target the projections inside the layers (q_proj, v_proj, ...) "
+            "or all-linear"
+        )
+    return None
 
 
 def context_problem(job: JobSpec, report: DatasetReport, context: int | None) -> str | None:

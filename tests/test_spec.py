@@ -502,3 +502,23 @@ def test_every_fleet_and_customer_gets_a_checkpoint_folder_of_its_own():
     assert len(names) == len(pairs)
     assert ray_run_name(job("shop", "eu-x"), "a" * 64).startswith("shop-eu-x-")  # still readable
     assert ray_run_name(job("shop", "eu-x"), "a" * 64) == ray_run_name(job("shop", "eu-x"), "a" * 64)
+
+
+def test_targets_the_endpoint_cannot_serve_fail_their_job_at_validation(tmp_path, micro_base):
+    """The embedding and the output head (a row per token) take no LoRA the endpoint serves: such
+    an adapter trained, then every request for it failed. Projections inside the layers pass."""
+    from lorafleet.validate import check_fleet
+    from tests.conftest import write_chat
+
+    write_chat(tmp_path / "d.jsonl", "d")
+    jobs = [
+        {"customer": "emb", "dataset": "d.jsonl", "lora": {"target_modules": ["q_proj", "embed_tokens"]}},
+        {"customer": "head", "dataset": "d.jsonl", "lora": {"target_modules": ["lm_head"]}},
+        {"customer": "ok", "dataset": "d.jsonl", "lora": {"target_modules": ["q_proj", "down_proj"]}},
+    ]
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump({"name": "f", "base_model": str(micro_base), "jobs": jobs}))
+    errors = check_fleet(path).errors
+    assert "['embed_tokens'] name the embedding or the output head" in errors["emb"]
+    assert set(errors) <= {"emb", "head"} and "ok" not in errors
+    assert "['lm_head']" in errors["head"]  # the head, or (tied to the embedding) no module at all
