@@ -320,6 +320,33 @@ def test_a_job_failing_in_the_shared_backward_leaves_its_mates_gradients_whole(m
     assert max_relative_diff(adapter(events.last("m", "state")["adapter"]), ref) < TOLERANCE
 
 
+def test_jobs_that_fail_only_together_train_apart_and_end_as_alone(micro_base, focus_runs):
+    """A forward that fails for the group while each job passes alone (out of memory together):
+    both go on, trained apart from then on, instead of a failed shared forward at every step."""
+
+    class TooBigTogether(PackedTrainer):
+        shared_calls = 0
+
+        def _train_group(self, parts):
+            if len(parts) > 1:
+                TooBigTogether.shared_calls += 1
+                raise RuntimeError("out of memory (injected): the group is too big together")
+            return super()._train_group(parts)
+
+    tmp = focus_runs["tmp"]
+    trainer = TooBigTogether(str(micro_base), FP32, max_jobs=2, max_padding=1.0)
+    events = train(
+        trainer, [focus_plan(micro_base, focus_runs["data"]), *mate_plans(micro_base, tmp)[:1]], tmp / "apart"
+    )
+    assert events.states("focus") == ["running", "succeeded"] and events.states("m1") == [
+        "running",
+        "succeeded",
+    ]
+    assert TooBigTogether.shared_calls == 1 and trainer.apart == set()  # they left: forgotten
+    ref = adapter(focus_runs["alone"].last("focus", "state")["adapter"])
+    assert max_relative_diff(adapter(events.last("focus", "state")["adapter"]), ref) < TOLERANCE
+
+
 def test_a_target_packed_training_cannot_hold_fails_that_job_not_silently(micro_base, tmp_path):
     """Packed LoRA wraps linear layers: a job that also targets the embedding was trained with
     that target left out (another adapter than it gets alone); it now fails, saying how to train."""

@@ -97,6 +97,9 @@ class PackedTrainer:
         self.pending: list[PackedJob] = []
         self._cancelled: set[str] = set()
         self.batch_tokens = 0  # rows x padded length of every training forward: the base's work
+        # jobs whose shared forward failed while each ran alone (e.g. out of memory together):
+        # they train alone from then on, instead of failing together again at every step
+        self.apart: set[str] = set()
 
     # ---- public surface ---------------------------------------------------------------------
 
@@ -257,6 +260,7 @@ class PackedTrainer:
     def _leave(self, job: PackedJob) -> None:
         uninstall(job.pairs, self.layers, job.key)
         self.jobs.pop(job.key, None)
+        self.apart.discard(job.key)
         if job in self.pending:
             self.pending.remove(job)
 
@@ -310,7 +314,9 @@ class PackedTrainer:
 
     def _train(self, parts: list[tuple[PackedJob, list[Row]]]) -> None:
         results = []
-        for group in length_groups(parts, self.max_padding):
+        together = [p for p in parts if p[0].key not in self.apart]
+        alone = [[p] for p in parts if p[0].key in self.apart]
+        for group in length_groups(together, self.max_padding) + alone:
             results += self._isolated(group)
         for job, loss, ok in results:
             try:  # from here on, an error is one job's
@@ -325,7 +331,9 @@ class PackedTrainer:
         embedding, out of memory on one job's batch) traced to its job: the group's gradients are
         put back as they were and each job runs again alone, on the same rows with the same
         dropout seed, so its gradient is the one it would get alone. A job that fails alone
-        fails; the others go on. Before, the error left the step and the slot failed every job."""
+        fails; the others go on. Before, the error left the step and the slot failed every job.
+        When every job passes alone, the combination was the trouble: they train apart from then
+        on rather than pay a failed forward at every step."""
         saved = _grads(group)
         try:
             return self._train_group(group)
@@ -345,6 +353,9 @@ class PackedTrainer:
                 self._raise_if_device_broken(exc)
                 _restore(saved)
                 self._fail(part[0], exc)
+        if len(results) == len(group):  # no culprit: it is the combination (its memory, say)
+            self.apart |= {job.key for job, _ in group}
+            log.warning("jobs %s train apart from now on", sorted(job.key for job, _ in group))
         return results
 
     def _raise_if_device_broken(self, exc: Exception) -> None:
