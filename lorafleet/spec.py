@@ -113,7 +113,10 @@ class LoraSpec(_Strict):
     dropout: Real = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
     target_modules: Literal["all-linear"] | list[str] = Field(
         "all-linear",
-        description="'all-linear' or a list of the base's linear module names, e.g. [q_proj, v_proj]",
+        description=(
+            "'all-linear' or a list of the base's linear module names, e.g. [q_proj, v_proj] (not the "
+            "embedding or the output head: the endpoint serves LoRA on linear layers)"
+        ),
     )
     use_dora: Flag = Field(False, description="weight-decomposed LoRA (DoRA)")
     use_rslora: Flag = Field(False, description="rank-stabilised scaling alpha/sqrt(rank)")
