@@ -171,6 +171,11 @@ def merge_adapter(base_path: Path, adapter_path: Path, out: Path) -> Path:
     return out
 
 
+def target_matches(module: str, target: str) -> bool:
+    """peft's rule for a listed target module: the whole name, or its last dotted parts."""
+    return module == target or module.endswith(f".{target}")
+
+
 def matrix_modules(path: Path) -> dict[str, tuple[int, int]]:
     """The base's modules that hold a weight matrix (model.layers.0.self_attn.q_proj, ...) and
     its shape, read from its safetensors headers without loading a tensor or torch. Empty when

@@ -16,6 +16,7 @@ from lorafleet.models import (
     load_tokenizer,
     matrix_modules,
     resolve_base,
+    target_matches,
     vocab_size,
     weight_files,
 )
@@ -144,7 +145,7 @@ def targets_problem(job: JobSpec, modules: dict[str, tuple[int, int]], vocab: in
         return None
 
     def hits(target: str, names: Iterable[str]) -> list[str]:
-        return [m for m in names if m == target or m.endswith(f".{target}")]
+        return [m for m in names if target_matches(m, target)]
 
     missing = [t for t in targets if not hits(t, modules)]
     if missing:

@@ -201,13 +201,15 @@ class PackedTrainer:
         """The base's linear layers a job's LoRA targets, matched as peft matches them."""
         from peft.tuners.tuners_utils import check_target_module_exists
 
+        from lorafleet.models import target_matches
+
         config = lora_config(plan.job)
         if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
             return list(self.layers)
         names = [n for n in self.layers if check_target_module_exists(config, n)]
         # each target on its own: one that is no linear layer (embed_tokens, lm_head) was left out
         # silently beside one that is, and the job trained another adapter than it would alone
-        alone = [t for t in config.target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+        alone = [t for t in config.target_modules if not any(target_matches(n, t) for n in names)]
         if alone or not names:
             raise ValueError(
                 f"target_modules {sorted(alone or config.target_modules)} match no linear layer packed "

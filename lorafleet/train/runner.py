@@ -309,16 +309,17 @@ def slots_that_fit(res: ResourcesSpec) -> int:
 def placement_problem(res: ResourcesSpec) -> str | None:
     """Why the cluster's live nodes cannot hold one run of `res` now (its workers, each on one
     node), None when they can."""
-    if slots_that_fit(res) >= res.workers:
+    fit = slots_that_fit(res)
+    if fit >= res.workers:
         return None
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    cpus = max((n.get("CPU", 0) for n in nodes), default=0)
-    gpus = max((n.get("GPU", 0) for n in nodes), default=0)
     need = (
         f"needs {res.workers} worker(s) of {res.cpus_per_worker:g} CPU and {res.gpus_per_worker:g} GPU each"
     )
-    if fit := slots_that_fit(res):
+    if fit:
         return f"{need}, and the cluster's nodes hold {fit} such worker(s) at once"
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    cpus = max((n.get("CPU", 0) for n in nodes), default=0)
+    gpus = max((n.get("GPU", 0) for n in nodes), default=0)
     return f"{need}, and no node of the cluster holds one (the largest: {cpus:g} CPUs, {gpus:g} GPUs)"
 
 
